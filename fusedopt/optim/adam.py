@@ -1,0 +1,143 @@
+r"""Adam, AMSGrad and AdamW with fused multi-tensor steps.
+
+The update, per parameter :math:`\theta` with gradient :math:`g` at step :math:`t` (``step``
+counted from 1), learning rate :math:`\gamma`, weight decay :math:`\lambda`:
+
+.. math::
+
+    g &\leftarrow g / s \quad\text{(GradScaler scale } s\text{, if any)} \\
+    g &\leftarrow -g \quad\text{if maximize} \\
+    \theta &\leftarrow \theta (1 - \gamma\lambda) \quad\text{(AdamW: decoupled decay)} \qquad
+    g \leftarrow g + \lambda\theta \quad\text{(Adam: L2 decay)} \\
+    m &\leftarrow m + (1-\beta_1)(g - m) \\
+    v &\leftarrow \beta_2 v + (1-\beta_2) g^2 \\
+    \hat v &\leftarrow \max(\hat v, v) \quad\text{(AMSGrad; then } v := \hat v \text{ below)} \\
+    \theta &\leftarrow \theta - \frac{\gamma}{1-\beta_1^t}\,
+             \frac{m}{\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon}
+
+State per parameter, with torch.optim's keys: ``step`` (0-dim float tensor), ``exp_avg`` (m),
+``exp_avg_sq`` (v), ``max_exp_avg_sq`` (:math:`\hat v`, only with ``amsgrad``). bf16/fp16
+parameters are updated in fp32 math and rounded once.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Tuple, Union
+
+import torch
+from torch.optim.optimizer import _get_scalar_dtype
+
+from .base import FusedOptimizer, GroupBucket, check_hyperparameter
+
+Tensor = torch.Tensor
+
+
+def _validate_adam(lr, betas, eps, weight_decay) -> None:
+    if isinstance(lr, Tensor):
+        check_hyperparameter(lr.numel() == 1, "Tensor lr must be 1-element")
+    check_hyperparameter(0.0 <= lr, f"Invalid learning rate: {lr}")
+    check_hyperparameter(0.0 <= eps, f"Invalid epsilon value: {eps}")
+    check_hyperparameter(len(betas) == 2, f"betas must be a pair, got {betas!r}")
+    check_hyperparameter(0.0 <= betas[0] < 1.0, f"Invalid beta parameter at index 0: {betas[0]}")
+    check_hyperparameter(0.0 <= betas[1] < 1.0, f"Invalid beta parameter at index 1: {betas[1]}")
+    check_hyperparameter(0.0 <= weight_decay, f"Invalid weight_decay value: {weight_decay}")
+    both_tensors = isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor)
+    both_numbers = not isinstance(betas[0], Tensor) and not isinstance(betas[1], Tensor)
+    check_hyperparameter(both_tensors or both_numbers, "betas must be either both floats or both Tensors")
+    for index, beta in enumerate(betas):
+        if isinstance(beta, Tensor):
+            check_hyperparameter(beta.numel() == 1, f"Tensor betas[{index}] must be 1-element")
+
+
+class Adam(FusedOptimizer):
+    __doc__ = __doc__ + r"""
+
+    Arguments are exactly :class:`torch.optim.Adam`'s, plus:
+
+    backend (str): ``"auto"`` (default), ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``;
+        see :func:`fusedopt.backends.select`. ``FUSEDOPT_BACKEND`` overrides it.
+
+    ``foreach``, ``fused``, ``capturable`` are accepted for compatibility and stored in the
+    groups (so checkpoints load into torch.optim unchanged); the step is always fused.
+    """
+
+    STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")
+    DISPLAY_NAME = "fusedopt.optim.Adam"
+    _DEFAULT_DECOUPLED = False
+
+    def __init__(self, params, lr: Union[float, Tensor] = 1e-3,
+                 betas: Tuple[Union[float, Tensor], Union[float, Tensor]] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *,
+                 foreach=None, maximize: bool = False, capturable: bool = False,
+                 differentiable: bool = False, fused=None, decoupled_weight_decay=None,
+                 backend: str = "auto"):
+        _validate_adam(lr, betas, eps, weight_decay)
+        if decoupled_weight_decay is None:
+            decoupled_weight_decay = self._DEFAULT_DECOUPLED
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=foreach, capturable=capturable,
+                        differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=decoupled_weight_decay, backend=backend)
+        super().__init__(params, defaults)
+
+    def _fill_group_defaults(self, group: Dict[str, Any]) -> None:
+        super()._fill_group_defaults(group)
+        group.setdefault("amsgrad", False)
+        group.setdefault("maximize", False)
+        group.setdefault("decoupled_weight_decay", self._DEFAULT_DECOUPLED)
+
+    def _validate_group(self, group: Dict[str, Any]) -> None:
+        _validate_adam(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+
+    def _init_state(self, group, p: Tensor, state: Dict[str, Any]) -> None:
+        step_dtype = torch.float32 if p.device.type != "cpu" else _get_scalar_dtype()
+        state["step"] = torch.zeros((), dtype=step_dtype, device=p.device)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _prepare_state(self, group, p: Tensor, state: Dict[str, Any]) -> None:
+        step = state.get("step")
+        if not torch.is_tensor(step):  # very old checkpoints stored a Python number
+            step = torch.tensor(float(step), dtype=_get_scalar_dtype())
+        if step.device != p.device:  # e.g. a CPU step from a torch.optim checkpoint, CUDA param
+            step = step.to(device=p.device, dtype=torch.float32)
+        state["step"] = step
+        if group["amsgrad"] and state.get("max_exp_avg_sq") is None:
+            # torch.optim creates it lazily too: a checkpoint saved without amsgrad may lack it
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key not in state:
+                raise RuntimeError(f"{self.DISPLAY_NAME}: state of a parameter lacks {key!r}")
+
+    def _apply(self, group, bucket: GroupBucket, grads: List[Tensor], grad_scale, found_inf) -> None:
+        backend = self._select_backend(group, bucket)
+        beta1, beta2 = group["betas"]
+        amsgrad = group["amsgrad"]
+        backend.adam_(
+            bucket.params, grads, bucket.state_lists["exp_avg"], bucket.state_lists["exp_avg_sq"],
+            bucket.state_lists["max_exp_avg_sq"] if amsgrad else [], bucket.state_lists["step"],
+            lr=group["lr"], beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
+            weight_decay=float(group["weight_decay"]), amsgrad=amsgrad, maximize=group["maximize"],
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+            grad_scale=grad_scale, found_inf=found_inf)
+
+
+class AdamW(Adam):
+    """AdamW: :class:`Adam` with decoupled weight decay (default ``weight_decay=1e-2``).
+
+    Same arguments as :class:`torch.optim.AdamW`, plus ``backend``. See :class:`Adam` for the
+    update rule (the decoupled branch)."""
+
+    DISPLAY_NAME = "fusedopt.optim.AdamW"
+    _DEFAULT_DECOUPLED = True
+
+    def __init__(self, params, lr: Union[float, Tensor] = 1e-3,
+                 betas: Tuple[Union[float, Tensor], Union[float, Tensor]] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
+                 maximize: bool = False, foreach=None, capturable: bool = False,
+                 differentiable: bool = False, fused=None, backend: str = "auto"):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         amsgrad=amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, backend=backend)

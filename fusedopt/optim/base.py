@@ -1,0 +1,206 @@
+"""Plumbing shared by the fused optimizers: gathering a group's tensors, caching them, dispatch.
+
+A step of a param group gathers ``params``, ``grads`` and the algorithm's state lists, buckets
+them by device, and hands each bucket to the backend chosen by :func:`fusedopt.backends.select`.
+Everything except the gradients is cached per group: params and state tensors do not change
+between steps, so the per-step Python work is one list comprehension over the gradients.
+The cache is dropped when the group's params, the set of params with gradients, or the state
+(``load_state_dict``) change.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch.optim.optimizer import Optimizer
+
+from .. import backends
+
+Tensor = torch.Tensor
+
+
+
+class GroupBucket:
+    """The tensors of one param group with one (device, dtype), in launch order."""
+
+    __slots__ = ("device", "dtype", "params", "owners", "state_lists", "complex_mask", "grad_index")
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.dtype: Optional[torch.dtype] = None
+        self.params: List[Tensor] = []          # real views of the params
+        self.owners: List[Tensor] = []          # the params themselves (state dict keys)
+        self.state_lists: Dict[str, List[Tensor]] = {}
+        self.complex_mask: List[bool] = []      # grads of these entries need view_as_real
+        self.grad_index: List[int] = []         # position of each entry in the group's params
+
+
+class GroupCache:
+    """What a group's step needs besides the gradients, valid while ``key`` matches."""
+
+    __slots__ = ("params_ref", "present", "buckets", "state_version")
+
+    def __init__(self, params_ref, present, buckets, state_version):
+        self.params_ref = params_ref
+        self.present = present
+        self.buckets = buckets
+        self.state_version = state_version
+
+
+def check_hyperparameter(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def as_real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+class FusedOptimizer(Optimizer):
+    """Base class: subclasses define the state of a parameter and the backend call."""
+
+    #: state keys holding one tensor per parameter, in the order the backend takes them
+    STATE_KEYS: Sequence[str] = ()
+    #: name used in error messages ("fusedopt.optim.Adam")
+    DISPLAY_NAME = "fusedopt optimizer"
+    #: torch.optim arguments accepted for compatibility (stored in groups so checkpoints load
+    #: into torch.optim unchanged); they do not change fusedopt's code path.
+    COMPAT_DEFAULTS: Dict[str, Any] = {"foreach": None, "fused": None, "capturable": False,
+                                       "differentiable": False}
+
+    def __init__(self, params, defaults: Dict[str, Any]):
+        backends.validate_choice(defaults.get("backend", "auto"))
+        if defaults.get("differentiable"):
+            raise ValueError(
+                f"{self.DISPLAY_NAME} does not support differentiable=True (its kernels are not "
+                "autograd-aware); use torch.optim for differentiable optimisation")
+        if defaults.get("fused") and defaults.get("foreach"):
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        self._group_caches: Dict[int, GroupCache] = {}
+        self._state_version = 0
+        super().__init__(params, defaults)
+
+    # torch.amp.GradScaler passes grad_scale / found_inf as attributes when this is True.
+    _step_supports_amp_scaling = True
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._group_caches = {}
+        self._state_version = getattr(self, "_state_version", 0) + 1
+        for group in self.param_groups:
+            self._fill_group_defaults(group)
+
+    def _fill_group_defaults(self, group: Dict[str, Any]) -> None:
+        """Give groups loaded from a torch.optim checkpoint the keys fusedopt reads."""
+        group.setdefault("backend", "auto")
+        for flag, default in self.COMPAT_DEFAULTS.items():
+            group.setdefault(flag, default)
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        backends.validate_choice(group.get("backend", "auto"))
+        self._validate_group(group)
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._invalidate()
+
+    def _invalidate(self) -> None:
+        self._group_caches = {}
+        self._state_version += 1
+
+    def _validate_group(self, group: Dict[str, Any]) -> None:
+        """Subclasses check per-group hyperparameters given to ``add_param_group``."""
+
+    # ---- the step -------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            grads = [p.grad for p in group["params"]]
+            cache = self._group_cache(group, grads)
+            for bucket in cache.buckets:
+                bucket_grads = self._bucket_grads(bucket, grads)
+                self._apply(group, bucket, bucket_grads, grad_scale, found_inf)
+        return loss
+
+    def _bucket_grads(self, bucket: GroupBucket, grads: List[Optional[Tensor]]) -> List[Tensor]:
+        out = [grads[i] for i in bucket.grad_index]
+        if any(g.is_sparse for g in out):
+            raise RuntimeError(f"{self.DISPLAY_NAME} does not support sparse gradients")
+        if True in bucket.complex_mask:
+            out = [torch.view_as_real(g) if c else g for g, c in zip(out, bucket.complex_mask)]
+        return out
+
+    def _group_cache(self, group: Dict[str, Any], grads: List[Optional[Tensor]]) -> GroupCache:
+        params = group["params"]
+        present = None if None not in grads else tuple(g is not None for g in grads)
+        cache = self._group_caches.get(id(group))
+        if (cache is not None and cache.params_ref is params and cache.present == present
+                and cache.state_version == self._state_version and len(params) == len(grads)):
+            return cache
+        cache = self._build_cache(group, grads, present)
+        self._group_caches[id(group)] = cache
+        return cache
+
+    def _build_cache(self, group, grads, present) -> GroupCache:
+        buckets: Dict[tuple, GroupBucket] = {}
+        for index, (p, g) in enumerate(zip(group["params"], grads)):
+            if g is None:
+                continue
+            self._check_param(p, g)
+            state = self.state[p]
+            if len(state) == 0:
+                self._init_state(group, p, state)
+            self._prepare_state(group, p, state)
+            real = as_real(p)
+            key = (p.device, real.dtype)
+            bucket = buckets.get(key)
+            if bucket is None:
+                bucket = buckets[key] = GroupBucket(p.device)
+                bucket.dtype = real.dtype
+                bucket.state_lists = {name: [] for name in self.STATE_KEYS}
+            bucket.params.append(real)
+            bucket.owners.append(p)
+            bucket.complex_mask.append(p.is_complex())
+            bucket.grad_index.append(index)
+            for name in self.STATE_KEYS:
+                value = state.get(name)
+                bucket.state_lists[name].append(None if value is None else (
+                    value if name == "step" else as_real(value)))
+        return GroupCache(group["params"], present, list(buckets.values()), self._state_version)
+
+    def _check_param(self, p: Tensor, g: Tensor) -> None:
+        if g.is_sparse:
+            raise RuntimeError(f"{self.DISPLAY_NAME} does not support sparse gradients")
+        if not (p.is_floating_point() or p.is_complex()):
+            raise RuntimeError(f"{self.DISPLAY_NAME} can only optimize floating point or complex "
+                               f"parameters, got {p.dtype}")
+        if g.shape != p.shape:
+            raise RuntimeError(f"gradient shape {tuple(g.shape)} does not match parameter shape "
+                               f"{tuple(p.shape)}")
+        if g.dtype != p.dtype:
+            raise RuntimeError(f"gradient dtype {g.dtype} does not match parameter dtype {p.dtype}")
+        if g.device != p.device:
+            raise RuntimeError(f"gradient on {g.device} but parameter on {p.device}")
+
+    def _select_backend(self, group: Dict[str, Any], bucket: GroupBucket):
+        return backends.select(group.get("backend", "auto"), bucket.device, bucket.dtype)
+
+    # ---- subclass hooks ---------------------------------------------------------------------
+    def _init_state(self, group: Dict[str, Any], p: Tensor, state: Dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _prepare_state(self, group: Dict[str, Any], p: Tensor, state: Dict[str, Any]) -> None:
+        """Fix up loaded state before caching it (e.g. move ``step`` next to the param)."""
+
+    def _apply(self, group, bucket: GroupBucket, grads: List[Tensor], grad_scale, found_inf) -> None:
+        raise NotImplementedError
+

@@ -1,0 +1,109 @@
+r"""SGD with momentum, dampening, Nesterov, weight decay and maximize, in fused multi-tensor steps.
+
+The update, per parameter :math:`\theta` with gradient :math:`g`, learning rate :math:`\gamma`,
+weight decay :math:`\lambda`, momentum :math:`\mu`, dampening :math:`\tau`:
+
+.. math::
+
+    g &\leftarrow g / s \quad\text{(GradScaler scale } s\text{, if any)} \\
+    g &\leftarrow -g \quad\text{if maximize} \\
+    g &\leftarrow g + \lambda\theta \\
+    b &\leftarrow g \ \text{(first step)} \quad\text{or}\quad b \leftarrow \mu b + (1-\tau) g \\
+    g &\leftarrow g + \mu b \ \text{(Nesterov)} \quad\text{or}\quad g \leftarrow b \\
+    \theta &\leftarrow \theta - \gamma g
+
+(the momentum lines only when :math:`\mu \ne 0`). State per parameter, with torch.optim's key:
+``momentum_buffer`` (b), present only when momentum is nonzero.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Union
+
+import torch
+
+from .base import FusedOptimizer, GroupBucket, check_hyperparameter
+
+Tensor = torch.Tensor
+
+
+def _validate_sgd(lr, momentum, dampening, weight_decay, nesterov) -> None:
+    if isinstance(lr, Tensor):
+        check_hyperparameter(lr.numel() == 1, "Tensor lr must be 1-element")
+    check_hyperparameter(not lr < 0.0, f"Invalid learning rate: {lr}")
+    check_hyperparameter(not momentum < 0.0, f"Invalid momentum value: {momentum}")
+    check_hyperparameter(not weight_decay < 0.0, f"Invalid weight_decay value: {weight_decay}")
+    check_hyperparameter(not (nesterov and (momentum <= 0 or dampening != 0)),
+                         "Nesterov momentum requires a momentum and zero dampening")
+
+
+class SGD(FusedOptimizer):
+    __doc__ = __doc__ + r"""
+
+    Arguments are exactly :class:`torch.optim.SGD`'s, plus ``backend`` (``"auto"``,
+    ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``; ``FUSEDOPT_BACKEND`` overrides it).
+    """
+
+    STATE_KEYS = ("momentum_buffer",)
+    DISPLAY_NAME = "fusedopt.optim.SGD"
+
+    def __init__(self, params, lr: Union[float, Tensor] = 1e-3, momentum: float = 0,
+                 dampening: float = 0, weight_decay: Union[float, Tensor] = 0,
+                 nesterov: bool = False, *, maximize: bool = False, foreach=None,
+                 differentiable: bool = False, fused=None, backend: str = "auto"):
+        _validate_sgd(lr, momentum, dampening, weight_decay, nesterov)
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
+                        weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                        foreach=foreach, differentiable=differentiable, fused=fused,
+                        backend=backend)
+        super().__init__(params, defaults)
+
+    COMPAT_DEFAULTS = {"foreach": None, "fused": None, "differentiable": False}
+
+    def _fill_group_defaults(self, group: Dict[str, Any]) -> None:
+        super()._fill_group_defaults(group)
+        group.setdefault("nesterov", False)
+        group.setdefault("maximize", False)
+
+    def _validate_group(self, group: Dict[str, Any]) -> None:
+        _validate_sgd(group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
+                      group["nesterov"])
+
+    def _init_state(self, group, p: Tensor, state: Dict[str, Any]) -> None:
+        """Nothing up front: like torch.optim, the buffer appears at the first step."""
+
+    def _apply(self, group, bucket: GroupBucket, grads: List[Tensor], grad_scale, found_inf) -> None:
+        backend = self._select_backend(group, bucket)
+        momentum = float(group["momentum"])
+        hyper = dict(lr=group["lr"], momentum=momentum, dampening=float(group["dampening"]),
+                     weight_decay=float(group["weight_decay"]), nesterov=group["nesterov"],
+                     maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf)
+        if momentum == 0:
+            backend.sgd_(bucket.params, grads, [], is_first_step=False, **hyper)
+            return
+        buffers = bucket.state_lists["momentum_buffer"]
+        fresh = [i for i, b in enumerate(buffers) if b is None]
+        if not fresh:
+            backend.sgd_(bucket.params, grads, buffers, is_first_step=False, **hyper)
+            return
+        self._create_buffers(bucket, fresh)
+        if len(fresh) < len(buffers):
+            fresh_set = set(fresh)
+            old = [i for i in range(len(buffers)) if i not in fresh_set]
+            backend.sgd_([bucket.params[i] for i in old], [grads[i] for i in old],
+                         [buffers[i] for i in old], is_first_step=False, **hyper)
+        backend.sgd_([bucket.params[i] for i in fresh], [grads[i] for i in fresh],
+                     [buffers[i] for i in fresh], is_first_step=True, **hyper)
+
+    def _create_buffers(self, bucket: GroupBucket, fresh: List[int]) -> None:
+        """Create the momentum buffers of params stepping for the first time.
+
+        They start at zero and the kernel writes ``b = g`` into them (``is_first_step``). If
+        GradScaler skips that very step (``found_inf``), they stay zero and the next step treats
+        them as existing, exactly like ``torch.optim.SGD(fused=True)``; deciding otherwise would
+        need a host sync.
+        """
+        for i in fresh:
+            buf = torch.zeros_like(bucket.params[i], memory_format=torch.preserve_format)
+            bucket.state_lists["momentum_buffer"][i] = buf
+            owner = bucket.owners[i]
+            self.state[owner]["momentum_buffer"] = torch.view_as_complex(buf) if owner.is_complex() else buf
