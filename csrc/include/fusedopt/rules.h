@@ -1,0 +1,219 @@
+// fusedopt update rules: the math of SGD and Adam/AdamW, written once.
+//
+// Every backend (the CPU kernels in csrc/cpu, the CUDA kernels in csrc/cuda) applies these
+// functions element by element. They work on scalars of a "math type" T (float or double):
+// bf16/fp16 storage is loaded into float, updated here, and rounded once on store.
+//
+// Semantics follow torch.optim's single-tensor (foreach=False) path:
+//   torch/optim/adam.py::_single_tensor_adam, torch/optim/sgd.py::_single_tensor_sgd.
+// The per-tensor scalars (bias corrections, step size, decay factor) are computed in double,
+// as torch does with Python floats, by the make_*_scalars() helpers below, and only then
+// converted to T. Whether a*b+c is fused into an FMA is left to the compiler (CPU kernels are
+// built with -ffp-contract=fast, nvcc fuses by default), so results can differ from torch
+// by an ulp per operation; the tests use tolerances accordingly.
+//
+// Flags (amsgrad, nesterov, ...) are ordinary bool/enum arguments: the launchers pass
+// compile-time constants, so after inlining the untaken branches disappear.
+#pragma once
+
+#include <cstdint>
+#if !defined(__CUDACC__) && !defined(__HIPCC__)
+#include <cmath>
+#endif
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FUSEDOPT_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// always_inline matters on the CPU: the kernels are compiled once per ISA (AVX-512, AVX2,
+// baseline); a rule inlined into an ISA-specific loop is vectorised with that ISA, and no
+// out-of-line copy (compiled for one ISA, shared by all through the linker) is ever called.
+#define FUSEDOPT_HD inline __attribute__((always_inline))
+#else
+#define FUSEDOPT_HD inline
+#endif
+
+namespace fusedopt {
+namespace rules {
+
+template <typename T>
+FUSEDOPT_HD T sqrt_(T x) {
+#if defined(__CUDA_ARCH__)
+  return ::sqrt(x);
+#else
+  return std::sqrt(x);
+#endif
+}
+
+template <typename T>
+FUSEDOPT_HD T max_(T a, T b) {
+  // torch.maximum propagates NaN; so does this (a NaN in either operand wins).
+  return (a != a) ? a : ((b != b) ? b : (a < b ? b : a));
+}
+
+// How weight decay enters the update.
+enum class WeightDecay : int {
+  kNone = 0,       // weight_decay == 0: no term at all (not "+ 0*p", which would turn inf into NaN)
+  kL2 = 1,         // Adam / SGD: g = g + wd * p
+  kDecoupled = 2,  // AdamW:      p = p * (1 - lr * wd) before the update
+};
+
+FUSEDOPT_HD WeightDecay weight_decay_mode(double weight_decay, bool decoupled) {
+  return weight_decay == 0.0 ? WeightDecay::kNone
+                             : (decoupled ? WeightDecay::kDecoupled : WeightDecay::kL2);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Gradient preprocessing shared by all algorithms.
+//   g = grad / grad_scale   (only when a grad scale is given; the stored grad is never written)
+//   g = -g                  (maximize)
+// ----------------------------------------------------------------------------------------------
+template <typename T>
+FUSEDOPT_HD T prepare_grad(T grad, bool has_grad_scale, T grad_scale, bool maximize) {
+  T g = has_grad_scale ? grad / grad_scale : grad;
+  return maximize ? -g : g;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Adam / AdamW
+// ----------------------------------------------------------------------------------------------
+
+// Scalars of one Adam step of one tensor (step t = the step count AFTER the increment).
+template <typename T>
+struct AdamScalars {
+  T lerp_weight;      // 1 - beta1: exp_avg.lerp_(g, 1 - beta1)
+  T beta2;
+  T one_minus_beta2;
+  T eps;
+  T weight_decay;     // L2 coefficient (kL2)
+  T decay_factor;     // 1 - lr * weight_decay (kDecoupled)
+  T step_size;        // lr / (1 - beta1^t)
+  T bias_correction2_sqrt;  // sqrt(1 - beta2^t)
+};
+
+// Computed in double like torch's Python-float arithmetic; convert with cast_scalars<T>().
+FUSEDOPT_HD AdamScalars<double> make_adam_scalars(double lr, double beta1, double beta2,
+                                                  double eps, double weight_decay, double step) {
+  AdamScalars<double> s;
+  s.lerp_weight = 1.0 - beta1;
+  s.beta2 = beta2;
+  s.one_minus_beta2 = 1.0 - beta2;
+  s.eps = eps;
+  s.weight_decay = weight_decay;
+  s.decay_factor = 1.0 - lr * weight_decay;
+  const double bias_correction1 = 1.0 - pow(beta1, step);
+  const double bias_correction2 = 1.0 - pow(beta2, step);
+  s.step_size = lr / bias_correction1;
+  s.bias_correction2_sqrt = sqrt_(bias_correction2);
+  return s;
+}
+
+template <typename T>
+FUSEDOPT_HD AdamScalars<T> cast_scalars(const AdamScalars<double>& d) {
+  AdamScalars<T> s;
+  s.lerp_weight = static_cast<T>(d.lerp_weight);
+  s.beta2 = static_cast<T>(d.beta2);
+  s.one_minus_beta2 = static_cast<T>(d.one_minus_beta2);
+  s.eps = static_cast<T>(d.eps);
+  s.weight_decay = static_cast<T>(d.weight_decay);
+  s.decay_factor = static_cast<T>(d.decay_factor);
+  s.step_size = static_cast<T>(d.step_size);
+  s.bias_correction2_sqrt = static_cast<T>(d.bias_correction2_sqrt);
+  return s;
+}
+
+// torch's lerp: the formula is chosen by the weight so that weight 0 and 1 are exact.
+template <typename T>
+FUSEDOPT_HD T lerp_(T from, T to, T weight) {
+  const T diff = to - from;
+  return (weight < T(0.5)) ? from + weight * diff : to - diff * (T(1) - weight);
+}
+
+// One Adam/AdamW element update. g is the prepared gradient (prepare_grad).
+// max_exp_avg_sq is read and written only when amsgrad is true.
+template <typename T>
+FUSEDOPT_HD void adam_update(T& param, T g, T& exp_avg, T& exp_avg_sq, T& max_exp_avg_sq,
+                             const AdamScalars<T>& s, WeightDecay wd, bool amsgrad) {
+  T p = param;
+  if (wd == WeightDecay::kDecoupled) {
+    p = p * s.decay_factor;
+  } else if (wd == WeightDecay::kL2) {
+    g = g + s.weight_decay * p;
+  }
+  const T m = lerp_(exp_avg, g, s.lerp_weight);
+  const T v = exp_avg_sq * s.beta2 + s.one_minus_beta2 * (g * g);
+  T v_hat = v;
+  if (amsgrad) {
+    v_hat = max_(max_exp_avg_sq, v);
+    max_exp_avg_sq = v_hat;
+  }
+  const T denom = sqrt_(v_hat) / s.bias_correction2_sqrt + s.eps;
+  param = p - s.step_size * (m / denom);
+  exp_avg = m;
+  exp_avg_sq = v;
+}
+
+// ----------------------------------------------------------------------------------------------
+// SGD (with momentum, dampening, Nesterov)
+// ----------------------------------------------------------------------------------------------
+
+template <typename T>
+struct SgdScalars {
+  T lr;
+  T momentum;
+  T one_minus_dampening;  // 1 - dampening
+  T weight_decay;
+};
+
+FUSEDOPT_HD SgdScalars<double> make_sgd_scalars(double lr, double momentum, double dampening,
+                                                double weight_decay) {
+  SgdScalars<double> s;
+  s.lr = lr;
+  s.momentum = momentum;
+  s.one_minus_dampening = 1.0 - dampening;
+  s.weight_decay = weight_decay;
+  return s;
+}
+
+template <typename T>
+FUSEDOPT_HD SgdScalars<T> cast_scalars(const SgdScalars<double>& d) {
+  SgdScalars<T> s;
+  s.lr = static_cast<T>(d.lr);
+  s.momentum = static_cast<T>(d.momentum);
+  s.one_minus_dampening = static_cast<T>(d.one_minus_dampening);
+  s.weight_decay = static_cast<T>(d.weight_decay);
+  return s;
+}
+
+// How the momentum buffer is used in this step.
+enum class Momentum : int {
+  kNone = 0,   // momentum == 0: no buffer at all
+  kFirst = 1,  // first step: buf = g (torch clones the grad; dampening is not applied)
+  kRun = 2,    // buf = momentum * buf + (1 - dampening) * g
+};
+
+FUSEDOPT_HD Momentum momentum_mode(double momentum, bool is_first_step) {
+  return momentum == 0.0 ? Momentum::kNone : (is_first_step ? Momentum::kFirst : Momentum::kRun);
+}
+
+// One SGD element update. g is the prepared gradient (prepare_grad).
+// momentum_buffer is read/written only when mom != kNone (and only written when kFirst).
+// l2 is true when weight_decay != 0 (SGD decay is always the L2 kind).
+template <typename T>
+FUSEDOPT_HD void sgd_update(T& param, T g, T& momentum_buffer, const SgdScalars<T>& s,
+                            bool l2, Momentum mom, bool nesterov) {
+  const T p = param;
+  if (l2) {
+    g = g + s.weight_decay * p;
+  }
+  if (mom != Momentum::kNone) {
+    const T buf = (mom == Momentum::kFirst)
+                      ? g
+                      : s.momentum * momentum_buffer + s.one_minus_dampening * g;
+    momentum_buffer = buf;
+    g = nesterov ? g + s.momentum * buf : buf;
+  }
+  param = p - s.lr * g;
+}
+
+}  // namespace rules
+}  // namespace fusedopt
