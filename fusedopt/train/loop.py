@@ -1,0 +1,358 @@
+"""The training loop: ``Trainer`` builds everything from a TrainConfig and runs the steps.
+
+One optimizer step = ``grad_accum`` micro-batches.  Under DDP every micro-batch
+but the last runs forward AND backward inside ``model.no_sync()`` so gradients
+are all-reduced once per step.  Steps are numbered from 1; ``self.step`` is the
+number of completed optimizer steps (what checkpoints store).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from . import checkpoint as ckpt
+from .config import ConfigError, TrainConfig
+from .data import VOCAB_SIZE, ShardedBatchSampler, load_corpus, make_splits
+from .distributed import (DistContext, all_reduce_sum, barrier, broadcast_object, cleanup,
+                          gather_objects, init_distributed)
+from .metrics import (MetricsLogger, MetricsWindow, RunStats, format_summary, peak_memory_mb,
+                      truncate_log)
+from .model import build_model, count_parameters, param_groups
+from .optimizers import (build_optimizer, build_scheduler, describe_optimizer, resolve_clip_fn,
+                         total_grad_norm)
+
+# Config fields that must match when resuming (they fix the shapes of the model
+# and optimizer state, or the meaning of the stored data position).
+RESUME_MUST_MATCH = ("seq_len", "d_model", "n_layer", "n_head", "optimizer", "amp",
+                     "batch_size", "grad_accum", "seed", "data")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+class Trainer:
+    """Owns model, optimizer, scheduler, scaler, data sampler, metrics and checkpoints."""
+
+    def __init__(self, cfg: TrainConfig, ctx: Optional[DistContext] = None):
+        cfg.validate()
+        self.cfg = cfg
+        self.ctx = ctx or init_distributed(cfg.device)
+        cfg.check_world_size(self.ctx.world_size)
+        self.device = self.ctx.device
+        if cfg.amp == "fp16" and self.device.type != "cuda":
+            raise ConfigError("--amp fp16 needs CUDA (it uses a GradScaler); use --amp bf16 on CPU")
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+
+        # Identical model initialisation on every rank.
+        seed_everything(cfg.seed)
+        corpus, self.corpus_desc = load_corpus(cfg.data, cfg.max_corpus_bytes)
+        self.train_set, self.val_set = make_splits(corpus, cfg.seq_len, cfg.val_fraction, self.device)
+        self.sampler = ShardedBatchSampler(len(self.train_set), cfg.batch_size, self.ctx.rank,
+                                           self.ctx.world_size, cfg.seed)
+        self.raw_model = build_model(cfg, VOCAB_SIZE).to(self.device)
+        if self.ctx.distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DDP(self.raw_model, device_ids=device_ids)
+        else:
+            self.model = self.raw_model
+        self.optimizer = build_optimizer(cfg, param_groups(self.raw_model, cfg.weight_decay))
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+        self.clip_fn = resolve_clip_fn()
+        self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        # Per-rank streams (dropout) differ between ranks.
+        seed_everything(cfg.seed + 1 + self.ctx.rank)
+
+        self.step = 0
+        self.window = MetricsWindow(self.device)
+        self.stats = RunStats()
+        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+        self.log_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        self.resumed_from: Optional[str] = None
+        self.last_eval_loss = float("nan")
+        self.last_train_loss = float("nan")
+        self._maybe_resume()
+        self.logger = MetricsLogger(self.log_path, enabled=self.ctx.is_main, progress=cfg.progress,
+                                    total_steps=cfg.max_steps, initial_step=self.step)
+
+    # ------------------------------------------------------------ helpers
+    def autocast(self):
+        if self.cfg.amp == "none":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    # ------------------------------------------------------------ one step
+    def train_step(self) -> Dict[str, Any]:
+        """Run one optimizer step over ``grad_accum`` micro-batches; return its raw metrics."""
+        cfg = self.cfg
+        self.model.train()
+        self._sync()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            x, y = self.train_set.batch(self.sampler.next_indices())
+            last = micro == cfg.grad_accum - 1
+            # no_sync must cover the forward too: DDP decides in forward whether
+            # the following backward all-reduces.
+            sync_ctx = self.model.no_sync() if (self.ctx.distributed and not last) else contextlib.nullcontext()
+            with sync_ctx:
+                with self.autocast():
+                    logits = self.model(x)
+                    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+                scaled = loss / cfg.grad_accum
+                if self.scaler is not None:
+                    scaled = self.scaler.scale(scaled)
+                scaled.backward()
+            loss_sum += loss.detach().float()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if cfg.clip_grad_norm > 0:
+            grad_norm = self.clip_fn(self.params, cfg.clip_grad_norm)
+        else:
+            grad_norm = total_grad_norm(self.params)
+        lr = self.current_lr()
+        self._sync()
+        t_opt = time.perf_counter()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self._sync()
+        opt_time = time.perf_counter() - t_opt
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        step_time = time.perf_counter() - t0
+        return {"loss": loss_sum / cfg.grad_accum, "grad_norm": torch.as_tensor(grad_norm),
+                "lr": lr, "step_time": step_time, "opt_time": opt_time}
+
+    # ------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean held-out loss over ``eval_batches`` fixed global batches (all ranks call)."""
+        cfg = self.cfg
+        self.raw_model.eval()
+        n_val = len(self.val_set)
+        local = cfg.batch_size // self.ctx.world_size
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for b in range(cfg.eval_batches):
+            start = b * cfg.batch_size + self.ctx.rank * local
+            idx = torch.arange(start, start + local) % n_val
+            x, y = self.val_set.batch(idx)
+            with self.autocast():
+                logits = self.raw_model(x)
+                loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+            total += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=self.device)])
+        total = all_reduce_sum(total, self.ctx)
+        return float(total[0] / total[1])
+
+    # ------------------------------------------------------------ checkpoints
+    def save(self) -> Optional[Path]:
+        """Write a checkpoint of the current step (collective; rank 0 writes)."""
+        rank_state = {"rng": ckpt.capture_rng_state(), "window": self.window.state_dict()}
+        rank_states = gather_objects(rank_state, self.ctx)
+        path = None
+        if self.ctx.is_main:
+            payload = {
+                "format": ckpt.FORMAT,
+                "step": self.step,
+                "world_size": self.ctx.world_size,
+                "config": self.cfg.to_dict(),
+                "model": self.raw_model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "data": self.sampler.state_dict(),
+                "rank_states": rank_states,
+                "last_eval_loss": self.last_eval_loss,
+                "last_train_loss": self.last_train_loss,
+            }
+            path = ckpt.save_checkpoint(payload, self.cfg.checkpoint_dir, self.cfg.keep_last)
+        barrier(self.ctx)
+        return path
+
+    def _maybe_resume(self) -> None:
+        # Rank 0 decides which file; every rank then loads the same one.
+        decision: Any = None
+        if self.ctx.is_main:
+            try:
+                path = ckpt.resolve_resume(self.cfg.resume, self.cfg.checkpoint_dir)
+                decision = ("ok", str(path) if path else None)
+            except ckpt.CheckpointError as exc:
+                decision = ("error", str(exc))
+        decision = broadcast_object(decision, self.ctx)
+        if decision[0] == "error":
+            raise ckpt.CheckpointError(decision[1])
+        if decision[1] is None:
+            return
+        self.load(Path(decision[1]))
+
+    def load(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(path, map_location=self.device)
+        saved_cfg = state.get("config", {})
+        changed = [k for k in RESUME_MUST_MATCH if k in saved_cfg and saved_cfg[k] != getattr(self.cfg, k)]
+        if changed:
+            details = ", ".join(f"{k}={saved_cfg[k]!r} (now {getattr(self.cfg, k)!r})" for k in changed)
+            raise ckpt.CheckpointError(f"checkpoint {str(path)!r} does not fit this run: it was written with {details}")
+        try:
+            self.raw_model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler is not None and state.get("scaler") is not None:
+                self.scaler.load_state_dict(state["scaler"])
+            self.sampler.load_state_dict(state["data"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ckpt.CheckpointError(f"checkpoint {str(path)!r} could not be restored: {exc}") from exc
+        self.step = int(state["step"])
+        self.last_eval_loss = float(state.get("last_eval_loss", float("nan")))
+        self.last_train_loss = float(state.get("last_train_loss", float("nan")))
+        rank_states = state["rank_states"]
+        if state.get("world_size") == self.ctx.world_size and len(rank_states) == self.ctx.world_size:
+            mine = rank_states[self.ctx.rank]
+            ckpt.restore_rng_state(mine["rng"])
+            self.window.load_state_dict(mine["window"])
+        else:
+            warnings.warn(
+                f"checkpoint was written by {state.get('world_size')} ranks, now {self.ctx.world_size}: "
+                "RNG streams are re-seeded and the current log window restarts"
+            )
+            seed_everything(self.cfg.seed + 1 + self.ctx.rank + 7919 * self.step)
+        self.resumed_from = str(path)
+        if self.ctx.is_main:
+            truncate_log(self.log_path, self.step)
+
+    # ------------------------------------------------------------ fault injection
+    def _maybe_fail(self) -> None:
+        """DEBUG --fail-at-step: SIGKILL this process once, before step N runs."""
+        cfg = self.cfg
+        if cfg.fail_at_step != self.step + 1 or cfg.fail_rank != self.ctx.rank:
+            return
+        marker = Path(cfg.out_dir) / f"fail_at_step_{cfg.fail_at_step}.marker"
+        if marker.exists():
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"killed rank {self.ctx.rank} pid {os.getpid()} before step {self.step + 1}\n")
+        self.logger.event("fail_injected", step=self.step, rank=self.ctx.rank)
+        self.logger.close()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    # ------------------------------------------------------------ main loop
+    def _log(self, last: Dict[str, Any]) -> None:
+        reduced = self.window.reduce(self.ctx)  # collective
+        self.last_train_loss = reduced["loss"]
+        if self.ctx.is_main:
+            w = self.window
+            record = {
+                "step": self.step,
+                "epoch": self.sampler.epoch,
+                "loss": reduced["loss"],
+                "lr": last["lr"],
+                "grad_norm": reduced["grad_norm"],
+                "tokens_per_s": self.tokens_per_step * w.steps / w.step_time if w.step_time else None,
+                "step_ms": 1000.0 * w.step_time / max(w.steps, 1),
+                "opt_ms": 1000.0 * w.opt_time / max(w.steps, 1),
+                "opt_share": w.opt_time / w.step_time if w.step_time else None,
+                "peak_mem_mb": peak_memory_mb(self.device),
+            }
+            self.logger.write(record)
+            self.logger.progress(0, {"loss": f"{record['loss']:.3f}", "lr": f"{record['lr']:.2e}",
+                                     "tok/s": f"{record['tokens_per_s'] or 0:,.0f}"})
+        self.window.reset()
+
+    def fit(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        log = self.logger
+        if self.ctx.is_main:
+            restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+            log.event("start", step=self.step, world_size=self.ctx.world_size, device=str(self.device),
+                      resumed_from=self.resumed_from, restart_count=restarts, config=cfg.to_dict())
+            log.print(
+                f"fusedopt.train: {self.corpus_desc}; {len(self.train_set):,} train sequences; "
+                f"model {count_parameters(self.raw_model):,} params; "
+                f"optimizer {describe_optimizer(cfg, self.optimizer)}; world size {self.ctx.world_size} "
+                f"({self.ctx.backend}) on {self.device}"
+                + (f"; resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else "")
+            )
+        while self.step < cfg.max_steps:
+            self._maybe_fail()
+            out = self.train_step()
+            self.window.add(out["loss"], out["grad_norm"], out["step_time"], out["opt_time"])
+            self.stats.add(out["step_time"], out["opt_time"], self.tokens_per_step)
+            log.progress(1)
+            done = self.step == cfg.max_steps
+            if self.step % cfg.log_every == 0 or done:
+                self._log(out)
+            if done or (cfg.eval_every and self.step % cfg.eval_every == 0):
+                self.last_eval_loss = self.evaluate()
+                if self.ctx.is_main:
+                    log.write({"step": self.step, "eval_loss": self.last_eval_loss})
+            if done or (cfg.save_every and self.step % cfg.save_every == 0):
+                self.save()
+        summary = self.summary()
+        if self.ctx.is_main:
+            log.write({"event": "summary", "step": self.step, **summary})
+            log.close()
+            print(format_summary(summary), flush=True)
+        return summary
+
+    def summary(self) -> Dict[str, Any]:
+        stats = self.stats.summary()
+        return {
+            "steps": self.step,
+            "world_size": self.ctx.world_size,
+            "device": str(self.device),
+            "optimizer": describe_optimizer(self.cfg, self.optimizer),
+            "params": count_parameters(self.raw_model),
+            "final_train_loss": self.last_train_loss,
+            "final_eval_loss": self.last_eval_loss,
+            "tokens_per_s": stats["tokens_per_s"],
+            "mean_step_ms": stats["mean_step_ms"],
+            "mean_optimizer_ms": stats["mean_optimizer_ms"],
+            "optimizer_share": stats["optimizer_share"],
+            "peak_mem_mb": peak_memory_mb(self.device),
+            "wall_s": stats["wall_s"],
+            "log": self.log_path,
+        }
+
+
+def train(cfg: TrainConfig, ctx: Optional[DistContext] = None) -> Dict[str, Any]:
+    """Build a Trainer for ``cfg`` and run it to ``cfg.max_steps``; return the summary.
+
+    Joins (and afterwards leaves) the torchrun process group unless ``ctx`` is given.
+    """
+    own_ctx = ctx is None
+    ctx = ctx or init_distributed(cfg.device)
+    try:
+        trainer = Trainer(cfg, ctx)
+        try:
+            return trainer.fit()
+        finally:
+            trainer.logger.close()
+    finally:
+        if own_ctx:
+            cleanup(ctx)

@@ -1,0 +1,110 @@
+"""Optimizer, learning-rate schedule and gradient-clipping choices for the harness."""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Callable, Dict, Iterable, List
+
+import torch
+
+from .config import ConfigError, TrainConfig
+
+CLASS_NAMES = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD"}
+
+
+def _optimizer_module(lib: str):
+    if lib == "torch":
+        return torch.optim
+    try:
+        return importlib.import_module("fusedopt.optim")
+    except ImportError as exc:
+        raise ConfigError(
+            f"--optimizer-lib fusedopt: fusedopt.optim could not be imported ({exc}); "
+            "use --optimizer-lib torch"
+        ) from exc
+
+
+def build_optimizer(cfg: TrainConfig, groups: List[Dict]) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` from fusedopt.optim (with ``backend=``) or torch.optim."""
+    module = _optimizer_module(cfg.optimizer_lib)
+    class_name = CLASS_NAMES[cfg.optimizer]
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise ConfigError(f"{module.__name__} has no optimizer {class_name}")
+    if cfg.optimizer == "sgd":
+        kwargs = dict(lr=cfg.lr, momentum=cfg.beta1, nesterov=cfg.nesterov,
+                      weight_decay=cfg.weight_decay)
+    else:
+        kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                      weight_decay=cfg.weight_decay)
+    if cfg.optimizer_lib == "fusedopt":
+        kwargs["backend"] = cfg.backend
+        devices = {p.device for g in groups for p in g["params"]}
+        for device in devices:
+            resolved_backend(cfg.backend, device)  # fail now, not at the first step
+    return cls(groups, **kwargs)
+
+
+def resolved_backend(choice: str, device: torch.device) -> str:
+    """Name of the fusedopt backend that ``choice`` selects for fp32 params on ``device``.
+
+    Raises ConfigError when an explicitly requested backend cannot run here.
+    """
+    from fusedopt import backends
+
+    try:
+        return backends.select(choice, device, torch.float32).name
+    except (backends.BackendUnavailableError, ValueError) as exc:
+        raise ConfigError(f"--backend {choice}: {exc}") from exc
+
+
+def describe_optimizer(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> str:
+    """E.g. ``fusedopt.optim.AdamW(backend=auto -> reference)``."""
+    cls = type(optimizer)
+    name = f"{cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}"
+    if cfg.optimizer_lib == "fusedopt":
+        device = optimizer.param_groups[0]["params"][0].device
+        name += f"(backend={cfg.backend} -> {resolved_backend(cfg.backend, device)})"
+    return name
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak lr used by optimizer step ``step`` (0-based)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.scheduler == "constant":
+        return 1.0
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.min_lr_ratio
+    if cfg.scheduler == "cosine":
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - (1.0 - floor) * progress  # linear
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
+    """Warmup followed by cosine/linear decay or a constant lr, as a torch LambdaLR.
+
+    The lambda is a closure (not an object), so the scheduler's state_dict holds
+    only the step count and a resumed run may change ``max_steps``.
+    """
+    def factor(step: int) -> float:
+        return lr_factor(step, cfg)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def resolve_clip_fn() -> Callable:
+    """``fusedopt.clip_grad_norm_`` when the package provides it, else torch's."""
+    import fusedopt
+
+    return getattr(fusedopt, "clip_grad_norm_", torch.nn.utils.clip_grad_norm_)
+
+
+def total_grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm of the gradients without modifying them (clipping disabled)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if hasattr(torch.nn.utils, "get_total_norm"):
+        return torch.nn.utils.get_total_norm(grads, 2.0)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
