@@ -1,0 +1,513 @@
+"""Parity of fusedopt.optim.{SGD, Adam, AdamW} with torch.optim, on params AND every state buffer.
+
+Every CPU backend built here (``reference`` always, ``cpu`` when the extension is built) is run
+against ``torch.optim`` with ``foreach=False`` for fp32/fp64, and against the reference backend
+(fp32 math) for bf16/fp16, over every flag combination.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fusedopt
+from fusedopt import backends
+
+from conftest import backend_params
+
+STEPS = 20
+SHAPES = [(5, 3), (17,), (4097,), (0,), (2, 3, 4), ()]
+
+ADAM_FLAGS = [dict(amsgrad=a, maximize=m, weight_decay=w)
+              for a, m, w in itertools.product([False, True], [False, True], [0.0, 0.1])]
+SGD_FLAGS = [dict(momentum=mo, dampening=d, nesterov=n, weight_decay=w, maximize=mx)
+             for mo, d, n, w, mx in itertools.product([0.0, 0.9], [0.0, 0.3], [False, True], [0.0, 0.1],
+                                                      [False, True])
+             if not (n and (mo == 0 or d != 0))]
+
+PAIRS = {
+    "SGD": (fusedopt.optim.SGD, torch.optim.SGD),
+    "Adam": (fusedopt.optim.Adam, torch.optim.Adam),
+    "AdamW": (fusedopt.optim.AdamW, torch.optim.AdamW),
+}
+
+
+def make_params(shapes, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).requires_grad_() for s in shapes]
+
+
+def clone_params(params):
+    return [p.detach().clone().requires_grad_() for p in params]
+
+
+def set_grads(param_lists, step, seed=100):
+    """Give every list the same gradients for this step (deterministic per step)."""
+    g = torch.Generator().manual_seed(seed + step)
+    for params in zip(*param_lists):
+        grad = torch.randn(params[0].shape, generator=g, dtype=torch.float64)
+        for p in params:
+            p.grad = grad.to(p.dtype).clone()
+
+
+def assert_state_equal(opt_a, params_a, opt_b, params_b, **tol):
+    for pa, pb in zip(params_a, params_b):
+        torch.testing.assert_close(pa.detach(), pb.detach(), **tol)
+        sa, sb = opt_a.state[pa], opt_b.state[pb]
+        assert set(sa) == set(sb), (set(sa), set(sb))
+        for key in sb:
+            va, vb = sa[key], sb[key]
+            if key == "step":
+                assert float(va) == float(vb)
+            else:
+                torch.testing.assert_close(va, vb, **tol)
+
+
+def run_both(name, flags, backend, dtype=torch.float32, shapes=SHAPES, steps=STEPS, lr=1e-2):
+    ours_cls, torch_cls = PAIRS[name]
+    params = make_params(shapes, dtype)
+    theirs = clone_params(params)
+    ours = ours_cls(params, lr=lr, backend=backend, **flags)
+    ref = torch_cls(theirs, lr=lr, foreach=False, **flags)
+    for step in range(steps):
+        set_grads([params, theirs], step)
+        ours.step()
+        ref.step()
+    return ours, params, ref, theirs
+
+
+# ---- parity over flags x dtype x backend --------------------------------------------------------
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("flags", ADAM_FLAGS, ids=str)
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_adam_matches_torch(name, flags, dtype, backend):
+    ours, params, ref, theirs = run_both(name, flags, backend, dtype)
+    assert_state_equal(ours, params, ref, theirs)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("flags", SGD_FLAGS, ids=str)
+def test_sgd_matches_torch(flags, dtype, backend):
+    ours, params, ref, theirs = run_both("SGD", flags, backend, dtype)
+    assert_state_equal(ours, params, ref, theirs)
+
+
+def _run_ours(name, flags, backend, dtype, steps=STEPS):
+    params = make_params(SHAPES, dtype)
+    opt = PAIRS[name][0](params, lr=1e-2, backend=backend, **flags)
+    for step in range(steps):
+        set_grads([params], step)
+        opt.step()
+    return opt, params
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name,flags", [("Adam", f) for f in ADAM_FLAGS] + [("AdamW", ADAM_FLAGS[-1])]
+                         + [("SGD", f) for f in SGD_FLAGS[::3]], ids=str)
+def test_low_precision_matches_reference(name, flags, dtype, backend):
+    """bf16/fp16 params compute in fp32 and round once; the reference backend is the oracle."""
+    ours, params = _run_ours(name, flags, backend, dtype)
+    ref, ref_params = _run_ours(name, flags, "reference", dtype)
+    assert_state_equal(ours, params, ref, ref_params)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name,flags", [("AdamW", {"amsgrad": True}), ("Adam", {"weight_decay": 0.1}),
+                                        ("SGD", {"momentum": 0.9, "nesterov": True})], ids=str)
+def test_reference_low_precision_matches_torch_fused(name, flags, dtype):
+    """Sanity of the oracle itself: torch's fused CPU kernels also do fp32 math on bf16/fp16."""
+    ours, params = _run_ours(name, flags, "reference", dtype)
+    theirs = make_params(SHAPES, dtype)
+    ref = PAIRS[name][1](theirs, lr=1e-2, fused=True, **flags)
+    for step in range(STEPS):
+        set_grads([theirs], step)
+        ref.step()
+    assert_state_equal(ours, params, ref, theirs)
+
+
+# ---- hyperparameters as tensors, groups, closure, hooks ------------------------------------------
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("name", ["SGD", "AdamW"])
+def test_tensor_lr_equals_float_lr(name, backend):
+    flags = {"momentum": 0.9} if name == "SGD" else {}
+    a_params, b_params = make_params(SHAPES), make_params(SHAPES)
+    a = PAIRS[name][0](a_params, lr=torch.tensor(2.0 ** -6), backend=backend, **flags)
+    b = PAIRS[name][0](b_params, lr=2.0 ** -6, backend=backend, **flags)  # exact in fp32
+    for step in range(5):
+        set_grads([a_params, b_params], step)
+        a.step()
+        b.step()
+    assert_state_equal(a, a_params, b, b_params, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_param_groups_with_own_hyperparameters(backend):
+    p1, p2, p3 = make_params([(4, 4), (7,), (3,)])
+    q1, q2, q3 = clone_params([p1, p2, p3])
+    ours = fusedopt.optim.AdamW([{"params": [p1]}, {"params": [p2], "lr": 0.1, "weight_decay": 0.0}],
+                                lr=1e-2, backend=backend)
+    ref = torch.optim.AdamW([{"params": [q1]}, {"params": [q2], "lr": 0.1, "weight_decay": 0.0}],
+                            lr=1e-2, foreach=False)
+    for step in range(10):
+        if step == 5:
+            ours.add_param_group({"params": [p3], "betas": (0.8, 0.9), "amsgrad": True})
+            ref.add_param_group({"params": [q3], "betas": (0.8, 0.9), "amsgrad": True})
+        set_grads([[p1, p2, p3], [q1, q2, q3]], step)
+        ours.step()
+        ref.step()
+    assert_state_equal(ours, [p1, p2, p3], ref, [q1, q2, q3])
+
+
+def test_add_param_group_validates():
+    opt = fusedopt.optim.Adam(make_params([(2,)]))
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        opt.add_param_group({"params": make_params([(3,)]), "lr": -1.0})
+    with pytest.raises(ValueError, match="backend"):
+        opt.add_param_group({"params": make_params([(3,)]), "backend": "gpu"})
+
+
+def test_step_closure_returns_loss_and_hooks_run():
+    w = torch.zeros(3, requires_grad=True)
+    opt = fusedopt.optim.SGD([w], lr=0.1)
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+
+    def closure():
+        opt.zero_grad()
+        loss = ((w - 1.0) ** 2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss.item() == pytest.approx(3.0)
+    assert calls == ["pre", "post"]
+    torch.testing.assert_close(w.detach(), torch.full((3,), 0.2))
+    opt.zero_grad()
+    assert w.grad is None
+
+
+def test_params_without_grad_are_skipped_and_state_is_lazy():
+    a, b = make_params([(3,), (4,)])
+    b_before = b.detach().clone()
+    opt = fusedopt.optim.Adam([a, b], lr=0.1)
+    a.grad = torch.ones(3)
+    opt.step()
+    assert torch.equal(b.detach(), b_before)
+    assert len(opt.state[b]) == 0 and float(opt.state[a]["step"]) == 1.0
+    b.grad = torch.ones(4)  # b starts stepping later: its own step counter starts at 1
+    opt.step()
+    assert float(opt.state[a]["step"]) == 2.0 and float(opt.state[b]["step"]) == 1.0
+
+
+def test_group_with_no_grads_and_empty_tensors_step():
+    p = torch.zeros(0, requires_grad=True)
+    opt = fusedopt.optim.AdamW([p, torch.zeros(3, requires_grad=True)])
+    opt.step()  # no grads at all: nothing to do
+    p.grad = torch.zeros(0)
+    opt.step()
+    assert p.numel() == 0 and float(opt.state[p]["step"]) == 1.0
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_mixed_dtypes_in_one_group(backend):
+    shapes = [(3, 5), (8,)]
+    params = make_params(shapes, torch.float32) + make_params(shapes, torch.float64)
+    theirs = clone_params(params)
+    ours = fusedopt.optim.AdamW(params, lr=1e-2, backend=backend)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, foreach=False)
+    for step in range(10):
+        set_grads([params, theirs], step)
+        ours.step()
+        ref.step()
+    assert_state_equal(ours, params, ref, theirs)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_many_tiny_tensors(name, backend):
+    flags = {"momentum": 0.9, "nesterov": True} if name == "SGD" else {"amsgrad": True}
+    shapes = [(i % 7 + 1,) for i in range(1000)]
+    ours, params, ref, theirs = run_both(name, flags, backend, shapes=shapes, steps=3)
+    assert_state_equal(ours, params, ref, theirs)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("name", ["SGD", "AdamW"])
+def test_non_contiguous_params(name, backend):
+    flags = {"momentum": 0.9} if name == "SGD" else {}
+    base = make_params([(6, 10)])[0].detach()
+    params = [torch.nn.Parameter(base.t().contiguous().t()),     # transposed: dense, not contiguous
+              torch.nn.Parameter(torch.randn(20, 12)[::2, ::3])]  # strided view: not dense
+    assert not params[0].is_contiguous() and not params[1].is_contiguous()
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours = PAIRS[name][0](params, lr=1e-2, backend=backend, **flags)
+    ref = PAIRS[name][1](theirs, lr=1e-2, foreach=False, **flags)
+    for step in range(10):
+        set_grads([params, theirs], step)
+        ours.step()
+        ref.step()
+    assert_state_equal(ours, params, ref, theirs)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_complex_params_match_torch(name, backend):
+    flags = {"momentum": 0.9, "weight_decay": 0.1} if name == "SGD" else {"amsgrad": True, "weight_decay": 0.1}
+    params = [torch.randn(5, 3, dtype=torch.complex64, requires_grad=True)]
+    theirs = clone_params(params)
+    ours = PAIRS[name][0](params, lr=1e-2, backend=backend, **flags)
+    ref = PAIRS[name][1](theirs, lr=1e-2, foreach=False, **flags)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(10):
+        grad = torch.randn(5, 3, dtype=torch.complex64, generator=g)
+        params[0].grad, theirs[0].grad = grad.clone(), grad.clone()
+        ours.step()
+        ref.step()
+    assert_state_equal(ours, params, ref, theirs, rtol=1e-5, atol=1e-5)
+    assert all(v.is_complex() for k, v in ours.state[params[0]].items() if k != "step")
+
+
+# ---- state_dict interchange and resume ------------------------------------------------------------
+
+def _roundtrip(state_dict):
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("name,flags", [("AdamW", {"amsgrad": True}), ("Adam", {"weight_decay": 0.1}),
+                                        ("SGD", {"momentum": 0.9, "nesterov": True})], ids=str)
+@pytest.mark.parametrize("direction", ["torch_to_fusedopt", "fusedopt_to_torch"])
+def test_state_dict_interchange_continues_training(direction, name, flags, backend):
+    ours_cls, torch_cls = PAIRS[name]
+    shapes = [(4, 3), (5,)]
+    uninterrupted = make_params(shapes)
+    opt_u = torch_cls(uninterrupted, lr=1e-2, foreach=False, **flags)
+    first = clone_params(uninterrupted)
+    if direction == "torch_to_fusedopt":
+        opt_1 = torch_cls(first, lr=1e-2, foreach=False, **flags)
+    else:
+        opt_1 = ours_cls(first, lr=1e-2, backend=backend, **flags)
+    for step in range(6):
+        set_grads([uninterrupted, first], step)
+        opt_u.step()
+        opt_1.step()
+    saved = _roundtrip(opt_1.state_dict())
+    second = clone_params(first)
+    if direction == "torch_to_fusedopt":
+        opt_2 = ours_cls(second, lr=1e-2, backend=backend, **flags)
+    else:
+        opt_2 = torch_cls(second, lr=1e-2, foreach=False, **flags)
+    opt_2.load_state_dict(saved)
+    for step in range(6, 12):
+        set_grads([uninterrupted, second], step)
+        opt_u.step()
+        opt_2.step()
+    assert_state_equal(opt_2, second, opt_u, uninterrupted)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_resume_mid_run_is_bit_identical(backend):
+    shapes = [(4, 3), (5,), (0,)]
+    full = make_params(shapes)
+    opt_full = fusedopt.optim.AdamW(full, lr=1e-2, amsgrad=True, backend=backend)
+    part = clone_params(full)
+    opt_part = fusedopt.optim.AdamW(part, lr=1e-2, amsgrad=True, backend=backend)
+    for step in range(5):
+        set_grads([full, part], step)
+        opt_full.step()
+        opt_part.step()
+    saved = _roundtrip(opt_part.state_dict())
+    resumed = clone_params(part)
+    opt_resumed = fusedopt.optim.AdamW(resumed, lr=1e-2, amsgrad=True, backend=backend)
+    opt_resumed.load_state_dict(saved)
+    for step in range(5, 10):
+        set_grads([full, resumed], step)
+        opt_full.step()
+        opt_resumed.step()
+    assert_state_equal(opt_resumed, resumed, opt_full, full, rtol=0, atol=0)
+
+
+def test_state_dict_has_torch_keys():
+    params = make_params([(3,)])
+    ours = fusedopt.optim.AdamW(params, amsgrad=True)
+    theirs = torch.optim.AdamW(clone_params(params), amsgrad=True)
+    params[0].grad = torch.ones(3)
+    ours.step()
+    sd = ours.state_dict()
+    assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    assert set(theirs.state_dict()["param_groups"][0]) <= set(sd["param_groups"][0])
+    assert sd["state"][0]["step"].dtype == torch.float32 and sd["state"][0]["step"].dim() == 0
+
+
+# ---- GradScaler ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_grad_scaler_fused_path_matches_torch_fused(backend):
+    """GradScaler hands grad_scale/found_inf to the step; an inf grad skips it bit-identically."""
+    torch.manual_seed(0)
+    model_a = torch.nn.Linear(8, 4)
+    model_b = torch.nn.Linear(8, 4)
+    model_b.load_state_dict(model_a.state_dict())
+    opt_a = fusedopt.optim.AdamW(model_a.parameters(), lr=1e-2, backend=backend)
+    opt_b = torch.optim.AdamW(model_b.parameters(), lr=1e-2, fused=True)
+    scaler_a = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    scaler_b = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    x = torch.randn(16, 8)
+    for step in range(6):
+        for model, opt, scaler in ((model_a, opt_a, scaler_a), (model_b, opt_b, scaler_b)):
+            opt.zero_grad()
+            scaler.scale(model(x).square().mean()).backward()
+            if step == 3:
+                model.weight.grad[0, 0] = float("inf")
+            before = [p.detach().clone() for p in model.parameters()]
+            scaler.step(opt)
+            scaler.update()
+            if step == 3:
+                assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert scaler_a.get_scale() == scaler_b.get_scale()
+    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        torch.testing.assert_close(pa, pb)
+        assert float(opt_a.state[pa]["step"]) == float(opt_b.state[pb]["step"]) == 5.0
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_grad_scaler_unscale_then_clip_does_not_unscale_twice(backend):
+    torch.manual_seed(0)
+    model_a, model_b = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    model_b.load_state_dict(model_a.state_dict())
+    opt_a = fusedopt.optim.SGD(model_a.parameters(), lr=0.1, momentum=0.9, backend=backend)
+    opt_b = torch.optim.SGD(model_b.parameters(), lr=0.1, momentum=0.9, foreach=False)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    x = torch.randn(16, 8)
+    for _ in range(3):
+        opt_a.zero_grad()
+        scaler.scale(model_a(x).square().mean()).backward()
+        scaler.unscale_(opt_a)
+        torch.nn.utils.clip_grad_norm_(model_a.parameters(), 0.5)
+        scaler.step(opt_a)
+        scaler.update()
+        opt_b.zero_grad()
+        model_b(x).square().mean().backward()
+        torch.nn.utils.clip_grad_norm_(model_b.parameters(), 0.5)
+        opt_b.step()
+    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        torch.testing.assert_close(pa, pb)
+
+
+# ---- dispatch ---------------------------------------------------------------------------------------
+
+def test_env_var_overrides_backend(monkeypatch):
+    params = make_params([(3,)])
+    opt = fusedopt.optim.AdamW(params, backend="cpu")
+    monkeypatch.setenv(backends.ENV_VAR, "reference")
+    backends.clear_cache()
+    assert opt._select_backend(opt.param_groups[0], _bucket(opt, params)).name == "reference"
+    monkeypatch.setenv(backends.ENV_VAR, "bogus")
+    params[0].grad = torch.ones(3)
+    with pytest.raises(ValueError, match="FUSEDOPT_BACKEND"):
+        opt.step()
+
+
+def _bucket(opt, params):
+    params[0].grad = torch.ones_like(params[0])
+    grads = [p.grad for p in opt.param_groups[0]["params"]]
+    return opt._group_cache(opt.param_groups[0], grads).buckets[0]
+
+
+def test_explicit_unavailable_backend_raises_with_reason():
+    params = make_params([(3,)])
+    params[0].grad = torch.ones(3)
+    opt = fusedopt.optim.AdamW(params, backend="cuda")
+    with pytest.raises(backends.BackendUnavailableError, match="cuda"):
+        opt.step()
+
+
+# ---- bad input ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("Adam", dict(lr=-1.0)), ("Adam", dict(eps=-1e-8)), ("Adam", dict(betas=(1.0, 0.999))),
+    ("Adam", dict(betas=(0.9, -0.1))), ("Adam", dict(weight_decay=-1.0)),
+    ("Adam", dict(betas=(torch.tensor(0.9), 0.999))), ("Adam", dict(lr=torch.tensor([0.1, 0.2]))),
+    ("AdamW", dict(lr=-0.5)), ("SGD", dict(lr=-1.0)), ("SGD", dict(momentum=-0.5)),
+    ("SGD", dict(weight_decay=-1.0)), ("SGD", dict(nesterov=True)),
+    ("SGD", dict(nesterov=True, momentum=0.9, dampening=0.1)),
+], ids=str)
+def test_invalid_hyperparameters_raise_like_torch(name, kwargs):
+    ours_cls, torch_cls = PAIRS[name]
+    with pytest.raises(ValueError) as theirs:
+        torch_cls(make_params([(2,)]), **kwargs)
+    with pytest.raises(ValueError) as ours:
+        ours_cls(make_params([(2,)]), **kwargs)
+    assert str(ours.value) == str(theirs.value)
+
+
+def test_bad_backend_name_and_unsupported_flags():
+    with pytest.raises(ValueError, match="Invalid backend"):
+        fusedopt.optim.SGD(make_params([(2,)]), lr=0.1, backend="gpu")
+    with pytest.raises(ValueError, match="differentiable"):
+        fusedopt.optim.Adam(make_params([(2,)]), differentiable=True)
+    with pytest.raises(ValueError, match="empty parameter list"):
+        fusedopt.optim.AdamW([])
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_sparse_grad_raises(name):
+    p = torch.zeros(4, 3, requires_grad=True)
+    opt = PAIRS[name][0]([p], lr=0.1)
+    p.grad = torch.sparse_coo_tensor([[0, 2], [1, 1]], [1.0, 2.0], (4, 3))
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+
+
+def test_functional_list_length_mismatch_raises():
+    params = make_params([(3,), (4,)])
+    grads = [torch.ones(3)]
+    with pytest.raises(ValueError, match="grads has 1 tensors but params has 2"):
+        fusedopt.functional.sgd_(params, grads, [], lr=0.1)
+
+
+# ---- property-based ------------------------------------------------------------------------------------
+
+shape_lists = st.lists(st.lists(st.integers(0, 9), min_size=0, max_size=3).map(tuple), min_size=1, max_size=6)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shapes=shape_lists, lr=st.floats(1e-4, 0.5), beta1=st.floats(0.0, 0.99), beta2=st.floats(0.5, 0.9999),
+       eps=st.floats(1e-10, 1e-3), weight_decay=st.floats(0.0, 0.5), amsgrad=st.booleans(),
+       maximize=st.booleans(), decoupled=st.booleans(), backend=st.sampled_from(["reference", "cpu"]))
+def test_adam_property(shapes, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, backend):
+    if backends.available()[backend] is not None:
+        backend = "reference"
+    name = "AdamW" if decoupled else "Adam"
+    flags = dict(betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+    ours, params, ref, theirs = run_both(name, flags, backend, shapes=shapes, steps=5, lr=lr)
+    assert_state_equal(ours, params, ref, theirs, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shapes=shape_lists, lr=st.floats(1e-4, 0.5), momentum=st.floats(0.0, 0.99),
+       dampening=st.floats(0.0, 0.9), weight_decay=st.floats(0.0, 0.5), nesterov=st.booleans(),
+       maximize=st.booleans(), backend=st.sampled_from(["reference", "cpu"]))
+def test_sgd_property(shapes, lr, momentum, dampening, weight_decay, nesterov, maximize, backend):
+    if backends.available()[backend] is not None:
+        backend = "reference"
+    if nesterov:
+        dampening = 0.0
+        momentum = max(momentum, 0.1)
+    flags = dict(momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                 maximize=maximize)
+    ours, params, ref, theirs = run_both("SGD", flags, backend, shapes=shapes, steps=5, lr=lr)
+    assert_state_equal(ours, params, ref, theirs, rtol=1e-5, atol=1e-5)
