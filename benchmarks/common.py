@@ -1,0 +1,997 @@
+"""Shared machinery of the fusedopt benchmarks: workloads, byte model, interleaved timer,
+bandwidth reference, providers, correctness guard, result schema, table, command line.
+
+Every benchmark script (``bench_adam.py``, ``bench_sgd.py``, ...) is a thin :class:`BenchSpec`
+handed to :func:`main`. What is measured, for every provider, is the wall time of one whole
+``optimizer.step()`` call (Python overhead, dispatch and kernels included) with gradients already
+in place (set once, reused), on the same parameter tensors for every provider.
+
+Method (ARCHITECTURE.md, "Measuring on these machines"): warm up, then interleave the providers
+and the bandwidth reference (A, B, C, BW, B, C, BW, A, ... the start rotates each repetition), take
+>= 15 samples of each, report min and median. GB/s comes from the byte model
+(:func:`bytes_per_step`) and the min time; the fraction of bandwidth divides it by the bandwidth
+reference measured in the same run; the speedup is against ``torch-fused`` from the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import fnmatch
+import gc
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+
+# ----------------------------------------------------------------------------------------------
+# dtypes
+# ----------------------------------------------------------------------------------------------
+
+DTYPES: Dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp64": torch.float64,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Short name (``fp32``) of a torch dtype."""
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"unsupported dtype {dtype}")
+
+
+def element_size(dtype: torch.dtype) -> int:
+    """Bytes per element of ``dtype``."""
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# ----------------------------------------------------------------------------------------------
+# byte model
+# ----------------------------------------------------------------------------------------------
+
+#: Tensor streams (reads + writes) one step touches per parameter element, by algorithm variant.
+#: SGD: read p, g; write p = 3.  + momentum buffer read/write = 5 (Nesterov: same bytes).
+#: Adam/AdamW: read p, g, m, v; write p, m, v = 7.  AMSGrad: + max_v read/write = 9.
+STREAMS: Dict[str, int] = {
+    "plain": 3,
+    "momentum": 5,
+    "nesterov": 5,
+    "adam": 7,
+    "adamw": 7,
+    "amsgrad": 9,
+}
+
+
+def bytes_per_param(algo: str, dtype: torch.dtype = torch.float32) -> int:
+    """Minimum bytes moved per parameter element by one step: streams x element size.
+
+    fp32: SGD 12, SGD+momentum 20, Adam/AdamW 28, AMSGrad 36 (state kept in the param dtype,
+    as torch.optim does).
+    """
+    return STREAMS[algo] * element_size(dtype)
+
+
+def bytes_per_step(algo: str, numel: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes one step over ``numel`` parameter elements must move (the byte model)."""
+    return bytes_per_param(algo, dtype) * int(numel)
+
+
+def gbps(nbytes: float, seconds: float) -> float:
+    """Decimal GB/s."""
+    return nbytes / seconds / 1e9
+
+
+# ----------------------------------------------------------------------------------------------
+# workloads
+# ----------------------------------------------------------------------------------------------
+
+
+def gpt2_small_shapes() -> List[Tuple[str, Tuple[int, ...]]]:
+    """Parameter names and shapes of GPT-2 small (124,439,808 params in 148 tensors)."""
+    d, vocab, ctx, layers = 768, 50257, 1024, 12
+    shapes: List[Tuple[str, Tuple[int, ...]]] = [("wte", (vocab, d)), ("wpe", (ctx, d))]
+    for i in range(layers):
+        h = f"h.{i}."
+        shapes += [
+            (h + "ln_1.weight", (d,)), (h + "ln_1.bias", (d,)),
+            (h + "attn.c_attn.weight", (d, 3 * d)), (h + "attn.c_attn.bias", (3 * d,)),
+            (h + "attn.c_proj.weight", (d, d)), (h + "attn.c_proj.bias", (d,)),
+            (h + "ln_2.weight", (d,)), (h + "ln_2.bias", (d,)),
+            (h + "mlp.c_fc.weight", (d, 4 * d)), (h + "mlp.c_fc.bias", (4 * d,)),
+            (h + "mlp.c_proj.weight", (4 * d, d)), (h + "mlp.c_proj.bias", (d,)),
+        ]
+    shapes += [("ln_f.weight", (d,)), ("ln_f.bias", (d,))]
+    return shapes
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A named list of parameter shapes; one timing group of the benchmark."""
+
+    name: str
+    shapes: Tuple[Tuple[int, ...], ...]
+    label: str = ""
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+    @property
+    def tensors(self) -> int:
+        return len(self.shapes)
+
+    def describe(self) -> str:
+        return f"{self.label or self.name} ({self.tensors} tensors, {format_count(self.numel)} params)"
+
+
+#: Workload names accepted by ``--workloads`` (``sweep`` expands to one workload per size).
+WORKLOAD_NAMES = ("gpt2", "1000x4096", "10x4M", "sweep", "tiny")
+DEFAULT_WORKLOADS = ("gpt2", "1000x4096", "10x4M", "sweep")
+QUICK_WORKLOADS = ("tiny", "sweep")
+
+
+def make_workloads(name: str, sweep_range: Tuple[int, int] = (10, 26)) -> List[Workload]:
+    """The workload(s) called ``name``; ``sweep`` gives one single-tensor workload per 2^k."""
+    if name == "gpt2":
+        return [Workload("gpt2", tuple(s for _, s in gpt2_small_shapes()), "GPT-2 small")]
+    if name == "1000x4096":
+        return [Workload("1000x4096", ((4096,),) * 1000, "1000 x 4096")]
+    if name == "10x4M":
+        return [Workload("10x4M", ((4 * 2 ** 20,),) * 10, "10 x 4M")]
+    if name == "tiny":  # smoke tests only: odd sizes, a 2-D tensor, a few thousand elements
+        return [Workload("tiny", ((3,), (17, 5), (1031,), (64, 65), (4096,)), "tiny (smoke test)")]
+    if name == "sweep":
+        lo, hi = sweep_range
+        return [Workload("sweep", ((2 ** k,),), f"sweep 2^{k}") for k in range(lo, hi + 1)]
+    raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOAD_NAMES)}")
+
+
+def format_count(n: float) -> str:
+    """124439808 -> '124.4M'."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(int(n))
+
+
+def make_tensors(workload: Workload, device: torch.device, dtype: torch.dtype,
+                 seed: int = 0) -> List[torch.Tensor]:
+    """Parameters of ``workload`` with gradients populated once (N(0, 1) values, no subnormals)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    params = []
+    for shape in workload.shapes:
+        p = torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+        p.grad = torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+        params.append(p)
+    return params
+
+
+# ----------------------------------------------------------------------------------------------
+# timing
+# ----------------------------------------------------------------------------------------------
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """A function that waits for all queued work on ``device`` (a no-op on CPU)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+@dataclass
+class Timing:
+    """Per-call seconds of one function, from :func:`interleaved_times`."""
+
+    samples: List[float]
+    inner: int  # calls per sample; a sample is the mean of ``inner`` back-to-back calls
+
+    @property
+    def min(self) -> float:
+        return min(self.samples)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+
+def time_calls(fn: Callable[[], Any], calls: int, sync: Callable[[], None]) -> float:
+    """Wall seconds per call of ``calls`` back-to-back calls, device synchronised on both ends."""
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / calls
+
+
+def interleaved_times(fns: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: int,
+                      sync: Callable[[], None] = lambda: None, min_sample_s: float = 0.005,
+                      max_inner: int = 1000,
+                      errors: Optional[Dict[str, str]] = None) -> Dict[str, Timing]:
+    """Time every function of ``fns`` interleaved: round r runs all of them once, in an order
+    rotated by r, so that slow drifts of a shared machine hit every function alike.
+
+    Warmup calls come first (interleaved as well); a function that raises during warmup is
+    dropped and its error stored in ``errors``. Each function then gets a number of calls per
+    sample (``inner``) so a sample lasts at least ``min_sample_s``; samples are per-call seconds.
+    The garbage collector is off while timing.
+    """
+    live = dict(fns)
+    for _ in range(max(warmup, 1)):
+        for name, fn in list(live.items()):
+            try:
+                fn()
+                sync()
+            except Exception as exc:  # a provider that cannot run is dropped, not fatal
+                if errors is not None:
+                    errors[name] = f"{type(exc).__name__}: {first_line(exc)}"
+                del live[name]
+    inner = {}
+    for name, fn in live.items():
+        once = time_calls(fn, 1, sync)
+        inner[name] = max(1, min(max_inner, math.ceil(min_sample_s / max(once, 1e-9))))
+    samples: Dict[str, List[float]] = {name: [] for name in live}
+    names = list(live)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(repeats):
+            k = r % len(names) if names else 0
+            for name in names[k:] + names[:k]:
+                samples[name].append(time_calls(live[name], inner[name], sync))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {name: Timing(samples[name], inner[name]) for name in names}
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """First line of an exception message, shortened."""
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+# ----------------------------------------------------------------------------------------------
+# bandwidth reference
+# ----------------------------------------------------------------------------------------------
+
+BANDWIDTH_NAME = "bandwidth"
+
+
+def last_level_cache_bytes(device: torch.device) -> int:
+    """L2 size of the GPU or the largest CPU cache size in sysfs (0 if unknown)."""
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 0)
+    best = 0
+    for size_file in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = size_file.read_text().strip()
+        m = re.fullmatch(r"(\d+)([KMG]?)", text)
+        if m:
+            best = max(best, int(m.group(1)) * {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}[m.group(2)])
+    return best
+
+
+@dataclass
+class BandwidthProbe:
+    """The bandwidth reference: a memory-bound kernel with a known byte count.
+
+    CPU: in-place ``x.mul_(-1.0)`` (exact, values never drift) of an fp32 buffer: read + write,
+    8 bytes per element; a plain copy would undercount (write-allocate reads the target line).
+    GPU: device-to-device copy ``dst.copy_(src)``: read + write, 8 bytes per fp32 element.
+    """
+
+    fn: Callable[[], Any]
+    nbytes: int  # bytes moved per call
+    description: str
+
+
+def bandwidth_probe(device: torch.device, buffer_bytes: Optional[int] = None) -> BandwidthProbe:
+    """Make the bandwidth reference for ``device``; default buffer max(256 MiB, 4 x LLC)."""
+    if buffer_bytes is None:
+        buffer_bytes = max(256 * 2 ** 20, 4 * last_level_cache_bytes(device))
+    n = buffer_bytes // 4
+    mib = buffer_bytes / 2 ** 20
+    if device.type == "cuda":
+        src = torch.ones(n, device=device)
+        dst = torch.empty_like(src)
+        return BandwidthProbe(lambda: dst.copy_(src), 8 * n, f"device-to-device copy, {mib:.0f} MiB")
+    x = torch.ones(n, device=device)
+    return BandwidthProbe(lambda: x.mul_(-1.0), 8 * n, f"in-place x.mul_(c), {mib:.0f} MiB")
+
+
+# ----------------------------------------------------------------------------------------------
+# providers
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Provider:
+    """One implementation of a step: ``make(params)`` returns the optimizer over ``params``.
+
+    ``wrap`` turns the optimizer into the timed callable (default: its bound ``step``).
+    ``guard``: check against torch for-loop on a small copy before timing it.
+    """
+
+    name: str
+    make: Callable[[List[torch.Tensor]], Any]
+    guard: bool = True
+    wrap: Optional[Callable[[Any], Callable[[], Any]]] = None
+
+    def step_fn(self, optimizer) -> Callable[[], Any]:
+        return self.wrap(optimizer) if self.wrap is not None else optimizer.step
+
+
+@dataclass
+class Skip:
+    """A provider that will not be measured, and why."""
+
+    name: str
+    reason: str
+
+
+@dataclass
+class AlgoConfig:
+    """How to build one algorithm variant (``adam``, ``amsgrad``, ``nesterov``, ...)."""
+
+    torch_cls: str           # class name in torch.optim
+    fusedopt_cls: str        # class name in fusedopt.optim
+    kwargs: Dict[str, Any]   # hyperparameters, torch.optim spelling, shared by every provider
+    state_tensors: int       # per-parameter state tensors (memory estimate)
+
+
+@dataclass
+class BenchSpec:
+    """What a benchmark script contributes: its name, algorithm variants, extra providers."""
+
+    benchmark: str
+    description: str
+    algos: Dict[str, AlgoConfig]
+    default_algo: str
+    external_providers: Callable[[str, AlgoConfig, torch.device, torch.dtype], List[Any]] = \
+        field(default=lambda algo, cfg, device, dtype: [])
+
+
+def import_fusedopt():
+    """Import fusedopt (installed, else the source tree of this checkout); return (module, error)."""
+    try:
+        import fusedopt  # noqa: F401
+        import fusedopt.optim  # noqa: F401
+        import fusedopt.backends  # noqa: F401
+        return sys.modules["fusedopt"], None
+    except Exception as exc:
+        first_error = exc
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.append(str(REPO_ROOT))
+        for mod in [m for m in sys.modules if m == "fusedopt" or m.startswith("fusedopt.")]:
+            del sys.modules[mod]
+        try:
+            import fusedopt  # noqa: F401
+            import fusedopt.optim  # noqa: F401
+            import fusedopt.backends  # noqa: F401
+            return sys.modules["fusedopt"], None
+        except Exception as exc:
+            first_error = exc
+    return None, f"{type(first_error).__name__}: {first_line(first_error)}"
+
+
+#: fusedopt backends worth timing per device type (reference is pure torch: a baseline of ours).
+FUSEDOPT_BACKENDS_BY_DEVICE = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+def torch_providers(cfg: AlgoConfig, with_compile: bool) -> List[Provider]:
+    """torch.optim for-loop, foreach, fused, and (optionally) the torch.compile'd step."""
+    cls = getattr(torch.optim, cfg.torch_cls)
+    kw = cfg.kwargs
+    providers = [
+        Provider("torch-forloop", lambda ps: cls(ps, foreach=False, **kw), guard=False),
+        Provider("torch-foreach", lambda ps: cls(ps, foreach=True, **kw), guard=False),
+        Provider("torch-fused", lambda ps: cls(ps, fused=True, **kw), guard=False),
+    ]
+    if with_compile:
+        providers.append(Provider("torch-compile", lambda ps: cls(ps, **kw), guard=False,
+                                  wrap=compiled_step))
+    return providers
+
+
+def compiled_step(optimizer) -> Callable[[], Any]:
+    """``optimizer.step`` under torch.compile (compiled on its first call, i.e. in warmup).
+
+    Inductor compiles in this process (compile_threads = 1): a pool of compile workers would
+    linger and steal CPU time from the measurement.
+    """
+    import torch._inductor.config as inductor_config
+
+    inductor_config.compile_threads = 1
+
+    @torch.compile(fullgraph=False)
+    def step():
+        optimizer.step()
+
+    return step
+
+
+def fusedopt_providers(cfg: AlgoConfig, device: torch.device, dtype: torch.dtype) -> List[Any]:
+    """One provider per fusedopt backend usable for ``device``/``dtype``; Skip entries otherwise."""
+    fusedopt, error = import_fusedopt()
+    candidates = FUSEDOPT_BACKENDS_BY_DEVICE.get(device.type, ())
+    if fusedopt is None:
+        return [Skip(f"fusedopt-{b}", f"fusedopt not importable: {error}") for b in candidates]
+    try:
+        cls = getattr(fusedopt.optim, cfg.fusedopt_cls)
+        available = fusedopt.backends.available()
+    except Exception as exc:
+        return [Skip(f"fusedopt-{b}", f"fusedopt not usable: {type(exc).__name__}: {first_line(exc)}")
+                for b in candidates]
+    out: List[Any] = []
+    for backend in candidates:
+        name = f"fusedopt-{backend}"
+        reason = available.get(backend, "unknown backend")
+        if reason is None:
+            try:
+                fusedopt.backends.select(backend, device, dtype)
+            except Exception as exc:
+                reason = first_line(exc)
+        if reason is not None:
+            out.append(Skip(name, reason))
+            continue
+        out.append(Provider(name, lambda ps, b=backend: cls(ps, backend=b, **cfg.kwargs)))
+    return out
+
+
+def select_providers(providers: Sequence[Any], patterns: Optional[Sequence[str]]) -> List[Any]:
+    """Keep providers whose name matches one of the fnmatch ``patterns`` (all if None)."""
+    if not patterns:
+        return list(providers)
+    return [p for p in providers if any(fnmatch.fnmatchcase(p.name, pat) for pat in patterns)]
+
+
+# ----------------------------------------------------------------------------------------------
+# correctness guard
+# ----------------------------------------------------------------------------------------------
+
+GUARD_SHAPES = ((3,), (17, 5), (1031,), (64, 65), (4096,))
+GUARD_STEPS = 3
+#: (rtol, atol) per dtype; low precision is loose because torch for-loop rounds after every op
+#: while fused kernels compute in fp32 and round once.
+GUARD_TOLERANCE = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (3e-2, 1e-2),
+    torch.float16: (4e-3, 1e-3),
+}
+GUARD_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
+
+
+def guard_check(provider: Provider, cfg: AlgoConfig, device: torch.device,
+                dtype: torch.dtype) -> Optional[str]:
+    """Run ``provider`` and torch for-loop for a few steps on a small copy; None if they agree,
+    else why not (max difference and where)."""
+    ref_params = make_tensors(Workload("guard", GUARD_SHAPES), device, dtype, seed=1)
+    test_params = make_tensors(Workload("guard", GUARD_SHAPES), device, dtype, seed=1)
+    try:
+        ref_opt = getattr(torch.optim, cfg.torch_cls)(ref_params, foreach=False, **cfg.kwargs)
+        opt = provider.make(test_params)
+        step = provider.step_fn(opt)
+        for _ in range(GUARD_STEPS):
+            ref_opt.step()
+            step()
+    except Exception as exc:
+        return f"failed on a small copy: {type(exc).__name__}: {first_line(exc)}"
+    rtol, atol = GUARD_TOLERANCE[dtype]
+    for i, (p_ref, p) in enumerate(zip(ref_params, test_params)):
+        pairs = [("param", p_ref, p)]
+        pairs += [(key, ref_opt.state[p_ref][key], opt.state[p][key]) for key in GUARD_STATE_KEYS
+                  if key in ref_opt.state[p_ref] and key in getattr(opt, "state", {}).get(p, {})]
+        for what, want, got in pairs:
+            got = got.to(want.dtype)
+            if not torch.isfinite(got).all() or not torch.allclose(got, want, rtol=rtol, atol=atol):
+                diff = (got.double() - want.double()).abs().nan_to_num(float("inf")).max().item()
+                return (f"differs from torch for-loop after {GUARD_STEPS} steps: {what} of tensor "
+                        f"{i} {tuple(p.shape)}, max |diff| {diff:.3g} (rtol {rtol}, atol {atol})")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# environment
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: no CUDA device is available")
+    return device
+
+
+def cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo (platform.processor() elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    """GPU name, or the CPU model."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_model()
+
+
+def slug(text: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def git_commit() -> Optional[str]:
+    """Short commit of this checkout, with '+dirty' when benchmarks/fusedopt/csrc have changes."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fusedopt", "csrc", "benchmarks"],
+                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:
+        return None
+    return (commit + ("+dirty" if dirty else "")) if commit else None
+
+
+def fusedopt_build_info() -> Optional[Dict[str, Any]]:
+    """``fusedopt._C.build_info()`` plus ``cpu_isa``, or None when the extension is missing."""
+    fusedopt, _ = import_fusedopt()
+    if fusedopt is None:
+        return None
+    try:
+        from fusedopt import _C  # type: ignore
+    except Exception:
+        return None
+    info: Dict[str, Any] = {}
+    try:
+        info.update(dict(_C.build_info()))
+    except Exception:
+        pass
+    try:
+        info["cpu_isa"] = str(_C.cpu_isa())
+    except Exception:
+        pass
+    return json.loads(json.dumps(info, default=str)) if info else None
+
+
+def load_average() -> Optional[float]:
+    """1-minute load average (a busy shared machine shows here), None where unknown."""
+    try:
+        return float(os.getloadavg()[0])
+    except (OSError, AttributeError):
+        return None
+
+
+def environment(device: torch.device) -> Dict[str, Any]:
+    """Fields of every record that describe the machine and software."""
+    try:
+        import triton  # type: ignore
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "num_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "triton_version": triton_version,
+        "cuda_version": torch.version.cuda,
+        "fusedopt_build": fusedopt_build_info(),
+        "git_commit": git_commit(),
+        "hostname": platform.node(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# result schema
+# ----------------------------------------------------------------------------------------------
+
+#: The one record schema of every benchmark (JSON lines), field -> allowed types.
+#: status "ok" records carry numbers; "skipped" (not runnable here) and "rejected" (failed the
+#: correctness guard) records carry a note and None numbers.
+RECORD_FIELDS: Dict[str, Tuple[type, ...]] = {
+    "benchmark": (str,), "workload": (str,), "provider": (str,), "algo": (str,), "dtype": (str,),
+    "numel": (int,), "tensors": (int,), "status": (str,),
+    "ms_median": (float, type(None)), "ms_min": (float, type(None)),
+    "gbps": (float, type(None)), "gbps_median": (float, type(None)),
+    "frac_bw": (float, type(None)),
+    "speedup_vs_torch_fused": (float, type(None)), "speedup_vs_torch_fused_median": (float, type(None)),
+    "bandwidth_gbps": (float, type(None)), "bandwidth_ref": (str,),
+    "bytes_per_step": (int,), "repeats": (int,), "warmup": (int,), "inner": (int, type(None)),
+    "quick": (bool,), "note": (str, type(None)), "load_avg": (float, type(None)),
+    "device": (str,), "device_type": (str,), "num_threads": (int,),
+    "torch_version": (str,), "triton_version": (str, type(None)), "cuda_version": (str, type(None)),
+    "fusedopt_build": (dict, type(None)), "git_commit": (str, type(None)), "hostname": (str,),
+    "date": (str,), "run_id": (str,),
+}
+
+
+def check_record(record: Mapping[str, Any]) -> None:
+    """Raise ValueError unless ``record`` has exactly the schema's fields with allowed types."""
+    missing = set(RECORD_FIELDS) - set(record)
+    extra = set(record) - set(RECORD_FIELDS)
+    if missing or extra:
+        raise ValueError(f"record fields: missing {sorted(missing)}, unexpected {sorted(extra)}")
+    for key, types in RECORD_FIELDS.items():
+        value = record[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ValueError(f"record field {key}={value!r} is not {types}")
+
+
+def write_records(path: Path, records: Iterable[Mapping[str, Any]]) -> int:
+    """Validate and append ``records`` as JSON lines to ``path`` (parents created); count written."""
+    records = list(records)
+    for record in records:
+        check_record(record)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        for record in records:
+            f.write(json.dumps(record, sort_keys=False) + "\n")
+    return len(records)
+
+
+def read_records(paths: Iterable[Path]) -> List[Dict[str, Any]]:
+    """All records of the JSON-lines ``paths`` (blank lines ignored)."""
+    out = []
+    for path in paths:
+        with Path(path).open() as f:
+            out += [json.loads(line) for line in f if line.strip()]
+    return out
+
+
+def default_results_path(benchmark: str, device: torch.device, quick: bool = False,
+                         date: Optional[str] = None) -> Path:
+    """``benchmarks/results/<benchmark>-<device-slug>-<date>.jsonl`` (quick runs: results/quick/)."""
+    date = date or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+    folder = RESULTS_DIR / "quick" if quick else RESULTS_DIR
+    return folder / f"{benchmark}-{slug(device_name(device))}-{date}.jsonl"
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------------------------
+# one timing group -> records
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunContext:
+    """What is constant across the timing groups of one invocation."""
+
+    spec: BenchSpec
+    device: torch.device
+    repeats: int
+    warmup: int
+    provider_patterns: Optional[List[str]]
+    with_compile: bool
+    quick: bool
+    bw_bytes: Optional[int]
+    env: Dict[str, Any]
+    run_id: str
+    guard_cache: Dict[Tuple[str, str, str], Optional[str]] = field(default_factory=dict)
+    printed_skips: set = field(default_factory=set)
+
+
+def candidate_providers(ctx: RunContext, algo: str, dtype: torch.dtype) -> List[Any]:
+    """Providers (and Skips) for ``algo``/``dtype`` on the run's device, filtered by --providers."""
+    cfg = ctx.spec.algos[algo]
+    all_providers = torch_providers(cfg, ctx.with_compile)
+    all_providers += fusedopt_providers(cfg, ctx.device, dtype)
+    all_providers += ctx.spec.external_providers(algo, cfg, ctx.device, dtype)
+    return select_providers(all_providers, ctx.provider_patterns)
+
+
+def memory_needed(workload: Workload, cfg: AlgoConfig, dtype: torch.dtype, n_providers: int) -> int:
+    """Bytes the group will allocate: params + grads, each provider's state, temporaries."""
+    esize = element_size(dtype)
+    largest = max(math.prod(s) for s in workload.shapes)
+    return esize * (workload.numel * (2 + cfg.state_tensors * n_providers) + 4 * largest)
+
+
+def memory_available(device: torch.device) -> Optional[int]:
+    """Free bytes on ``device`` (MemAvailable on CPU), None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def base_record(ctx: RunContext, workload: Workload, algo: str, dtype: torch.dtype) -> Dict[str, Any]:
+    """Fields shared by all records of one timing group (numbers left None)."""
+    rec: Dict[str, Any] = {
+        "benchmark": ctx.spec.benchmark, "workload": workload.name, "provider": "", "algo": algo,
+        "dtype": dtype_name(dtype), "numel": workload.numel, "tensors": workload.tensors,
+        "status": "ok", "ms_median": None, "ms_min": None, "gbps": None, "gbps_median": None,
+        "frac_bw": None, "speedup_vs_torch_fused": None, "speedup_vs_torch_fused_median": None,
+        "bandwidth_gbps": None, "bandwidth_ref": "",
+        "bytes_per_step": bytes_per_step(algo, workload.numel, dtype),
+        "repeats": ctx.repeats, "warmup": ctx.warmup, "inner": None, "quick": ctx.quick, "note": None,
+        "load_avg": load_average(),
+    }
+    rec.update(ctx.env)
+    rec["date"] = now_iso()
+    rec["run_id"] = ctx.run_id
+    return rec
+
+
+def skip_record(base: Mapping[str, Any], name: str, status: str, note: str) -> Dict[str, Any]:
+    rec = dict(base)
+    rec.update(provider=name, status=status, note=note)
+    return rec
+
+
+def run_group(ctx: RunContext, workload: Workload, algo: str, dtype: torch.dtype) -> List[Dict[str, Any]]:
+    """Build every provider over one shared set of params, time them interleaved with the
+    bandwidth reference, and return one record per provider (ok, skipped or rejected)."""
+    cfg = ctx.spec.algos[algo]
+    base = base_record(ctx, workload, algo, dtype)
+    candidates = candidate_providers(ctx, algo, dtype)
+    records: List[Dict[str, Any]] = []
+    providers: List[Provider] = []
+    for c in candidates:
+        if isinstance(c, Skip):
+            records.append(skip_record(base, c.name, "skipped", c.reason))
+            continue
+        if c.guard:
+            key = (c.name, algo, dtype_name(dtype))
+            if key not in ctx.guard_cache:
+                ctx.guard_cache[key] = guard_check(c, cfg, ctx.device, dtype)
+            if ctx.guard_cache[key] is not None:
+                records.append(skip_record(base, c.name, "rejected", ctx.guard_cache[key]))
+                continue
+        providers.append(c)
+
+    need = memory_needed(workload, cfg, dtype, len(providers))
+    free = memory_available(ctx.device)
+    if free is not None and need > 0.8 * free:
+        note = (f"needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free; "
+                "run fewer --providers or a smaller --dtype")
+        return records + [skip_record(base, p.name, "skipped", note) for p in providers]
+
+    params = make_tensors(workload, ctx.device, dtype)
+    fns: Dict[str, Callable[[], Any]] = {}
+    for p in providers:
+        try:
+            fns[p.name] = p.step_fn(p.make(params))
+        except Exception as exc:
+            records.append(skip_record(base, p.name, "skipped",
+                                       f"construction failed: {type(exc).__name__}: {first_line(exc)}"))
+    probe = bandwidth_probe(ctx.device, ctx.bw_bytes)
+    fns[BANDWIDTH_NAME] = probe.fn
+    errors: Dict[str, str] = {}
+    timings = interleaved_times(fns, repeats=ctx.repeats, warmup=ctx.warmup,
+                                sync=synchronizer(ctx.device), errors=errors)
+    del fns, params, probe.fn
+    gc.collect()
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    for name, err in errors.items():
+        status = "skipped"
+        note = ("torch.compile failed: " + err) if name == "torch-compile" else f"step failed: {err}"
+        records.append(skip_record(base, name, status, note))
+    bw = timings.pop(BANDWIDTH_NAME, None)
+    base["bandwidth_gbps"] = gbps(probe.nbytes, bw.min) if bw else None
+    base["bandwidth_ref"] = probe.description
+    for rec in records:
+        rec["bandwidth_gbps"], rec["bandwidth_ref"] = base["bandwidth_gbps"], base["bandwidth_ref"]
+    fused = timings.get("torch-fused")
+    for p in providers:
+        t = timings.get(p.name)
+        if t is None:
+            continue
+        rec = dict(base)
+        rec.update(provider=p.name, ms_median=t.median * 1e3, ms_min=t.min * 1e3, inner=t.inner,
+                   gbps=gbps(base["bytes_per_step"], t.min),
+                   gbps_median=gbps(base["bytes_per_step"], t.median))
+        if base["bandwidth_gbps"]:
+            rec["frac_bw"] = rec["gbps"] / base["bandwidth_gbps"]
+        if fused is not None:
+            rec["speedup_vs_torch_fused"] = fused.min / t.min
+            rec["speedup_vs_torch_fused_median"] = fused.median / t.median
+        records.append(rec)
+    order = {c.name: i for i, c in enumerate(candidates)}
+    records.sort(key=lambda r: order.get(r["provider"], len(order)))
+    return records
+
+
+# ----------------------------------------------------------------------------------------------
+# table
+# ----------------------------------------------------------------------------------------------
+
+
+def group_header(workload: Workload, records: Sequence[Mapping[str, Any]]) -> str:
+    """Title lines of one group's table."""
+    r = records[0]
+    lines = [f"== {r['benchmark']}/{r['algo']} | {workload.describe()} | {r['dtype']} | "
+             f"{r['device']} ({r['device_type']}, {r['num_threads']} threads) =="]
+    if r["bandwidth_gbps"]:
+        lines.append(f"bandwidth reference ({r['bandwidth_ref']}): {r['bandwidth_gbps']:.1f} GB/s | "
+                     f"byte model: {r['bytes_per_step'] / max(r['numel'], 1):.0f} B/param/step")
+    return "\n".join(lines)
+
+
+def format_table(workload: Workload, records: Sequence[Mapping[str, Any]]) -> str:
+    """A readable table of one group; skipped/rejected providers listed under it with the reason."""
+    if not records:
+        return ""
+    lines = [group_header(workload, records),
+             f"{'provider':<20}{'ms min':>10}{'ms median':>11}{'GB/s':>9}{'% BW':>7}"
+             f"{'vs fused (min)':>16}{'(median)':>10}"]
+    for r in records:
+        if r["status"] != "ok":
+            continue
+        sp = r["speedup_vs_torch_fused"]
+        spm = r["speedup_vs_torch_fused_median"]
+        frac = r["frac_bw"]
+        lines.append(f"{r['provider']:<20}{r['ms_min']:>10.3f}{r['ms_median']:>11.3f}{r['gbps']:>9.1f}"
+                     f"{(f'{100 * frac:.0f}%' if frac is not None else '-'):>7}"
+                     f"{(f'{sp:.2f}x' if sp is not None else '-'):>16}"
+                     f"{(f'{spm:.2f}x' if spm is not None else '-'):>10}")
+    for r in records:
+        if r["status"] != "ok":
+            lines.append(f"  {r['status']}: {r['provider']}: {r['note']}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------
+
+
+def comma_list(text: str) -> List[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def build_parser(spec: BenchSpec) -> argparse.ArgumentParser:
+    """The command line every benchmark script shares."""
+    p = argparse.ArgumentParser(
+        description=spec.description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Times the whole optimizer.step() (grads populated once), providers interleaved with "
+               "a bandwidth reference; min and median over --repeats samples. GB/s = byte model / "
+               "min time; %%BW = GB/s / bandwidth reference of the same run; 'vs fused' = time of "
+               "torch-fused / time of the provider (>1 is faster than torch fused).")
+    p.add_argument("--workloads", default=None,
+                   help=f"comma list of {', '.join(WORKLOAD_NAMES)} "
+                        f"[default: {','.join(DEFAULT_WORKLOADS)}; --quick: {','.join(QUICK_WORKLOADS)}]")
+    p.add_argument("--providers", default=None,
+                   help="comma list of provider names or globs, e.g. 'torch-fused,fusedopt-*' "
+                        "[default: all available except torch-compile]")
+    p.add_argument("--compile", action="store_true",
+                   help="add the torch.compile'd step as provider torch-compile (slow to compile)")
+    p.add_argument("--algo", default=spec.default_algo,
+                   help=f"comma list of {', '.join(spec.algos)}")
+    p.add_argument("--dtype", default="fp32", help=f"comma list of {', '.join(DTYPES)}")
+    p.add_argument("--device", default="auto", help="auto (GPU if there is one), cpu, cuda, cuda:N")
+    p.add_argument("--repeats", type=int, default=None, help="timed samples per provider [15; --quick: 3]")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per provider first [3; --quick: 1]")
+    p.add_argument("--sweep", default=None,
+                   help="log2 range of the size sweep, LO:HI [10:26 on GPU, 10:24 on CPU; --quick: 10:14]")
+    p.add_argument("--bw-mib", type=int, default=None,
+                   help="bandwidth reference buffer in MiB [max(256, 4 x last-level cache); --quick: 64]")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--out", default=None,
+                   help="JSON-lines file to append to [benchmarks/results/<benchmark>-<device>-<date>.jsonl;"
+                        " --quick: benchmarks/results/quick/...]; 'none' to write nothing")
+    p.add_argument("--plot", default=None, help="also draw this run's results to this PNG")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: tiny workloads, 3 repeats, 1 warmup; numbers are not meaningful")
+    return p
+
+
+def parse_sweep(text: str) -> Tuple[int, int]:
+    lo, _, hi = text.partition(":")
+    lo_i, hi_i = int(lo), int(hi or lo)
+    if not 0 <= lo_i <= hi_i <= 34:
+        raise SystemExit(f"--sweep {text}: want LO:HI with 0 <= LO <= HI <= 34")
+    return lo_i, hi_i
+
+
+def resolve_args(spec: BenchSpec, args: argparse.Namespace) -> argparse.Namespace:
+    """Fill defaults that depend on --quick and the device; validate names."""
+    args.device = resolve_device(args.device)
+    args.repeats = args.repeats if args.repeats is not None else (3 if args.quick else 15)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    if args.repeats < 1 or args.warmup < 0:
+        raise SystemExit("--repeats must be >= 1 and --warmup >= 0")
+    args.workloads = comma_list(args.workloads) if args.workloads else list(
+        QUICK_WORKLOADS if args.quick else DEFAULT_WORKLOADS)
+    for w in args.workloads:
+        if w not in WORKLOAD_NAMES:
+            raise SystemExit(f"unknown workload {w!r}; choose from {', '.join(WORKLOAD_NAMES)}")
+    default_sweep = "10:14" if args.quick else ("10:26" if args.device.type == "cuda" else "10:24")
+    args.sweep = parse_sweep(args.sweep or default_sweep)
+    args.algo = comma_list(args.algo)
+    for a in args.algo:
+        if a not in spec.algos:
+            raise SystemExit(f"unknown --algo {a!r}; choose from {', '.join(spec.algos)}")
+    args.dtype = comma_list(args.dtype)
+    for d in args.dtype:
+        if d not in DTYPES:
+            raise SystemExit(f"unknown --dtype {d!r}; choose from {', '.join(DTYPES)}")
+    args.providers = comma_list(args.providers) if args.providers else None
+    if args.providers and "torch-compile" in args.providers:  # named exactly, not via a glob
+        args.compile = True
+    if args.bw_mib is None and args.quick:
+        args.bw_mib = 64
+    if args.out is None:
+        args.out = default_results_path(spec.benchmark, args.device, args.quick)
+    elif args.out.lower() == "none":
+        args.out = None
+    else:
+        args.out = Path(args.out)
+    return args
+
+
+def main(spec: BenchSpec, argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+    """Run the benchmark described by ``spec`` with the command line ``argv``; return its records."""
+    args = resolve_args(spec, build_parser(spec).parse_args(argv))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if os.environ.pop("FUSEDOPT_BACKEND", None):
+        print("note: FUSEDOPT_BACKEND is ignored here: every fusedopt provider names its backend")
+    ctx = RunContext(spec=spec, device=args.device, repeats=args.repeats, warmup=args.warmup,
+                     provider_patterns=args.providers, with_compile=args.compile, quick=args.quick,
+                     bw_bytes=args.bw_mib * 2 ** 20 if args.bw_mib else None,
+                     env=environment(args.device), run_id=now_iso())
+    if args.quick:
+        print("note: --quick is a smoke test; its numbers are not meaningful")
+    load, cores = load_average(), os.cpu_count() or 1
+    if load is not None and load > 0.5:
+        print(f"note: load average {load:.1f} on {cores} cores before starting; other work on this "
+              "machine makes timings noisy (compare ratios within a run only)")
+    all_records: List[Dict[str, Any]] = []
+    for algo in args.algo:
+        for dname in args.dtype:
+            for wname in args.workloads:
+                for workload in make_workloads(wname, args.sweep):
+                    records = run_group(ctx, workload, algo, DTYPES[dname])
+                    print(format_table(workload, records), flush=True)
+                    print(flush=True)
+                    if args.out is not None:
+                        write_records(args.out, records)
+                    all_records += records
+    if args.out is not None:
+        print(f"results appended to {args.out}")
+    if args.plot:
+        if str(BENCH_DIR) not in sys.path:
+            sys.path.insert(0, str(BENCH_DIR))
+        import plot  # benchmarks/plot.py
+        for path in plot.plot_records(all_records, Path(args.plot)):
+            print(f"plot written to {path}")
+    return all_records

@@ -1,0 +1,299 @@
+"""Tests of the benchmark harness (benchmarks/): byte model, workloads, schema, timer, scripts, plots.
+
+No test asserts a timing target: shared machines are too noisy, and speed is what the benchmarks
+report, not what the tests check.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH_DIR))
+
+import common  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- byte model
+
+
+@pytest.mark.parametrize("algo, expected", [
+    ("plain", 12), ("momentum", 20), ("nesterov", 20), ("adam", 28), ("adamw", 28), ("amsgrad", 36),
+])
+def test_byte_model_fp32(algo, expected):
+    assert common.bytes_per_param(algo, torch.float32) == expected
+
+
+@pytest.mark.parametrize("dtype, size", [
+    (torch.float64, 8), (torch.float32, 4), (torch.bfloat16, 2), (torch.float16, 2),
+])
+def test_byte_model_scales_with_element_size(dtype, size):
+    for algo, streams in common.STREAMS.items():
+        assert common.bytes_per_param(algo, dtype) == streams * size
+        assert common.bytes_per_step(algo, 1000, dtype) == streams * size * 1000
+
+
+def test_gbps_is_decimal():
+    assert common.gbps(2e9, 1.0) == pytest.approx(2.0)
+    assert common.gbps(28 * 10 ** 6, 1e-3) == pytest.approx(28.0)
+
+
+def test_bench_scripts_cover_the_byte_model():
+    import bench_adam
+    import bench_sgd
+    assert set(bench_adam.ALGOS) == {"adam", "adamw", "amsgrad"}
+    assert set(bench_sgd.ALGOS) == {"plain", "momentum", "nesterov"}
+    assert set(bench_adam.ALGOS) | set(bench_sgd.ALGOS) == set(common.STREAMS)
+
+
+# ----------------------------------------------------------------------------- workloads
+
+
+def test_gpt2_small_shapes():
+    shapes = common.gpt2_small_shapes()
+    assert len(shapes) == 148
+    assert sum(math.prod(s) for _, s in shapes) == 124_439_808
+    assert dict(shapes)["wte"] == (50257, 768)
+    assert len({name for name, _ in shapes}) == 148
+
+
+def test_workloads():
+    (gpt2,) = common.make_workloads("gpt2")
+    assert (gpt2.tensors, gpt2.numel) == (148, 124_439_808)
+    (small,) = common.make_workloads("1000x4096")
+    assert (small.tensors, small.numel) == (1000, 4096 * 1000)
+    (large,) = common.make_workloads("10x4M")
+    assert (large.tensors, large.numel) == (10, 10 * 4_194_304)
+    sweep = common.make_workloads("sweep", (10, 26))
+    assert [w.numel for w in sweep] == [2 ** k for k in range(10, 27)]
+    assert all(w.tensors == 1 and w.name == "sweep" for w in sweep)
+    with pytest.raises(ValueError):
+        common.make_workloads("nope")
+
+
+def test_make_tensors_populates_grads():
+    (w,) = common.make_workloads("tiny")
+    params = common.make_tensors(w, torch.device("cpu"), torch.bfloat16)
+    assert [tuple(p.shape) for p in params] == list(w.shapes)
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in params)
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+def _example_record(**overrides):
+    rec = {
+        "benchmark": "adam", "workload": "tiny", "provider": "torch-fused", "algo": "adam",
+        "dtype": "fp32", "numel": 10, "tensors": 1, "status": "ok", "ms_median": 1.0, "ms_min": 0.5,
+        "gbps": 1.0, "gbps_median": 0.5, "frac_bw": 0.1, "speedup_vs_torch_fused": 1.0,
+        "speedup_vs_torch_fused_median": 1.0, "bandwidth_gbps": 10.0, "bandwidth_ref": "x",
+        "bytes_per_step": 280, "repeats": 15, "warmup": 3, "inner": 1, "quick": False, "note": None,
+        "load_avg": 0.1, "device": "cpu", "device_type": "cpu", "num_threads": 2,
+        "torch_version": torch.__version__, "triton_version": None, "cuda_version": None,
+        "fusedopt_build": None, "git_commit": None, "hostname": "h", "date": "2026-01-01T00:00:00+00:00",
+        "run_id": "r",
+    }
+    rec.update(overrides)
+    return rec
+
+
+def test_schema_writer_round_trip(tmp_path):
+    path = tmp_path / "sub" / "r.jsonl"
+    assert common.write_records(path, [_example_record(), _example_record(provider="x")]) == 2
+    assert common.write_records(path, [_example_record(status="skipped", ms_min=None)]) == 1
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3
+    back = [json.loads(line) for line in lines]
+    assert back[0] == _example_record()
+    assert common.read_records([path]) == back
+
+
+@pytest.mark.parametrize("bad", [
+    {"ms_min": "fast"}, {"numel": 1.5}, {"quick": 1}, {"numel": True},
+])
+def test_schema_writer_rejects_wrong_types(tmp_path, bad):
+    with pytest.raises(ValueError):
+        common.write_records(tmp_path / "r.jsonl", [_example_record(**bad)])
+
+
+def test_schema_writer_rejects_missing_and_extra_fields(tmp_path):
+    rec = _example_record()
+    del rec["gbps"]
+    with pytest.raises(ValueError, match="gbps"):
+        common.check_record(rec)
+    with pytest.raises(ValueError, match="surprise"):
+        common.check_record(_example_record(surprise=1))
+
+
+def test_default_results_path():
+    path = common.default_results_path("adam", torch.device("cpu"), date="2026-01-02")
+    assert path.parent == common.RESULTS_DIR
+    assert path.name.startswith("adam-") and path.name.endswith("-2026-01-02.jsonl")
+    assert common.default_results_path("adam", torch.device("cpu"), quick=True).parent.name == "quick"
+
+
+def test_slug():
+    assert common.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert common.slug("AMD EPYC 9654 96-Core Processor") == "amd-epyc-9654-96-core-processor"
+
+
+def test_environment_fields_have_schema_types():
+    env = common.environment(torch.device("cpu"))
+    for key, value in env.items():
+        assert isinstance(value, common.RECORD_FIELDS[key]), key
+
+
+# ----------------------------------------------------------------------------- timer
+
+
+def test_interleaved_timer_returns_sane_values():
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b"),
+           "c": lambda: sum(range(1000))}
+    timings = common.interleaved_times(fns, repeats=5, warmup=2, min_sample_s=1e-4, max_inner=50)
+    assert set(timings) == {"a", "b", "c"}
+    for t in timings.values():
+        assert len(t.samples) == 5
+        assert all(s > 0 and math.isfinite(s) for s in t.samples)
+        assert 0 < t.min <= t.median < 1.0
+        assert 1 <= t.inner <= 50
+
+
+def test_interleaved_timer_interleaves_and_rotates():
+    order = []
+    fns = {name: (lambda n=name: order.append(n)) for name in "abc"}
+    common.interleaved_times(fns, repeats=3, warmup=1, min_sample_s=0, max_inner=1)
+    # warmup round, one calibration call each, then rounds rotated by one each time
+    assert order[:6] == list("abcabc")
+    assert order[6:] == list("abc") + list("bca") + list("cab")
+
+
+def test_interleaved_timer_drops_failing_function():
+    def boom():
+        raise RuntimeError("no kernel\nsecond line")
+
+    errors = {}
+    timings = common.interleaved_times({"ok": lambda: None, "bad": boom}, repeats=2, warmup=1,
+                                       min_sample_s=0, errors=errors)
+    assert set(timings) == {"ok"}
+    assert errors == {"bad": "RuntimeError: no kernel"}
+
+
+def test_bandwidth_probe_counts_read_and_write():
+    probe = common.bandwidth_probe(torch.device("cpu"), buffer_bytes=4 * 2 ** 20)
+    assert probe.nbytes == 8 * 2 ** 20
+    probe.fn()
+
+
+# ----------------------------------------------------------------------------- providers and guard
+
+
+def _adam_cfg():
+    import bench_adam
+    return bench_adam.ALGOS["adam"]
+
+
+def test_guard_accepts_torch_and_rejects_wrong_numbers():
+    cfg = _adam_cfg()
+    cpu = torch.device("cpu")
+    fused = common.Provider("torch-fused", lambda ps: torch.optim.Adam(ps, fused=True, **cfg.kwargs))
+    assert common.guard_check(fused, cfg, cpu, torch.float32) is None
+    wrong = common.Provider("wrong", lambda ps: torch.optim.Adam(ps, lr=2 * cfg.kwargs["lr"]))
+    reason = common.guard_check(wrong, cfg, cpu, torch.float32)
+    assert reason is not None and "differs from torch for-loop" in reason
+
+
+def test_provider_selection_globs():
+    provs = [common.Provider(n, lambda ps: None) for n in
+             ("torch-forloop", "torch-fused", "fusedopt-cpu", "fusedopt-reference")]
+    names = [p.name for p in common.select_providers(provs, ["torch-fused", "fusedopt-*"])]
+    assert names == ["torch-fused", "fusedopt-cpu", "fusedopt-reference"]
+    assert len(common.select_providers(provs, None)) == 4
+
+
+def test_fusedopt_providers_are_providers_or_skips():
+    out = common.fusedopt_providers(_adam_cfg(), torch.device("cpu"), torch.float32)
+    assert {p.name for p in out} == {"fusedopt-cpu", "fusedopt-reference"}
+    for p in out:
+        assert isinstance(p, (common.Provider, common.Skip))
+        if isinstance(p, common.Skip):
+            assert p.reason
+
+
+# ----------------------------------------------------------------------------- scripts end to end
+
+
+def _run_script(script, tmp_path, *extra):
+    out = tmp_path / f"{script}.jsonl"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("FUSEDOPT_BACKEND", None)
+    cmd = [sys.executable, str(BENCH_DIR / script), "--quick", "--device", "cpu", "--workloads", "tiny,sweep",
+           "--sweep", "10:11", "--repeats", "2", "--bw-mib", "8", "--out", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout, common.read_records([out])
+
+
+@pytest.mark.parametrize("script, algo", [("bench_adam.py", "adamw"), ("bench_sgd.py", "nesterov")])
+def test_quick_run_end_to_end(tmp_path, script, algo):
+    stdout, records = _run_script(script, tmp_path, "--algo", algo)
+    assert "torch-fused" in stdout and "bandwidth reference" in stdout
+    for rec in records:
+        common.check_record(rec)
+    ok = [r for r in records if r["status"] == "ok"]
+    # tiny + two sweep sizes, each with at least torch for-loop, foreach and fused
+    assert {(r["workload"], r["numel"]) for r in ok} == {("tiny", common.make_workloads("tiny")[0].numel), ("sweep", 1024), ("sweep", 2048)}
+    for r in ok:
+        assert r["algo"] == algo and r["quick"] is True
+        assert r["ms_min"] <= r["ms_median"]
+        assert r["gbps"] > 0 and r["frac_bw"] > 0 and r["bandwidth_gbps"] > 0
+        assert r["bytes_per_step"] == common.bytes_per_step(algo, r["numel"], torch.float32)
+    fused = [r for r in ok if r["provider"] == "torch-fused"]
+    assert fused and all(r["speedup_vs_torch_fused"] == pytest.approx(1.0) for r in fused)
+    for r in records:
+        if r["status"] != "ok":
+            assert r["note"] and r["ms_min"] is None
+
+
+def test_quick_run_provider_filter_and_bad_args(tmp_path):
+    _, records = _run_script("bench_sgd.py", tmp_path, "--providers", "torch-fused", "--workloads", "tiny")
+    assert {r["provider"] for r in records} == {"torch-fused"}
+    proc = subprocess.run([sys.executable, str(BENCH_DIR / "bench_adam.py"), "--algo", "lion", "--out", "none"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "lion" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def test_plot_generation(tmp_path):
+    pytest.importorskip("matplotlib")
+    import plot
+
+    recs = [_example_record(provider=p, workload=w, numel=n, gbps=g, frac_bw=g / 10)
+            for p in ("torch-fused", "fusedopt-cpu")
+            for w, n, g in (("tiny", 10, 1.0), ("sweep", 1024, 2.0), ("sweep", 2048, 3.0))]
+    recs.append(_example_record(provider="fusedopt-triton", status="skipped", ms_min=None, gbps=None))
+    src = tmp_path / "r.jsonl"
+    common.write_records(src, recs)
+    paths = plot.main([str(src), "--out-dir", str(tmp_path / "plots")])
+    assert len(paths) == 1 and paths[0].suffix == ".png"
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    single = plot.plot_records(recs, tmp_path / "one.png")
+    assert single == [tmp_path / "one.png"] and single[0].stat().st_size > 0
+
+
+def test_plot_keeps_latest_measured_record():
+    import plot
+
+    old = _example_record(run_id="1", gbps=1.0)
+    new = _example_record(run_id="2", gbps=2.0)
+    skipped = _example_record(run_id="3", status="skipped", ms_min=None)
+    assert plot.latest_ok([old, new, skipped]) == [new]
