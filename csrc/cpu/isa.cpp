@@ -1,0 +1,111 @@
+#include "isa.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <stdexcept>
+
+namespace fusedopt {
+namespace cpu {
+namespace {
+
+bool cpu_supports(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar:
+      return true;
+#if defined(__x86_64__) && defined(__GNUC__)
+    // __builtin_cpu_supports also checks that the OS saves the ymm/zmm state (XCR0).
+    case Isa::kAvx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case Isa::kAvx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+             __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+    default:
+      return false;
+  }
+}
+
+Isa initial_isa() {
+  Isa isa = best_supported_isa();
+  if (const char* env = std::getenv("FUSEDOPT_CPU_ISA")) {
+    if (*env != '\0') {
+      // An unknown name or an unsupported ISA is ignored rather than fatal at import time.
+      try {
+        const Isa wanted = parse_isa(env);
+        if (wanted < isa) isa = wanted;
+      } catch (const std::exception&) {
+      }
+    }
+  }
+  return isa;
+}
+
+std::atomic<int>& active_slot() {
+  static std::atomic<int> slot{static_cast<int>(initial_isa())};
+  return slot;
+}
+
+}  // namespace
+
+bool isa_compiled(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar: return isa_scalar::compiled();
+    case Isa::kAvx2: return isa_avx2::compiled();
+    case Isa::kAvx512: return isa_avx512::compiled();
+  }
+  return false;
+}
+
+Isa best_supported_isa() {
+  for (Isa isa : {Isa::kAvx512, Isa::kAvx2}) {
+    if (isa_compiled(isa) && cpu_supports(isa)) return isa;
+  }
+  return Isa::kScalar;
+}
+
+Isa active_isa() { return static_cast<Isa>(active_slot().load(std::memory_order_relaxed)); }
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar: return "scalar";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kAvx512: return "avx512";
+  }
+  return "unknown";
+}
+
+Isa parse_isa(const std::string& name) {
+  if (name == "scalar") return Isa::kScalar;
+  if (name == "avx2") return Isa::kAvx2;
+  if (name == "avx512") return Isa::kAvx512;
+  throw std::invalid_argument("unknown CPU ISA '" + name +
+                              "' (expected 'avx512', 'avx2' or 'scalar')");
+}
+
+Isa set_active_isa(Isa isa) {
+  if (!isa_compiled(isa) || !cpu_supports(isa)) {
+    throw std::invalid_argument(std::string("CPU ISA '") + isa_name(isa) +
+                                "' is not available on this machine/build");
+  }
+  return static_cast<Isa>(active_slot().exchange(static_cast<int>(isa)));
+}
+
+AdamKernel select_adam_kernel(DType dtype, const AdamVariant& variant) {
+  switch (active_isa()) {
+    case Isa::kAvx512: return isa_avx512::adam_kernel(dtype, variant);
+    case Isa::kAvx2: return isa_avx2::adam_kernel(dtype, variant);
+    default: return isa_scalar::adam_kernel(dtype, variant);
+  }
+}
+
+SgdKernel select_sgd_kernel(DType dtype, const SgdVariant& variant) {
+  switch (active_isa()) {
+    case Isa::kAvx512: return isa_avx512::sgd_kernel(dtype, variant);
+    case Isa::kAvx2: return isa_avx2::sgd_kernel(dtype, variant);
+    default: return isa_scalar::sgd_kernel(dtype, variant);
+  }
+}
+
+}  // namespace cpu
+}  // namespace fusedopt

@@ -1,0 +1,30 @@
+// AVX-512 variant of the CPU kernels (see kernels_impl.h). Needs avx512f/bw/vl/dq (bw for the 16-bit conversions).
+// Headers are included BEFORE switching the target so that only our own code is compiled
+// for it; the ISA is selected at run time (isa.cpp), never with -march at build time.
+#include <cstdint>
+#include <type_traits>
+
+#include "kernels.h"
+#include "storage.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2")
+#endif
+#define FUSEDOPT_ISA_NS isa_avx512
+#include "kernels_impl.h"
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#else  // not x86-64 or not GCC/clang: this variant is not compiled
+namespace fusedopt { namespace cpu { namespace isa_avx512 {
+bool compiled() { return false; }
+AdamKernel adam_kernel(DType, const AdamVariant&) { return nullptr; }
+SgdKernel sgd_kernel(DType, const SgdVariant&) { return nullptr; }
+}}}  // namespace fusedopt::cpu::isa_avx512
+#endif

@@ -1,0 +1,146 @@
+// Body of the CPU kernels, compiled once per ISA.
+//
+// Included by kernels_<isa>.cpp after it has set FUSEDOPT_ISA_NS and switched the code
+// generation target (#pragma GCC target). Everything defined here lives in that ISA's
+// namespace, so the per-ISA copies never meet in the linker. The loops are plain scalar
+// code over raw pointers that GCC auto-vectorises with the ISA's widest vectors; the rules
+// (rules.h) and conversions (storage.h) are always_inline and so are vectorised with them.
+// No include guard on purpose: do not include this file anywhere else.
+
+#ifndef FUSEDOPT_ISA_NS
+#error "kernels_impl.h is included only by kernels_<isa>.cpp"
+#endif
+
+namespace fusedopt {
+namespace cpu {
+namespace FUSEDOPT_ISA_NS {
+
+bool compiled() { return true; }
+
+template <class S, rules::WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, bool SCALED>
+void adam_kernel_impl(const AdamItem& item, const AdamCall& call, int64_t begin, int64_t end) {
+  using T = typename S::math;
+  using R = typename S::raw;
+  const rules::AdamScalars<T> s = rules::cast_scalars<T>(item.scalars);
+  const T grad_scale = static_cast<T>(call.grad_scale);
+  R* __restrict param = static_cast<R*>(item.param);
+  const R* __restrict grad = static_cast<const R*>(item.grad);
+  R* __restrict exp_avg = static_cast<R*>(item.exp_avg);
+  R* __restrict exp_avg_sq = static_cast<R*>(item.exp_avg_sq);
+  R* __restrict max_exp_avg_sq = static_cast<R*>(item.max_exp_avg_sq);
+#pragma GCC ivdep
+  for (int64_t i = begin; i < end; ++i) {
+    T p = S::load(param[i]);
+    T m = S::load(exp_avg[i]);
+    T v = S::load(exp_avg_sq[i]);
+    T vmax = AMSGRAD ? S::load(max_exp_avg_sq[i]) : T(0);
+    const T g = rules::prepare_grad(S::load(grad[i]), SCALED, grad_scale, MAXIMIZE);
+    rules::adam_update(p, g, m, v, vmax, s, WD, AMSGRAD);
+    param[i] = S::store(p);
+    exp_avg[i] = S::store(m);
+    exp_avg_sq[i] = S::store(v);
+    if (AMSGRAD) max_exp_avg_sq[i] = S::store(vmax);
+  }
+}
+
+template <class S, bool L2, rules::Momentum MOM, bool NESTEROV, bool MAXIMIZE, bool SCALED>
+void sgd_kernel_impl(const SgdItem& item, const SgdCall& call, int64_t begin, int64_t end) {
+  using T = typename S::math;
+  using R = typename S::raw;
+  const rules::SgdScalars<T> s = rules::cast_scalars<T>(call.scalars);
+  const T grad_scale = static_cast<T>(call.grad_scale);
+  R* __restrict param = static_cast<R*>(item.param);
+  const R* __restrict grad = static_cast<const R*>(item.grad);
+  R* __restrict buffer = static_cast<R*>(item.momentum_buffer);
+#pragma GCC ivdep
+  for (int64_t i = begin; i < end; ++i) {
+    T p = S::load(param[i]);
+    // The first step overwrites the buffer without reading it (it may hold garbage).
+    T buf = (MOM == rules::Momentum::kRun) ? S::load(buffer[i]) : T(0);
+    const T g = rules::prepare_grad(S::load(grad[i]), SCALED, grad_scale, MAXIMIZE);
+    rules::sgd_update(p, g, buf, s, L2, MOM, NESTEROV);
+    param[i] = S::store(p);
+    if (MOM != rules::Momentum::kNone) buffer[i] = S::store(buf);
+  }
+}
+
+// ---- tables: turn runtime flags into template arguments, one level at a time ----------------
+
+template <bool B>
+using Bool = std::integral_constant<bool, B>;
+
+template <class F>
+auto dispatch_bool(bool b, F&& f) {
+  return b ? f(Bool<true>{}) : f(Bool<false>{});
+}
+
+template <class F>
+auto dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat: return f(Fp32{});
+    case DType::kDouble: return f(Fp64{});
+    case DType::kBFloat16: return f(Bf16{});
+    case DType::kHalf: return f(Fp16{});
+  }
+  return f(Fp32{});
+}
+
+template <class F>
+auto dispatch_weight_decay(rules::WeightDecay wd, F&& f) {
+  using WD = rules::WeightDecay;
+  switch (wd) {
+    case WD::kL2: return f(std::integral_constant<WD, WD::kL2>{});
+    case WD::kDecoupled: return f(std::integral_constant<WD, WD::kDecoupled>{});
+    default: return f(std::integral_constant<WD, WD::kNone>{});
+  }
+}
+
+template <class F>
+auto dispatch_momentum(rules::Momentum mom, F&& f) {
+  using M = rules::Momentum;
+  switch (mom) {
+    case M::kFirst: return f(std::integral_constant<M, M::kFirst>{});
+    case M::kRun: return f(std::integral_constant<M, M::kRun>{});
+    default: return f(std::integral_constant<M, M::kNone>{});
+  }
+}
+
+AdamKernel adam_kernel(DType dtype, const AdamVariant& v) {
+  return dispatch_dtype(dtype, [&](auto s) {
+    return dispatch_weight_decay(v.weight_decay, [&](auto wd) {
+      return dispatch_bool(v.amsgrad, [&](auto ams) {
+        return dispatch_bool(v.maximize, [&](auto maximize) {
+          return dispatch_bool(v.has_grad_scale, [&](auto scaled) {
+            return static_cast<AdamKernel>(
+                &adam_kernel_impl<decltype(s), decltype(wd)::value, decltype(ams)::value,
+                                  decltype(maximize)::value, decltype(scaled)::value>);
+          });
+        });
+      });
+    });
+  });
+}
+
+SgdKernel sgd_kernel(DType dtype, const SgdVariant& v) {
+  return dispatch_dtype(dtype, [&](auto s) {
+    return dispatch_bool(v.l2, [&](auto l2) {
+      return dispatch_momentum(v.momentum, [&](auto mom) {
+        // Nesterov only matters with momentum (torch ignores it otherwise).
+        return dispatch_bool(v.nesterov && v.momentum != rules::Momentum::kNone, [&](auto nes) {
+          return dispatch_bool(v.maximize, [&](auto maximize) {
+            return dispatch_bool(v.has_grad_scale, [&](auto scaled) {
+              return static_cast<SgdKernel>(
+                  &sgd_kernel_impl<decltype(s), decltype(l2)::value, decltype(mom)::value,
+                                   decltype(nes)::value, decltype(maximize)::value,
+                                   decltype(scaled)::value>);
+            });
+          });
+        });
+      });
+    });
+  });
+}
+
+}  // namespace FUSEDOPT_ISA_NS
+}  // namespace cpu
+}  // namespace fusedopt

@@ -1,0 +1,276 @@
+// CPU implementations of the gradient-clipping ops (schemas registered here, as a fragment of
+// the fusedopt library, so that csrc/ops.cpp stays the optimizers' file):
+//
+//   fusedopt::total_norm(Tensor[] tensors, float norm_type) -> Tensor
+//       The norm_type-norm of all tensors seen as one vector (torch.nn.utils.get_total_norm),
+//       as a 0-dim tensor: float64 if any input is float64, else float32. Every element is read
+//       exactly once, in one parallel region over all tensors, whatever their dtypes.
+//   fusedopt::scale_(Tensor(a!)[] tensors, Tensor scale) -> ()
+//       tensors[i] *= scale for every tensor, in one parallel region; nothing at all when
+//       scale == 1 (x * 1 == x bit for bit, so skipping is exact). `scale` is a 0-dim CPU tensor.
+//   fusedopt::clamp_(Tensor(a!)[] tensors, float min, float max) -> ()
+//       tensors[i].clamp_(min, max) for every tensor, in one parallel region (NaN stays NaN).
+//
+// Work split: every tensor is cut into chunks of kChunkElems elements, and the threads take
+// contiguous ranges of the chunk list. total_norm keeps one partial result per chunk and
+// combines them in chunk order on one thread, so its result does not depend on the number of
+// threads. Within a chunk, fp16/bf16/fp32 data is reduced in float, in kLanes independent
+// accumulators (which the compiler turns into SIMD registers) over runs of kRunElems elements,
+// and each run's result is added in double; fp64 data is reduced in double throughout.
+#include <ATen/MemoryOverlap.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "fusedopt/norm.h"
+#include "op_common.h"
+#include "storage.h"
+
+namespace fusedopt {
+namespace cpu {
+namespace {
+
+constexpr int64_t kChunkElems = 16384;  // elements per chunk (per partial result)
+constexpr int64_t kRunElems = 1024;     // elements reduced in float before going to double
+constexpr int kLanes = 16;              // independent accumulators (SIMD lanes)
+constexpr int64_t kSerialBytes = 256 * 1024;  // below this a call runs on the calling thread
+
+using norm::Kind;
+
+// ---- kernels ------------------------------------------------------------------------------
+
+// The reduction of one chunk of n elements starting at x, as a double partial result.
+template <class S, Kind K>
+double chunk_norm(const void* data, int64_t n, double p_double) {
+  using T = typename S::math;
+  using R = typename S::raw;
+  const R* __restrict x = static_cast<const R*>(data);
+  const T p = static_cast<T>(p_double);
+  double total = norm::identity<double>(K);
+  for (int64_t i = 0; i < n;) {
+    const int64_t run_end = std::min(n, i + kRunElems);
+    T acc[kLanes];
+    for (int j = 0; j < kLanes; ++j) acc[j] = norm::identity<T>(K);
+    for (; i + kLanes <= run_end; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        acc[j] = norm::combine<K>(acc[j], norm::term<K>(S::load(x[i + j]), p));
+      }
+    }
+    for (; i < run_end; ++i) acc[0] = norm::combine<K>(acc[0], norm::term<K>(S::load(x[i]), p));
+    for (int j = 0; j < kLanes; ++j) total = norm::combine<K>(total, static_cast<double>(acc[j]));
+  }
+  return total;
+}
+
+template <class S>
+void chunk_scale(void* data, int64_t n, double scale) {
+  using T = typename S::math;
+  using R = typename S::raw;
+  R* __restrict x = static_cast<R*>(data);
+  const T s = static_cast<T>(scale);  // as torch: the multiplier in the math type
+  for (int64_t i = 0; i < n; ++i) x[i] = S::store(S::load(x[i]) * s);
+}
+
+template <class S>
+void chunk_clamp(void* data, int64_t n, double lo_double, double hi_double) {
+  using T = typename S::math;
+  using R = typename S::raw;
+  R* __restrict x = static_cast<R*>(data);
+  const T lo = static_cast<T>(lo_double), hi = static_cast<T>(hi_double);
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = S::load(x[i]);
+    const T c = v < lo ? lo : (v > hi ? hi : v);  // NaN compares false: stays NaN
+    x[i] = S::store(c);
+  }
+}
+
+using NormFn = double (*)(const void*, int64_t, double);
+
+template <class S>
+NormFn norm_kernel_for(Kind k) {
+  switch (k) {
+    case Kind::kL2: return &chunk_norm<S, Kind::kL2>;
+    case Kind::kL1: return &chunk_norm<S, Kind::kL1>;
+    case Kind::kInf: return &chunk_norm<S, Kind::kInf>;
+    case Kind::kNegInf: return &chunk_norm<S, Kind::kNegInf>;
+    case Kind::kL0: return &chunk_norm<S, Kind::kL0>;
+    case Kind::kLp: return &chunk_norm<S, Kind::kLp>;
+  }
+  return nullptr;
+}
+
+template <class F>
+auto dispatch_storage(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kDouble: return f(Fp64{});
+    case DType::kBFloat16: return f(Bf16{});
+    case DType::kHalf: return f(Fp16{});
+    default: return f(Fp32{});
+  }
+}
+
+double combine_runtime(Kind k, double a, double b) {
+  switch (k) {
+    case Kind::kInf: return norm::combine<Kind::kInf>(a, b);
+    case Kind::kNegInf: return norm::combine<Kind::kNegInf>(a, b);
+    default: return a + b;
+  }
+}
+
+// ---- work list ----------------------------------------------------------------------------
+
+struct Chunk {
+  char* data;   // first element of the chunk
+  int64_t numel;
+  DType dtype;
+};
+
+// Cuts every tensor into chunks. Tensors whose elements are not one dense block (e.g. a
+// slice) are read from a contiguous copy kept in `temporaries`; callers that write must not
+// pass such tensors (they handle them separately).
+class ChunkList {
+ public:
+  void add(const at::Tensor& t, DType dtype) {
+    const int64_t n = t.numel();
+    if (n == 0) return;
+    at::Tensor src = t;
+    if (!t.is_non_overlapping_and_dense()) {
+      src = t.contiguous();
+      temporaries_.push_back(src);
+    }
+    char* base = static_cast<char*>(src.data_ptr());
+    const int64_t size = element_size(dtype);
+    for (int64_t begin = 0; begin < n; begin += kChunkElems) {
+      chunks_.push_back({base + begin * size, std::min(kChunkElems, n - begin), dtype});
+    }
+    bytes_ += n * size;
+  }
+  const std::vector<Chunk>& chunks() const { return chunks_; }
+
+  // Runs fn(chunk_index) for every chunk: on this thread for small calls, else in one
+  // parallel region, each thread taking a contiguous range of chunks.
+  template <class Fn>
+  void for_each(Fn&& fn) const {
+    const int64_t n = static_cast<int64_t>(chunks_.size());
+    if (n == 0) return;
+    if (bytes_ < kSerialBytes) {
+      for (int64_t c = 0; c < n; ++c) fn(c);
+      return;
+    }
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) fn(c);
+    });
+  }
+
+ private:
+  std::vector<Chunk> chunks_;
+  std::vector<at::Tensor> temporaries_;
+  int64_t bytes_ = 0;
+};
+
+void check_tensor(const at::Tensor& t, const char* op, size_t i, bool written) {
+  TORCH_CHECK(t.defined(), "fusedopt::", op, ": tensors[", i, "] is undefined (None)");
+  TORCH_CHECK(t.layout() == at::kStrided, "fusedopt::", op, ": tensors[", i, "] is ",
+              t.layout(), "; sparse tensors are not supported");
+  TORCH_CHECK(t.device().is_cpu(), "fusedopt::", op, ": tensors[", i, "] is on ", t.device(),
+              "; this implementation needs CPU tensors");
+  if (written) {
+    TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, "fusedopt::", op,
+                ": tensors[", i, "] has elements that share memory and cannot be updated in place");
+  }
+}
+
+// ---- ops ----------------------------------------------------------------------------------
+
+at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type) {
+  const Kind kind = norm::kind_of(norm_type);
+  bool any_double = false;
+  ChunkList list;
+  std::vector<NormFn> fns;  // per chunk
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    check_tensor(tensors[i], "total_norm", i, /*written=*/false);
+    const DType dtype = dtype_of(tensors[i], "total_norm", "tensors", i);
+    any_double = any_double || dtype == DType::kDouble;
+    list.add(tensors[i], dtype);
+  }
+  const std::vector<Chunk>& chunks = list.chunks();
+  fns.reserve(chunks.size());
+  for (const Chunk& c : chunks) {
+    fns.push_back(dispatch_storage(c.dtype, [&](auto s) { return norm_kernel_for<decltype(s)>(kind); }));
+  }
+  std::vector<double> partials(chunks.size());
+  list.for_each([&](int64_t c) { partials[c] = fns[c](chunks[c].data, chunks[c].numel, norm_type); });
+
+  double total = norm::identity<double>(kind);
+  for (double v : partials) total = combine_runtime(kind, total, v);
+  const double value = norm::finish(kind, total, norm_type);
+  return at::scalar_tensor(value, at::TensorOptions().dtype(any_double ? at::kDouble : at::kFloat));
+}
+
+// Applies fn(storage, chunk) to every element chunk of `tensors` in one parallel region.
+// Tensors that are not one dense block go through fallback(tensor) instead.
+template <class ChunkFn, class Fallback>
+void update_in_place(at::TensorList tensors, const char* op, ChunkFn&& fn, Fallback&& fallback) {
+  ChunkList list;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    check_tensor(tensors[i], op, i, /*written=*/true);
+    dtype_of(tensors[i], op, "tensors", i);
+  }
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (tensors[i].is_non_overlapping_and_dense()) {
+      list.add(tensors[i], dtype_of(tensors[i], op, "tensors", i));
+    } else {
+      fallback(tensors[i]);
+    }
+  }
+  const std::vector<Chunk>& chunks = list.chunks();
+  list.for_each([&](int64_t c) {
+    dispatch_storage(chunks[c].dtype, [&](auto s) { fn(s, chunks[c]); });
+  });
+}
+
+void scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
+  TORCH_CHECK(scale.numel() == 1, "fusedopt::scale_: scale must have one element, got shape ",
+              scale.sizes());
+  TORCH_CHECK(scale.device().is_cpu(), "fusedopt::scale_: scale is on ", scale.device(),
+              "; the CPU implementation reads it on the host and needs a CPU tensor");
+  const double value = scale.item<double>();
+  if (value == 1.0) {  // exact no-op; still validate so that bad input fails the same way
+    for (size_t i = 0; i < tensors.size(); ++i) check_tensor(tensors[i], "scale_", i, true);
+    return;
+  }
+  update_in_place(
+      tensors, "scale_",
+      [&](auto s, const Chunk& c) { chunk_scale<decltype(s)>(c.data, c.numel, value); },
+      [&](const at::Tensor& t) { const_cast<at::Tensor&>(t).mul_(value); });
+}
+
+void clamp_cpu(at::TensorList tensors, double min, double max) {
+  update_in_place(
+      tensors, "clamp_",
+      [&](auto s, const Chunk& c) { chunk_clamp<decltype(s)>(c.data, c.numel, min, max); },
+      [&](const at::Tensor& t) { const_cast<at::Tensor&>(t).clamp_(min, max); });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fusedopt, m) {
+  m.def("total_norm(Tensor[] tensors, float norm_type) -> Tensor");
+  m.def("scale_(Tensor(a!)[] tensors, Tensor scale) -> ()");
+  m.def("clamp_(Tensor(a!)[] tensors, float min, float max) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fusedopt, CPU, m) {
+  m.impl("total_norm", &total_norm_cpu);
+  m.impl("scale_", &scale_cpu);
+  m.impl("clamp_", &clamp_cpu);
+}
+
+}  // namespace cpu
+}  // namespace fusedopt
