@@ -106,7 +106,10 @@ class TrainConfig:
     out_dir: str = _opt("runs/train", "run directory (metrics.jsonl, checkpoints/)", group="logging")
     log_every: int = _opt(10, "log averaged metrics every N steps", group="logging")
     eval_every: int = _opt(100, "evaluate held-out loss every N steps (0 = only at the end)", group="logging")
-    eval_batches: int = _opt(4, "global batches per evaluation", group="logging")
+    eval_sequences: int = _opt(
+        128, "held-out sequences per evaluation (split over ranks, independent of batch size)",
+        group="logging",
+    )
     progress: bool = _opt(True, "show a tqdm progress bar on rank 0", group="logging")
 
     # checkpoints / fault tolerance
@@ -148,7 +151,7 @@ class TrainConfig:
                     f"unknown {f.name} {value!r}; choose one of: {', '.join(choices)}"
                 )
         positive = ["seq_len", "n_layer", "n_head", "d_model", "batch_size", "grad_accum",
-                    "max_steps", "log_every", "eval_batches", "keep_last"]
+                    "max_steps", "log_every", "eval_sequences", "keep_last"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -8,6 +8,7 @@ MASTER_ADDR and MASTER_PORT).
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from dataclasses import dataclass
 from typing import Any, List
 
@@ -55,8 +56,30 @@ def init_distributed(requested_device: str = "auto") -> DistContext:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         kwargs = {"device_id": device} if device.type == "cuda" else {}
+        store = _restart_safe_agent_store(world_size)
+        if store is not None:
+            kwargs["store"] = store
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
     return DistContext(rank, world_size, local_rank, device, backend)
+
+
+def _restart_safe_agent_store(world_size: int):
+    """Under torchrun, a client of the agent's TCPStore with a per-restart key prefix.
+
+    torchrun lets workers share its rendezvous store (TORCHELASTIC_USE_AGENT_STORE)
+    and keeps that store across ``--max-restarts`` restarts; a restarted gloo/nccl
+    group initialised through ``env://`` can then read the previous attempt's
+    peer addresses and fail to connect (pytorch/pytorch#135712).  Namespacing
+    the keys by TORCHELASTIC_RESTART_COUNT gives every attempt fresh keys.
+    Returns None outside torchrun (``env://`` is fine there).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                         is_master=False, timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"fusedopt.train/{run_id}/attempt_{restart}/", base)
 
 
 def cleanup(ctx: DistContext) -> None:

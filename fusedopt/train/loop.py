@@ -154,20 +154,28 @@ class Trainer:
     # ------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean held-out loss over ``eval_batches`` fixed global batches (all ranks call)."""
+        """Mean held-out loss per token over the first ``eval_sequences`` validation sequences.
+
+        The set does not depend on batch size, accumulation or world size: the
+        sequences are split evenly over ranks (wrapping around a small validation
+        split) and token-loss sums are all-reduced.  Every rank must call this.
+        """
         cfg = self.cfg
         self.raw_model.eval()
-        n_val = len(self.val_set)
-        local = cfg.batch_size // self.ctx.world_size
+        world = self.ctx.world_size
+        per_rank = -(-cfg.eval_sequences // world)
+        chunk = max(1, cfg.batch_size // world)
+        first = self.ctx.rank * per_rank
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for b in range(cfg.eval_batches):
-            start = b * cfg.batch_size + self.ctx.rank * local
-            idx = torch.arange(start, start + local) % n_val
-            x, y = self.val_set.batch(idx)
+        for start in range(first, first + per_rank, chunk):
+            stop = min(start + chunk, first + per_rank)
+            x, y = self.val_set.batch(torch.arange(start, stop) % len(self.val_set))
             with self.autocast():
                 logits = self.raw_model(x)
-                loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
-            total += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=self.device)])
+                loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1),
+                                           reduction="sum")
+            total[0] += loss_sum.double()
+            total[1] += y.numel()
         total = all_reduce_sum(total, self.ctx)
         return float(total[0] / total[1])
 

@@ -1,0 +1,401 @@
+"""Tests of the training harness ``fusedopt.train`` (CPU only, 2 gloo ranks where distributed).
+
+Every run uses a tiny model so the file stays fast on a 2-core machine.  Runs in
+this process use one CPU thread; 2-rank runs are spawned (torch.multiprocessing)
+or launched with torchrun in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from fusedopt.train import checkpoint as ckpt
+from fusedopt.train.config import (ConfigError, TrainConfig, build_parser, config_from_mapping,
+                                   parse_config)
+from fusedopt.train.data import ShardedBatchSampler, embedded_text_files, load_corpus
+from fusedopt.train.distributed import DistContext
+from fusedopt.train.loop import Trainer, train
+from fusedopt.train.metrics import read_jsonl
+from fusedopt.train.model import CharTransformer, param_groups
+from fusedopt.train.optimizers import lr_factor
+
+REPO = Path(__file__).resolve().parents[1]
+METRIC_KEYS = ("loss", "lr", "grad_norm", "eval_loss")
+
+
+def tiny_cfg(out_dir, **overrides) -> TrainConfig:
+    """A config that trains in milliseconds per step on one CPU thread."""
+    base = dict(data="synthetic", seq_len=16, n_layer=1, n_head=2, d_model=32, batch_size=8,
+                max_steps=6, lr=1e-2, warmup_steps=2, log_every=1, eval_every=3, eval_sequences=32,
+                save_every=0, progress=False, num_threads=1, device="cpu", out_dir=str(out_dir),
+                optimizer_lib="fusedopt", backend="reference")
+    base.update(overrides)
+    return config_from_mapping(base)
+
+
+def curve(out_dir):
+    """Per-step metric records (no events, no timings) of a run's metrics.jsonl."""
+    records = read_jsonl(os.path.join(out_dir, "metrics.jsonl"))
+    return [{k: r[k] for k in ("step",) + METRIC_KEYS if k in r} for r in records if "event" not in r]
+
+
+def final_model(out_dir):
+    latest = ckpt.latest_checkpoint(os.path.join(out_dir, "checkpoints"))
+    return ckpt.load_checkpoint(latest)["model"]
+
+
+def assert_curves_close(a, b, rtol=1e-5, atol=1e-6):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            assert ra[k] == pytest.approx(rb[k], rel=rtol, abs=atol), (ra, rb)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env():
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
+def cli_args(cfg: TrainConfig):
+    """Command-line flags reproducing ``cfg``."""
+    args = []
+    for key, value in cfg.to_dict().items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+# --------------------------------------------------------------- spawned workers
+def _count_allreduce_hook(state, bucket):
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    state["calls"] += 1
+    return allreduce_hook(None, bucket)
+
+
+def _ddp_worker(rank, world_size, port, cfg_dicts, result_path):
+    """Train each config on 2 gloo ranks, counting DDP gradient all-reduces."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from fusedopt.train.distributed import cleanup, init_distributed
+
+    ctx = init_distributed("cpu")
+    counts = []
+    for cfg_dict in cfg_dicts:
+        trainer = Trainer(config_from_mapping(cfg_dict), ctx)
+        state = {"calls": 0}
+        trainer.model.register_comm_hook(state, _count_allreduce_hook)
+        trainer.fit()
+        counts.append(state["calls"])
+    if rank == 0:
+        Path(result_path).write_text(json.dumps(counts))
+    cleanup(ctx)
+
+
+# --------------------------------------------------------------- distributed equivalence
+def test_ddp_two_ranks_match_one_process_and_accumulation_uses_no_sync(tmp_path):
+    """2 ranks x b equals 1 process x 2b; with grad_accum the DDP all-reduce runs once per step."""
+    # SGD: its update is linear in the gradient, so fp32 rounding differences stay
+    # rounding-sized (Adam would blow up the exactly-zero key-bias gradients' noise).
+    steps, sgd = 4, dict(optimizer="sgd", lr=0.3)
+    plain = tiny_cfg(tmp_path / "ddp_plain", batch_size=8, max_steps=steps, **sgd)
+    accum = tiny_cfg(tmp_path / "ddp_accum", batch_size=8, grad_accum=3, max_steps=steps, **sgd)
+    result = tmp_path / "counts.json"
+    mp.spawn(_ddp_worker, args=(2, free_port(), [plain.to_dict(), accum.to_dict()], str(result)),
+             nprocs=2, join=True)
+    plain_calls, accum_calls = json.loads(result.read_text())
+
+    # One process, same global batches: batch 8 for the plain run; one 24-sequence
+    # batch per step equals 3 accumulated micro-batches of 8 (same sequences).
+    train(tiny_cfg(tmp_path / "one_plain", batch_size=8, max_steps=steps, **sgd))
+    train(tiny_cfg(tmp_path / "one_big", batch_size=24, grad_accum=1, max_steps=steps, **sgd))
+
+    assert_curves_close(curve(tmp_path / "ddp_plain"), curve(tmp_path / "one_plain"))
+    assert_curves_close(curve(tmp_path / "ddp_accum"), curve(tmp_path / "one_big"))
+    for ddp_dir, one_dir in (("ddp_plain", "one_plain"), ("ddp_accum", "one_big")):
+        a, b = final_model(tmp_path / ddp_dir), final_model(tmp_path / one_dir)
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+    # Without no_sync around forward+backward of the first 2 micro-batches the
+    # accumulating run would all-reduce 3x as often as the plain one.
+    assert plain_calls > 0
+    assert accum_calls == plain_calls
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    sgd = dict(optimizer="sgd", lr=0.3)
+    train(tiny_cfg(tmp_path / "acc", batch_size=4, grad_accum=4, max_steps=5, **sgd))
+    train(tiny_cfg(tmp_path / "big", batch_size=16, grad_accum=1, max_steps=5, **sgd))
+    assert_curves_close(curve(tmp_path / "acc"), curve(tmp_path / "big"))
+    a, b = final_model(tmp_path / "acc"), final_model(tmp_path / "big")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# --------------------------------------------------------------- resume / fault tolerance
+def test_killed_and_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path):
+    common = dict(max_steps=9, save_every=3, eval_every=4, grad_accum=2, dropout=0.1,
+                  optimizer="adamw", resume="auto")
+    train(tiny_cfg(tmp_path / "straight", **common))
+
+    killed = tiny_cfg(tmp_path / "killed", fail_at_step=6, **common)
+    cmd = [sys.executable, "-m", "fusedopt.train", *cli_args(killed)]
+    first = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    assert (tmp_path / "killed" / "fail_at_step_6.marker").exists()
+    assert ckpt.latest_checkpoint(str(tmp_path / "killed" / "checkpoints")).name == "step_00000003.pt"
+    second = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert "resumed from" in second.stdout + second.stderr
+
+    # Exactly equal floats, step by step (the JSON floats round-trip exactly).
+    assert curve(tmp_path / "killed") == curve(tmp_path / "straight")
+    a, b = final_model(tmp_path / "killed"), final_model(tmp_path / "straight")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_torchrun_restarts_a_killed_worker_and_finishes(tmp_path):
+    out = tmp_path / "elastic"
+    cfg = tiny_cfg(out, batch_size=8, max_steps=8, save_every=2, resume="auto", fail_at_step=5,
+                   fail_rank=1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+           "--nproc-per-node", "2", "--max-restarts", "1", "--monitor-interval", "0.2",
+           "-m", "fusedopt.train", *cli_args(cfg)]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "fail_at_step_5.marker").exists()
+
+    events = [r for r in read_jsonl(str(out / "metrics.jsonl")) if "event" in r]
+    starts = [e for e in events if e["event"] == "start"]
+    assert [s["restart_count"] for s in starts] == [0, 1]
+    assert starts[1]["resumed_from"].endswith("step_00000004.pt")
+    assert "killed rank 1" in (out / "fail_at_step_5.marker").read_text()
+    # Every step logged exactly once, and the resumed 2-rank run follows the
+    # same trajectory as an uninterrupted single process with the global batch.
+    train(tiny_cfg(tmp_path / "reference", batch_size=8, max_steps=8))
+    assert_curves_close(curve(out), curve(tmp_path / "reference"))
+
+
+def test_checkpoints_keep_last_k_and_writes_are_atomic(tmp_path):
+    cfg = tiny_cfg(tmp_path, max_steps=5, save_every=1, keep_last=2)
+    train(cfg)
+    names = [p.name for p in ckpt.list_checkpoints(cfg.checkpoint_dir)]
+    assert names == ["step_00000004.pt", "step_00000005.pt"]
+    state = ckpt.load_checkpoint(Path(cfg.checkpoint_dir) / names[-1])
+    assert state["step"] == 5 and state["data"]["position"] == 5
+    assert {"torch", "numpy", "python", "cuda"} <= set(state["rank_states"][0]["rng"])
+
+    # A save that dies half-way (here: an unpicklable value) leaves the newest
+    # checkpoint and the directory untouched.
+    before = {p.name: p.read_bytes() for p in Path(cfg.checkpoint_dir).iterdir()}
+    broken = dict(state, step=6, model={"w": torch.zeros(1000)}, bad=lambda: None)
+    with pytest.raises(Exception):
+        ckpt.save_checkpoint(broken, cfg.checkpoint_dir, keep_last=2)
+    after = {p.name: p.read_bytes() for p in Path(cfg.checkpoint_dir).iterdir()}
+    assert after == before
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(cfg.checkpoint_dir))["step"] == 5
+
+
+# --------------------------------------------------------------- the embedded default
+def test_embedded_default_runs_and_loss_falls(tmp_path, capsys):
+    assert embedded_text_files(), "the package ships text files to train on"
+    data, desc = load_corpus("embedded", 10**7)
+    assert data == load_corpus("embedded", 10**7)[0]  # deterministic order
+
+    cfg = config_from_mapping(dict(
+        out_dir=str(tmp_path), seq_len=32, n_layer=1, d_model=64, batch_size=16, max_steps=60,
+        warmup_steps=5, log_every=5, eval_every=30, save_every=30, progress=True, num_threads=1,
+        device="cpu"))
+    assert cfg.data == "embedded" and cfg.optimizer_lib == "fusedopt" and cfg.backend == "auto"
+    summary = train(cfg)
+    losses = [r["loss"] for r in curve(tmp_path) if "loss" in r]
+    assert len(losses) == 12
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert summary["final_eval_loss"] < 4.0
+    for key in ("tokens_per_s", "mean_step_ms", "optimizer_share", "peak_mem_mb"):
+        assert summary[key] > 0, key
+    assert 0 < summary["optimizer_share"] < 1
+    records = [r for r in read_jsonl(str(tmp_path / "metrics.jsonl")) if "loss" in r]
+    for key in ("lr", "grad_norm", "tokens_per_s", "step_ms", "opt_share", "peak_mem_mb"):
+        assert records[-1][key] > 0, key
+    out = capsys.readouterr()
+    assert "fusedopt.train summary" in out.out and "optimizer_share" in out.out
+    assert "train:" in out.err  # tqdm bar
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(optimizer="sgd", optimizer_lib="fusedopt", nesterov=True, scheduler="linear"),
+    dict(optimizer="adam", optimizer_lib="torch", backend="auto", scheduler="constant"),
+    dict(optimizer="adamw", amp="bf16", clip_grad_norm=0.0),
+])
+def test_optimizer_scheduler_and_amp_choices_train(tmp_path, overrides):
+    train(tiny_cfg(tmp_path, max_steps=8, **overrides))
+    losses = [r["loss"] for r in curve(tmp_path) if "loss" in r]
+    assert all(map(lambda x: x == x, losses))  # finite, no NaN
+    assert losses[-1] < losses[0]
+
+
+def test_lr_schedule_warmup_then_decay():
+    cfg = TrainConfig(lr=1.0, warmup_steps=4, max_steps=14, scheduler="cosine", min_lr_ratio=0.1)
+    factors = [lr_factor(s, cfg) for s in range(14)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(factors[3:], factors[4:]))
+    assert lr_factor(14, cfg) == pytest.approx(0.1)
+    lin = TrainConfig(warmup_steps=0, max_steps=10, scheduler="linear", min_lr_ratio=0.0)
+    assert lr_factor(5, lin) == pytest.approx(0.5)
+
+
+# --------------------------------------------------------------- building blocks
+def test_param_groups_exclude_biases_and_norm_weights_from_decay():
+    model = CharTransformer(256, 16, 32, 2, 2)
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert all(n.endswith("bias") or ".ln" in n or n.startswith("ln_f") for n in no_decay_names)
+    assert "blocks.0.ln1.weight" in no_decay_names and "blocks.0.attn.qkv.bias" in no_decay_names
+    assert "blocks.0.attn.qkv.weight" in decay_names and "tok_emb.weight" in decay_names
+    assert len(decay_names) + len(no_decay_names) == len(list(model.parameters()))
+
+
+def test_sharded_sampler_splits_global_batches_and_is_deterministic():
+    one = ShardedBatchSampler(40, 8, rank=0, world_size=1, seed=3)
+    two = [ShardedBatchSampler(40, 8, rank=r, world_size=2, seed=3) for r in range(2)]
+    for _ in range(12):  # crosses epoch boundaries (5 batches per epoch)
+        whole = one.next_indices()
+        halves = torch.cat([s.next_indices() for s in two])
+        assert torch.equal(whole, halves)
+    assert one.epoch == 2
+    epoch0 = ShardedBatchSampler(40, 8, 0, 1, seed=3)
+    first = torch.cat([epoch0.next_indices() for _ in range(5)])
+    assert sorted(first.tolist()) == list(range(40))  # a permutation per epoch
+    assert not torch.equal(first, torch.cat([epoch0.next_indices() for _ in range(5)]))
+
+    resumed = ShardedBatchSampler(40, 8, 0, 1, seed=3)
+    resumed.load_state_dict(one.state_dict())
+    assert torch.equal(resumed.next_indices(), one.next_indices())
+
+
+# --------------------------------------------------------------- configuration
+def test_config_precedence_defaults_file_cli(tmp_path):
+    assert parse_config([]) == TrainConfig()
+    js = tmp_path / "c.json"
+    js.write_text(json.dumps({"lr": 0.5, "max_steps": 7, "optimizer": "sgd"}))
+    cfg = parse_config(["--config", str(js), "--max-steps", "9", "--no-progress"])
+    assert (cfg.lr, cfg.max_steps, cfg.optimizer, cfg.progress) == (0.5, 9, "sgd", False)
+    ym = tmp_path / "c.yaml"
+    ym.write_text("batch-size: 12\namp: bf16\nprogress: false\n")
+    cfg = parse_config(["--config", str(ym), "--batch-size", "4"])
+    assert (cfg.batch_size, cfg.amp, cfg.progress) == (4, "bf16", False)
+
+
+def test_help_documents_every_option():
+    text = " ".join(build_parser().format_help().split())  # undo line wrapping
+    for name, field in TrainConfig.__dataclass_fields__.items():
+        flag = "--" + name.replace("_", "-")
+        assert flag in text, name
+        assert f"(default: {field.default!r})" in text, name
+    assert "--config FILE" in text
+
+
+# --------------------------------------------------------------- bad input
+@pytest.mark.parametrize("argv, message", [
+    (["--optimizer", "lamb"], "invalid choice: 'lamb'"),
+    (["--backend", "opencl"], "invalid choice: 'opencl'"),
+    (["--batch-size", "many"], "invalid int value"),
+    (["--no-such-flag"], "unrecognized arguments"),
+])
+def test_cli_rejects_bad_values(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_config(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"optimizer": "lamb"}, "unknown optimizer 'lamb'"),
+    ({"backend": "opencl"}, "unknown backend 'opencl'"),
+    ({"optimizer_lib": "torch", "backend": "triton"}, "--backend triton only applies"),
+    ({"lr": "fast"}, "option 'lr' in config must be float"),
+    ({"lerning_rate": 1.0}, "unknown option 'lerning_rate'"),
+    ({"d_model": 30, "n_head": 4}, "not divisible by n_head"),
+])
+def test_config_file_values_are_validated(values, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_mapping(values)
+
+
+def test_world_size_must_divide_batch(tmp_path):
+    cfg = tiny_cfg(tmp_path, batch_size=9)
+    with pytest.raises(ConfigError, match="batch_size=9 is not divisible by the world size 2"):
+        Trainer(cfg, DistContext(rank=0, world_size=2, local_rank=0,
+                                 device=torch.device("cpu"), backend="gloo"))
+
+
+def test_unavailable_backend_and_fp16_on_cpu_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        Trainer(tiny_cfg(tmp_path, amp="fp16"))
+    with pytest.raises(ConfigError, match="--backend cuda"):
+        Trainer(tiny_cfg(tmp_path, backend="cuda"))
+
+
+def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(ckpt.CheckpointError, match="nope.pt.*does not exist"):
+        train(tiny_cfg(tmp_path / "a", resume=str(missing)))
+    with pytest.raises(ckpt.CheckpointError, match="holds no step_"):
+        train(tiny_cfg(tmp_path / "a", resume=str(tmp_path)))
+
+    cfg = tiny_cfg(tmp_path / "b", max_steps=2, save_every=2)
+    train(cfg)
+    latest = ckpt.latest_checkpoint(cfg.checkpoint_dir)
+    latest.write_bytes(latest.read_bytes()[:200])  # truncated file
+    with pytest.raises(ckpt.CheckpointError, match="step_00000002.pt.*corrupt"):
+        train(cfg.replace(resume="auto", max_steps=4))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ckpt.CheckpointError, match="garbage.pt.*corrupt"):
+        train(cfg.replace(resume=str(garbage)))
+
+    # A valid checkpoint of a different model is refused with the reason.
+    train(tiny_cfg(tmp_path / "c", max_steps=1, save_every=1))
+    with pytest.raises(ckpt.CheckpointError, match="d_model=32 \\(now 64\\)"):
+        train(tiny_cfg(tmp_path / "c", max_steps=2, d_model=64, resume="auto"))
+
+
+def test_cli_reports_errors_as_systemexit_naming_the_problem(tmp_path):
+    from fusedopt.train.__main__ import main
+
+    with pytest.raises(SystemExit, match="nope.pt.*does not exist"):
+        main(["--data", "synthetic", "--out-dir", str(tmp_path), "--resume", str(tmp_path / "nope.pt")])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optimizer: lamb\n")
+    with pytest.raises(SystemExit, match="unknown optimizer 'lamb'"):
+        main(["--config", str(bad)])
