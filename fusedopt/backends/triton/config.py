@@ -1,0 +1,82 @@
+"""Launch configuration of the Triton kernels, per parameter dtype. Change the table here.
+
+A program owns one *chunk* of one tensor: ``tiles`` tiles of ``block`` elements, processed in a
+loop. Bigger chunks mean fewer programs and fewer table reads per element; smaller chunks mean less
+padding waste on tensors that are not a multiple of the chunk and better balance on small models.
+
+The defaults below are NOT measured yet (the session that wrote them had no GPU). They follow the
+usual shape of memory-bound elementwise kernels on NVIDIA GPUs:
+
+* a tile moves 4 KiB per tensor (1024 fp32 or 2048 bf16/fp16 elements), so with 4 warps
+  (128 threads) each thread issues two 16-byte loads per tensor per tile: full 128-bit vectors
+  for every dtype;
+* 4 tiles (fp32) / 2 tiles (16-bit) per program amortise the ~10 scalar table loads and the
+  bias-correction math of a program over 16 KiB of every tensor, while a 124M-parameter model
+  still launches ~30k programs, far more than the ~132 SMs x 16 resident programs of an H100.
+
+``benchmarks/gpu_check.sh`` sweeps alternatives and prints the timings; move a row here when a
+measurement says so. ``FUSEDOPT_TRITON_CONFIG`` overrides rows without editing code, e.g.
+``FUSEDOPT_TRITON_CONFIG="float32=2048x2x8,bfloat16=4096x1x8"`` (block x tiles x warps).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict
+
+import torch
+
+#: Environment variable overriding rows of :data:`DEFAULT_CONFIGS` (read at every lookup).
+ENV_VAR = "FUSEDOPT_TRITON_CONFIG"
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block: int       # elements per tile: one vector load / store per tensor
+    tiles: int       # tiles per program; a program owns block * tiles elements of one tensor
+    num_warps: int   # warps per program
+
+    @property
+    def chunk(self) -> int:
+        """Elements owned by one program."""
+        return self.block * self.tiles
+
+
+#: The table. Keys are the parameter dtypes the backend supports.
+DEFAULT_CONFIGS: Dict[torch.dtype, LaunchConfig] = {
+    torch.float32: LaunchConfig(block=1024, tiles=4, num_warps=4),
+    torch.bfloat16: LaunchConfig(block=2048, tiles=2, num_warps=4),
+    torch.float16: LaunchConfig(block=2048, tiles=2, num_warps=4),
+}
+
+_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_parsed: Dict[str, Dict[torch.dtype, LaunchConfig]] = {}
+
+
+def parse_overrides(text: str) -> Dict[torch.dtype, LaunchConfig]:
+    """Parse ``"float32=1024x4x4,bfloat16=2048x2x4"`` into config rows; raise ValueError if bad."""
+    rows: Dict[torch.dtype, LaunchConfig] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, spec = item.partition("=")
+        try:
+            dtype = _NAMES[name.strip()]
+            block, tiles, warps = (int(x) for x in spec.lower().split("x"))
+        except (KeyError, ValueError):
+            raise ValueError(f"{ENV_VAR}: cannot parse {item!r}; expected e.g. float32=1024x4x4") from None
+        if block < 16 or block & (block - 1) or tiles < 1 or warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"{ENV_VAR}: {item!r}: block must be a power of two >= 16, tiles >= 1, "
+                             "warps a power of two <= 32")
+        rows[dtype] = LaunchConfig(block, tiles, warps)
+    return rows
+
+
+def config_for(dtype: torch.dtype) -> LaunchConfig:
+    """The launch configuration for parameters of ``dtype`` (environment override first)."""
+    text = os.environ.get(ENV_VAR)
+    if text:
+        rows = _parsed.get(text)
+        if rows is None:
+            rows = _parsed[text] = parse_overrides(text)
+        if dtype in rows:
+            return rows[dtype]
+    return DEFAULT_CONFIGS[dtype]
