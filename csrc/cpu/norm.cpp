@@ -126,9 +126,10 @@ double combine_runtime(Kind k, double a, double b) {
 // ---- work list ----------------------------------------------------------------------------
 
 struct Chunk {
-  char* data;   // first element of the chunk
+  char* data;      // first element of the chunk
   int64_t numel;
   DType dtype;
+  int64_t tensor;  // index of its tensor in the op's list
 };
 
 // Cuts every tensor into chunks. Tensors whose elements are not one dense block (e.g. a
@@ -136,7 +137,7 @@ struct Chunk {
 // pass such tensors (they handle them separately).
 class ChunkList {
  public:
-  void add(const at::Tensor& t, DType dtype) {
+  void add(const at::Tensor& t, DType dtype, int64_t index) {
     const int64_t n = t.numel();
     if (n == 0) return;
     at::Tensor src = t;
@@ -147,7 +148,7 @@ class ChunkList {
     char* base = static_cast<char*>(src.data_ptr());
     const int64_t size = element_size(dtype);
     for (int64_t begin = 0; begin < n; begin += kChunkElems) {
-      chunks_.push_back({base + begin * size, std::min(kChunkElems, n - begin), dtype});
+      chunks_.push_back({base + begin * size, std::min(kChunkElems, n - begin), dtype, index});
     }
     bytes_ += n * size;
   }
@@ -197,7 +198,7 @@ at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type) {
     check_tensor(tensors[i], "total_norm", i, /*written=*/false);
     const DType dtype = dtype_of(tensors[i], "total_norm", "tensors", i);
     any_double = any_double || dtype == DType::kDouble;
-    list.add(tensors[i], dtype);
+    list.add(tensors[i], dtype, static_cast<int64_t>(i));
   }
   const std::vector<Chunk>& chunks = list.chunks();
   fns.reserve(chunks.size());
@@ -208,7 +209,15 @@ at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type) {
   list.for_each([&](int64_t c) { partials[c] = fns[c](chunks[c].data, chunks[c].numel, norm_type); });
 
   double total = norm::identity<double>(kind);
-  for (double v : partials) total = combine_runtime(kind, total, v);
+  if (kind == Kind::kL0) {
+    // torch takes the norm of the per-tensor norms: for p = 0 that counts the tensors with a
+    // nonzero (or NaN) element, not the elements.
+    std::vector<double> per_tensor(tensors.size(), 0.0);
+    for (size_t c = 0; c < chunks.size(); ++c) per_tensor[chunks[c].tensor] += partials[c];
+    for (double v : per_tensor) total += v != 0.0 ? 1.0 : 0.0;
+  } else {
+    for (double v : partials) total = combine_runtime(kind, total, v);
+  }
   const double value = norm::finish(kind, total, norm_type);
   return at::scalar_tensor(value, at::TensorOptions().dtype(any_double ? at::kDouble : at::kFloat));
 }
@@ -224,7 +233,7 @@ void update_in_place(at::TensorList tensors, const char* op, ChunkFn&& fn, Fallb
   }
   for (size_t i = 0; i < tensors.size(); ++i) {
     if (tensors[i].is_non_overlapping_and_dense()) {
-      list.add(tensors[i], dtype_of(tensors[i], op, "tensors", i));
+      list.add(tensors[i], dtype_of(tensors[i], op, "tensors", i), static_cast<int64_t>(i));
     } else {
       fallback(tensors[i]);
     }
@@ -233,6 +242,14 @@ void update_in_place(at::TensorList tensors, const char* op, ChunkFn&& fn, Fallb
   list.for_each([&](int64_t c) {
     dispatch_storage(chunks[c].dtype, [&](auto s) { fn(s, chunks[c]); });
   });
+}
+
+// In-place torch ops bump the autograd version counter of what they write; the dispatcher
+// does not do it for custom ops, so these ops do it themselves.
+void bump_versions(at::TensorList tensors) {
+  for (const at::Tensor& t : tensors) {
+    if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+  }
 }
 
 void scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
@@ -249,6 +266,7 @@ void scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
       tensors, "scale_",
       [&](auto s, const Chunk& c) { chunk_scale<decltype(s)>(c.data, c.numel, value); },
       [&](const at::Tensor& t) { const_cast<at::Tensor&>(t).mul_(value); });
+  bump_versions(tensors);
 }
 
 void clamp_cpu(at::TensorList tensors, double min, double max) {
@@ -256,6 +274,7 @@ void clamp_cpu(at::TensorList tensors, double min, double max) {
       tensors, "clamp_",
       [&](auto s, const Chunk& c) { chunk_clamp<decltype(s)>(c.data, c.numel, min, max); },
       [&](const at::Tensor& t) { const_cast<at::Tensor&>(t).clamp_(min, max); });
+  bump_versions(tensors);
 }
 
 }  // namespace

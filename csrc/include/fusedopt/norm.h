@@ -1,0 +1,89 @@
+// The math of the global gradient norm, written once for the CPU and CUDA kernels.
+//
+// The p-norm of a list of tensors seen as one vector x (torch.nn.utils.get_total_norm):
+//
+//   p = 2        sqrt(sum x_i^2)
+//   p = 1        sum |x_i|
+//   p = inf      max |x_i|
+//   p = -inf     min |x_i|
+//   p = 0        number of tensors with an element != 0 (torch takes the norm of the
+//                per-tensor norms; for p = 0 that counts tensors, not elements)
+//   other p      (sum |x_i|^p)^(1/p)
+//
+// A kernel reduces with three steps: term() maps one element to its contribution, combine()
+// merges two partial results (sum, or max/min that propagates NaN like torch), and finish()
+// turns the total into the norm. Partial results of fp16/bf16/fp32 data are accumulated in
+// float over short runs and in double across runs; fp64 data in double throughout.
+#pragma once
+
+#include <cstdint>
+#if !defined(__CUDACC__) && !defined(__HIPCC__)
+#include <cmath>
+#include <limits>
+#endif
+
+#include "fusedopt/rules.h"  // FUSEDOPT_HD
+
+namespace fusedopt {
+namespace norm {
+
+enum class Kind : int32_t { kL2 = 0, kL1 = 1, kInf = 2, kNegInf = 3, kL0 = 4, kLp = 5 };
+
+// The kernel variant of a norm order.
+inline Kind kind_of(double p) {
+  if (p == 2.0) return Kind::kL2;
+  if (p == 1.0) return Kind::kL1;
+  if (p == 0.0) return Kind::kL0;
+  if (p > 0.0 && p * 0.5 == p) return Kind::kInf;   // +inf
+  if (p < 0.0 && p * 0.5 == p) return Kind::kNegInf;  // -inf
+  return Kind::kLp;
+}
+
+// Neutral element of combine(): 0 for sums, 0 for max |x|, +inf for min |x|.
+template <typename T>
+FUSEDOPT_HD T identity(Kind k) {
+  return k == Kind::kNegInf ? T(1) / T(0) : T(0);
+}
+
+template <typename T>
+FUSEDOPT_HD T pow_(T x, T y) {
+#if defined(__CUDA_ARCH__)
+  return ::pow(x, y);
+#else
+  return std::pow(x, y);
+#endif
+}
+
+template <typename T>
+FUSEDOPT_HD T abs_(T x) {
+  return x < T(0) ? -x : x;  // NaN stays NaN
+}
+
+// Contribution of one element (p is only used by kLp).
+template <Kind K, typename T>
+FUSEDOPT_HD T term(T x, T p) {
+  if (K == Kind::kL2) return x * x;
+  if (K == Kind::kL0) return x != T(0) ? T(1) : T(0);  // per element; NaN counts, as in torch
+  if (K == Kind::kLp) return pow_(abs_(x), p);
+  return abs_(x);  // kL1, kInf, kNegInf
+}
+
+// Merges two partial results. max/min keep a NaN from either side (a NaN anywhere makes
+// torch's inf-norm NaN); the expressions are branch-free selects so that loops vectorise.
+template <Kind K, typename T>
+FUSEDOPT_HD T combine(T acc, T v) {
+  if (K == Kind::kInf) return (v > acc || v != v) ? v : acc;
+  if (K == Kind::kNegInf) return (v < acc || v != v) ? v : acc;
+  return acc + v;
+}
+
+// The norm from the combined total.
+template <typename T>
+FUSEDOPT_HD T finish(Kind k, T total, T p) {
+  if (k == Kind::kL2) return rules::sqrt_(total);
+  if (k == Kind::kLp) return pow_(total, T(1) / p);
+  return total;
+}
+
+}  // namespace norm
+}  // namespace fusedopt
