@@ -27,6 +27,9 @@
 #endif
 
 TORCH_LIBRARY(fusedopt, m) {
+  // The fake (meta) implementations used by torch.compile live in Python; this tells torch
+  // which module to import for them when only fusedopt._C was imported.
+  m.set_python_module("fusedopt._ops");
   m.def(
       "adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, *, "

@@ -97,6 +97,11 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
     item.kernel(item, call, begin, end);
   });
   views.finish();
+  bump_versions(params);
+  bump_versions(exp_avgs);
+  bump_versions(exp_avg_sqs);
+  if (amsgrad) bump_versions(max_exp_avg_sqs);
+  bump_versions(state_steps);
 }
 
 }  // namespace

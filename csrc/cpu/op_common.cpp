@@ -94,6 +94,12 @@ double increment_step(const at::Tensor& step) {
   return *p;
 }
 
+void bump_versions(at::TensorList tensors) {
+  for (const at::Tensor& t : tensors) {
+    if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+  }
+}
+
 bool FlatViews::same_dense_layout(const at::Tensor* const* tensors, size_t n) {
   const at::Tensor& ref = *tensors[0];
   if (!ref.is_non_overlapping_and_dense()) return false;

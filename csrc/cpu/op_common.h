@@ -39,6 +39,10 @@ void check_step(const at::Tensor& step, const char* op, size_t i);
 // step += 1 in place; returns the new value. Call only after all validation passed.
 double increment_step(const at::Tensor& step);
 
+// Bumps the autograd version counter of every tensor in the list, as in-place torch ops do
+// (the dispatcher does not do it for custom ops). Inference tensors have no counter.
+void bump_versions(at::TensorList tensors);
+
 // Provides flat element arrays for the tensors of one work item. When every tensor of the
 // item is non-overlapping and dense with the param's strides (the usual case), the tensors'
 // own memory is used: element k of every array is the same logical element. Otherwise all

@@ -80,6 +80,8 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
     item.kernel(item, call, begin, end);
   });
   views.finish();
+  bump_versions(params);
+  if (uses_buffers) bump_versions(momentum_buffers);
 }
 
 }  // namespace
