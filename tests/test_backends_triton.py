@@ -1,0 +1,492 @@
+"""The triton backend against the reference backend and torch.optim.
+
+Without a GPU, the kernels run on CPU tensors in the Triton interpreter: this module sets
+``TRITON_INTERPRET=1`` when it is imported (pytest imports every test module before running any
+test). That is early enough even if other modules imported fusedopt or triton before: the kernels
+are defined (``@triton.jit``) when the backend's launcher is first imported, at the first step.
+With a GPU and without TRITON_INTERPRET, the same tests run on CUDA tensors with compiled kernels
+(the ``cuda`` params; ``benchmarks/gpu_check.sh`` runs them).
+
+Most tests shrink the launch configuration (``FUSEDOPT_TRITON_CONFIG``) so that small tensors
+straddle several tiles and programs: the interpreter is slow, and the multi-program paths (step
+counter hand-off, tail chunks) are what needs testing.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fusedopt  # noqa: E402
+from fusedopt import backends  # noqa: E402
+
+pytest.importorskip("triton")
+from fusedopt.backends.triton import config as triton_config  # noqa: E402
+from fusedopt.backends.triton import interpreting, tables  # noqa: E402
+
+INTERPRETED = interpreting()
+#: (device, reason to skip or None): CPU tensors need the interpreter, CUDA tensors need a GPU
+#: and compiled kernels.
+_DEVICES = {
+    "cpu": None if INTERPRETED else "CPU tensors need TRITON_INTERPRET=1",
+    "cuda": ("no CUDA device" if not torch.cuda.is_available() else
+             "TRITON_INTERPRET=1: CUDA tensors would run in the interpreter" if INTERPRETED else None),
+}
+DEVICES = [pytest.param(d, id=d, marks=[pytest.mark.skip(reason=r)] if r else
+                        ([pytest.mark.gpu] if d == "cuda" else [])) for d, r in _DEVICES.items()]
+DTYPES = [pytest.param(d, id=str(d).replace("torch.", "")) for d in
+          (torch.float32, torch.bfloat16, torch.float16)]
+#: tiles of 32 elements, 2 per program: a 100-element tensor spans 2 programs, 4 tiles
+SMALL_CONFIG = "float32=32x2x4,bfloat16=32x2x4,float16=32x2x4"
+SIZES = (0, 1, 31, 64, 65, 100, 200)
+
+
+@pytest.fixture(autouse=True)
+def _small_blocks(monkeypatch):
+    monkeypatch.setenv(triton_config.ENV_VAR, SMALL_CONFIG)
+    yield
+
+
+@pytest.fixture(scope="module")
+def triton_backend():
+    return backends.get("triton")
+
+
+REFERENCE = backends.get("reference")
+
+
+def launcher():
+    from fusedopt.backends.triton import launch
+    return launch
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def _randn(size, dtype, device, gen, scale=1.0):
+    shape = size if isinstance(size, tuple) else (size,)
+    return (torch.randn(shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+
+def _tolerances(dtype):
+    """fp32: a few ulp of accumulated rounding differences; 16-bit: one ulp of the storage."""
+    if dtype == torch.float32:
+        return dict(rtol=2e-6, atol=2e-7)
+    return dict(rtol=1e-2 if dtype == torch.bfloat16 else 1e-3, atol=1e-5)
+
+
+def _assert_lists_close(actual, expected, dtype, what):
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        torch.testing.assert_close(a.cpu(), e.cpu(), msg=lambda m: f"{what}[{i}]: {m}", **_tolerances(dtype))
+
+
+class AdamCase:
+    """Params, grads and Adam state for two backends, identical at the start."""
+
+    def __init__(self, sizes, dtype, device, seed=0, initial_step=0.0, amsgrad=True):
+        gen = torch.Generator().manual_seed(seed)
+        self.dtype = dtype
+        self.params = [_randn(s, dtype, device, gen) for s in sizes]
+        self.grad_steps = [[_randn(s, dtype, device, gen) for s in sizes] for _ in range(3)]
+        m = [_randn(s, dtype, device, gen, 0.1) for s in sizes]
+        v = [_randn(s, dtype, device, gen, 0.1).abs() for s in sizes]
+        self.state = dict(exp_avgs=m, exp_avg_sqs=v, max_exp_avg_sqs=[x * 1.5 for x in v] if amsgrad else [],
+                          state_steps=[torch.full((), initial_step, device=device) for _ in sizes])
+
+    def copy(self):
+        return [p.clone() for p in self.params], {k: [t.clone() for t in v] for k, v in self.state.items()}
+
+    def run(self, backend, params, state, steps=3, **hyper):
+        for k in range(steps):
+            backend.adam_(params, self.grad_steps[k % 3], state["exp_avgs"], state["exp_avg_sqs"],
+                          state["max_exp_avg_sqs"], state["state_steps"], **hyper)
+
+    def compare(self, backend, steps=3, **hyper):
+        mine, theirs = self.copy(), self.copy()
+        self.run(backend, *mine, steps=steps, **hyper)
+        self.run(REFERENCE, *theirs, steps=steps, **hyper)
+        _assert_lists_close(mine[0], theirs[0], self.dtype, "param")
+        for key in theirs[1]:
+            _assert_lists_close(mine[1][key], theirs[1][key],
+                                torch.float32 if key == "state_steps" else self.dtype, key)
+        return mine
+
+
+ADAM_DEFAULTS = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False,
+                     maximize=False, decoupled_weight_decay=False)
+ADAM_VARIANTS = {
+    "adam": {},
+    "adam-l2": dict(weight_decay=0.1),
+    "adamw": dict(weight_decay=0.1, decoupled_weight_decay=True),
+    "amsgrad-maximize": dict(amsgrad=True, maximize=True),
+    "adamw-amsgrad": dict(amsgrad=True, weight_decay=0.05, decoupled_weight_decay=True),
+    "beta1-zero": dict(beta1=0.0, beta2=0.5),
+}
+
+
+# ---- registration ----------------------------------------------------------------------------
+def test_registered_and_available_here():
+    assert backends.available()["triton"] is None
+    assert backends.get("triton").name == "triton"
+
+
+def test_supports_reasons(triton_backend):
+    assert triton_backend.supports(torch.device("cpu"), torch.float64) is not None
+    assert triton_backend.supports(torch.device("meta"), torch.float32) is not None
+    if INTERPRETED:
+        assert triton_backend.supports(torch.device("cpu"), torch.bfloat16) is None
+
+
+def test_config_override_parsing():
+    rows = triton_config.parse_overrides("float32=256x2x8, bfloat16=512x1x4")
+    assert rows[torch.float32] == triton_config.LaunchConfig(256, 2, 8)
+    assert rows[torch.bfloat16].chunk == 512
+    with pytest.raises(ValueError):
+        triton_config.parse_overrides("float32=100x2x4")  # not a power of two
+    with pytest.raises(ValueError):
+        triton_config.parse_overrides("float64=128x1x4")
+
+
+def test_is_dense():
+    x = torch.zeros(4, 6)
+    assert tables.is_dense(x) and tables.is_dense(x.t()) and tables.is_dense(x[:, :0])
+    assert not tables.is_dense(x[:, ::2]) and not tables.is_dense(x[:, :3])
+    assert not tables.is_dense(torch.zeros(3, 1).expand(3, 4))
+    assert tables.is_dense(torch.zeros(2, 3, 4, 5).to(memory_format=torch.channels_last))
+
+
+# ---- parity with the reference backend -------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", list(ADAM_VARIANTS))
+def test_adam_matches_reference(triton_backend, device, dtype, variant):
+    hyper = dict(ADAM_DEFAULTS, **ADAM_VARIANTS[variant])
+    case = AdamCase(SIZES, dtype, device, amsgrad=hyper["amsgrad"])
+    params, state = case.compare(triton_backend, **hyper)
+    assert all(s.item() == 3 for s in state["state_steps"])  # also the empty tensor's
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_adam_late_steps_bias_correction(triton_backend, device):
+    """Bias corrections at large step counts (and 1 - beta2**t near 0 at t = 1 is covered above)."""
+    for initial in (9.0, 999.0, 123456.0):
+        AdamCase((5, 70), torch.float32, device, initial_step=initial).compare(
+            triton_backend, **dict(ADAM_DEFAULTS, amsgrad=True))
+
+
+SGD_VARIANTS = {
+    "plain": dict(momentum=0.0),
+    "momentum": dict(momentum=0.9),
+    "dampening-wd": dict(momentum=0.9, dampening=0.3, weight_decay=0.01),
+    "nesterov-maximize": dict(momentum=0.8, nesterov=True, maximize=True, weight_decay=0.02),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", list(SGD_VARIANTS))
+def test_sgd_matches_reference(triton_backend, device, dtype, variant):
+    hyper = dict(dict(lr=0.05, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                      maximize=False), **SGD_VARIANTS[variant])
+    gen = torch.Generator().manual_seed(1)
+    params = [_randn(s, dtype, device, gen) for s in SIZES]
+    grads = [[_randn(s, dtype, device, gen) for s in SIZES] for _ in range(3)]
+    results = []
+    for backend in (triton_backend, REFERENCE):
+        p = [t.clone() for t in params]
+        bufs = [torch.zeros_like(t) for t in params] if hyper["momentum"] else []
+        for k in range(3):
+            backend.sgd_(p, grads[k], bufs, is_first_step=k == 0, **hyper)
+        results.append((p, bufs))
+    _assert_lists_close(results[0][0], results[1][0], dtype, "param")
+    _assert_lists_close(results[0][1], results[1][1], dtype, "momentum_buffer")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_tiny_tensors(triton_backend, device, monkeypatch):
+    """1000 tensors of 1..9 elements in one launch (default launch configuration)."""
+    monkeypatch.delenv(triton_config.ENV_VAR)
+    sizes = [1 + (i * 7) % 9 for i in range(1000)]
+    before = launcher().LAUNCHES["adam_kernel"]
+    AdamCase(sizes, torch.float32, device).compare(
+        triton_backend, steps=2, **dict(ADAM_DEFAULTS, weight_decay=0.1, decoupled_weight_decay=True))
+    assert launcher().LAUNCHES["adam_kernel"] - before == 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_default_config_straddling_chunks(triton_backend, device, monkeypatch):
+    """Default blocks: tensors just below, at and above one program's chunk, and several chunks."""
+    monkeypatch.delenv(triton_config.ENV_VAR)
+    chunk = triton_config.config_for(torch.float32).chunk
+    sizes = (chunk - 1, chunk, chunk + 1, 2 * chunk + 3)
+    AdamCase(sizes, torch.float32, device).compare(triton_backend, steps=2, **ADAM_DEFAULTS)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_inputs(triton_backend, device):
+    triton_backend.adam_([], [], [], [], [], [], **ADAM_DEFAULTS)
+    triton_backend.sgd_([], [], [], lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0,
+                        nesterov=False, maximize=False, is_first_step=True)
+    case = AdamCase((0, 0), torch.float32, device)
+    case.compare(triton_backend, **ADAM_DEFAULTS)
+
+
+# ---- GradScaler inputs, lr tensor -------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("algo", ["adam", "sgd"])
+def test_found_inf_changes_nothing(triton_backend, device, algo):
+    case = AdamCase(SIZES, torch.bfloat16, device, amsgrad=True)
+    params, state = case.copy()
+    bufs = [torch.randn_like(p) for p in params]
+    before = [t.clone() for t in params + bufs + [s for v in state.values() for s in v]]
+    found_inf = torch.ones((), device=device)
+    if algo == "adam":
+        case.run(triton_backend, params, state, steps=1, found_inf=found_inf,
+                 **dict(ADAM_DEFAULTS, amsgrad=True))
+    else:
+        triton_backend.sgd_(params, case.grad_steps[0], bufs, lr=0.1, momentum=0.9, dampening=0.0,
+                            weight_decay=0.1, nesterov=True, maximize=False, is_first_step=False,
+                            found_inf=found_inf)
+    after = params + bufs + [s for v in state.values() for s in v]
+    for b, a in zip(before, after):
+        assert torch.equal(b.view(torch.int16) if b.dtype == torch.bfloat16 else b,
+                           a.view(torch.int16) if a.dtype == torch.bfloat16 else a)
+    # found_inf == 0: an ordinary step
+    case.compare(triton_backend, steps=1, found_inf=torch.zeros((), device=device),
+                 **dict(ADAM_DEFAULTS, amsgrad=True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grad_scale_divides_and_never_writes(triton_backend, device):
+    case = AdamCase(SIZES, torch.float32, device)
+    grads_before = [g.clone() for g in case.grad_steps[0]]
+    scale = torch.full((), 1024.0, device=device)
+    case.compare(triton_backend, steps=1, grad_scale=scale, **ADAM_DEFAULTS)
+    for g, b in zip(case.grad_steps[0], grads_before):
+        assert torch.equal(g, b)
+    gen = torch.Generator().manual_seed(3)
+    params = [_randn(s, torch.float32, device, gen) for s in SIZES]
+    grads = [_randn(s, torch.float32, device, gen) for s in SIZES]
+    results = []
+    for backend in (triton_backend, REFERENCE):
+        p = [t.clone() for t in params]
+        backend.sgd_(p, grads, [], lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                     nesterov=False, maximize=False, is_first_step=False, grad_scale=scale)
+        results.append(p)
+    _assert_lists_close(results[0], results[1], torch.float32, "param")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lr_tensor_equals_float_lr(triton_backend, device):
+    case = AdamCase(SIZES, torch.float32, device)
+    by_float, by_tensor = case.copy(), case.copy()
+    hyper = dict(ADAM_DEFAULTS, weight_decay=0.1, decoupled_weight_decay=True)
+    case.run(triton_backend, *by_float, **hyper)
+    case.run(triton_backend, *by_tensor, **dict(hyper, lr=torch.tensor(1e-2, device=device)))
+    for a, b in zip(by_float[0], by_tensor[0]):
+        assert torch.equal(a, b)
+    case.compare(triton_backend, **dict(hyper, lr=torch.tensor(3e-3, device=device, dtype=torch.float64)))
+
+
+# ---- one launch per dtype, the table cache --------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_launch_per_dtype(triton_backend, device):
+    launch = launcher()
+    gen = torch.Generator().manual_seed(5)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16] * 10
+    params = [_randn(7 + i, d, device, gen) for i, d in enumerate(dtypes)]
+    grads = [torch.ones_like(p) for p in params]
+    bufs = [torch.zeros_like(p) for p in params]
+    m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    steps = [torch.zeros((), device=device) for _ in params]
+    counts = dict(launch.LAUNCHES)
+    triton_backend.adam_(params, grads, m, v, [], steps, **ADAM_DEFAULTS)
+    triton_backend.sgd_(params, grads, bufs, lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0,
+                        nesterov=False, maximize=False, is_first_step=True)
+    assert launch.LAUNCHES["adam_kernel"] - counts.get("adam_kernel", 0) == 3
+    assert launch.LAUNCHES["sgd_kernel"] - counts.get("sgd_kernel", 0) == 3
+    triton_backend.sgd_(params[::3], grads[::3], bufs[::3], lr=0.1, momentum=0.9, dampening=0.0,
+                        weight_decay=0.0, nesterov=False, maximize=False, is_first_step=False)
+    assert launch.LAUNCHES["sgd_kernel"] - counts.get("sgd_kernel", 0) == 4  # 10 fp32 tensors: 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_table_cache_reuse_and_rebuild(triton_backend, device):
+    plans = tables.PLANS
+    case = AdamCase((10, 100, 3), torch.float32, device)
+    params, state = case.copy()
+    hyper = dict(ADAM_DEFAULTS, amsgrad=True)
+    case.run(triton_backend, params, state, steps=1, **hyper)
+    builds = plans.builds
+    case.run(triton_backend, params, state, steps=2, **hyper)
+    assert plans.builds == builds, "unchanged tensors must reuse the tables"
+    # same tensors in new list objects (the functional API builds lists per call): still cached
+    triton_backend.adam_(list(params), list(case.grad_steps[0]), *[list(state[k]) for k in state], **hyper)
+    assert plans.builds == builds
+    # a reallocated state tensor (same values, new address): new tables, same numbers
+    state["exp_avgs"][1] = state["exp_avgs"][1].clone()
+    params[2].data = params[2].data.clone()
+    reference_params, reference_state = [p.clone() for p in params], {k: [t.clone() for t in v] for k, v in state.items()}
+    case.run(triton_backend, params, state, steps=1, **hyper)
+    assert plans.builds == builds + 1
+    case.run(REFERENCE, reference_params, reference_state, steps=1, **hyper)
+    _assert_lists_close(params, reference_params, torch.float32, "param")
+    _assert_lists_close(state["exp_avgs"], reference_state["exp_avgs"], torch.float32, "exp_avg")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_moved_gradients_rebuild_only_the_gradient_table(triton_backend, device):
+    case = AdamCase((10, 100), torch.float32, device)
+    params, state = case.copy()
+    case.run(triton_backend, params, state, steps=1, **ADAM_DEFAULTS)
+    plan = tables.PLANS.get("adam", ("param_ptrs", "exp_avg_ptrs", "exp_avg_sq_ptrs"),
+                            [params, state["exp_avgs"], state["exp_avg_sqs"]], state["state_steps"])
+    builds, grad_builds = tables.PLANS.builds, plan.builds_of_grad_tables
+    fresh = [g.clone() for g in case.grad_steps[0]]  # zero_grad(set_to_none=True) + backward
+    triton_backend.adam_(params, fresh, state["exp_avgs"], state["exp_avg_sqs"], [], state["state_steps"],
+                         **ADAM_DEFAULTS)
+    assert tables.PLANS.builds == builds
+    assert plan.builds_of_grad_tables == grad_builds + 1
+
+
+# ---- layouts ---------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:fusedopt triton:RuntimeWarning")
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_layouts(triton_backend, device):
+    """Dense transposed params (kernel), strided views (reference fallback), and gradients laid
+    out differently from their param (copied for the kernel) all give the reference numbers."""
+    gen = torch.Generator().manual_seed(7)
+    base = _randn((8, 40), torch.float32, device, gen)
+    params = [
+        _randn((40, 6), torch.float32, device, gen).t(),       # dense, column-major
+        base[:, ::2],                                            # not dense: fallback
+        _randn((5, 9), torch.float32, device, gen),             # contiguous, grad transposed
+        _randn(50, torch.float32, device, gen),
+    ]
+    grads = [torch.randn_like(params[0]), torch.randn_like(params[1]),
+             _randn((9, 5), torch.float32, device, gen).t(), _randn(50, torch.float32, device, gen)]
+    results = []
+    for backend in (triton_backend, REFERENCE):
+        p = [t.clone() if i != 1 else base.clone()[:, ::2] for i, t in enumerate(params)]
+        m = [torch.zeros_like(t) for t in params]
+        v = [torch.zeros_like(t) for t in params]
+        steps = [torch.zeros((), device=device) for _ in params]
+        for _ in range(2):
+            backend.adam_(p, grads, m, v, [], steps, **dict(ADAM_DEFAULTS, weight_decay=0.1))
+        results.append((p, m, v, steps))
+        if backend is triton_backend:
+            plan = tables.PLANS.get("adam", ("param_ptrs", "exp_avg_ptrs", "exp_avg_sq_ptrs"),
+                                    [p, m, v], steps)
+            assert plan.fallback == [1]
+            assert [i for i, _ in plan.buckets[0].grad_copies] == [2]
+    for a, b, name in zip(results[0], results[1], ("param", "exp_avg", "exp_avg_sq", "step")):
+        _assert_lists_close(a, b, torch.float32, name)
+
+
+# ---- the optimizer front end against torch.optim ---------------------------------------------
+FRONT_END_CASES = {
+    "SGD-nesterov": ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    "SGD-dampening": ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.2)),
+    "Adam-amsgrad": ("Adam", dict(lr=1e-2, amsgrad=True, weight_decay=0.1)),
+    "AdamW-maximize": ("AdamW", dict(lr=1e-2, weight_decay=0.05, maximize=True)),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(FRONT_END_CASES))
+def test_optimizer_front_end_matches_torch_optim(device, case):
+    name, kwargs = FRONT_END_CASES[case]
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(3, 70), (70,), (1,), (2, 3, 5)]
+    init = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    grads = [[torch.randn(s, generator=gen).to(device) for s in shapes] for _ in range(10)]
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    theirs = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = getattr(fusedopt.optim, name)(ours, backend="triton", **kwargs)
+    ref = getattr(torch.optim, name)(theirs, foreach=False, **kwargs)
+    for step in range(10):
+        for p, q, g in zip(ours, theirs, grads[step]):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        for key, value in ref.state[q].items():
+            torch.testing.assert_close(opt.state[p][key].cpu().to(value.dtype), value.cpu(), rtol=1e-5,
+                                       atol=1e-6, msg=lambda m: f"state {key}: {m}")
+
+
+# ---- torch.compile ---------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_step_has_no_graph_break(triton_backend, device):
+    from fusedopt.backends.triton import compile_ops
+    if not compile_ops.AVAILABLE:
+        pytest.skip("torch.library.custom_op is unavailable in this torch")
+    case = AdamCase((10, 70), torch.float32, device)
+    eager, compiled = case.copy(), case.copy()
+    hyper = dict(ADAM_DEFAULTS, weight_decay=0.1, decoupled_weight_decay=True)
+    grads = case.grad_steps[0]
+
+    def step(params, state, lr):
+        triton_backend.adam_(params, grads, state["exp_avgs"], state["exp_avg_sqs"], [],
+                             state["state_steps"], **dict(hyper, lr=lr))
+
+    torch._dynamo.reset()
+    lr = torch.tensor(1e-2, device=device)
+    fn = torch.compile(step, backend="aot_eager", fullgraph=True)  # fullgraph: a break raises
+    for _ in range(2):
+        fn(compiled[0], compiled[1], lr)
+        step(eager[0], eager[1], lr)
+    for a, b in zip(eager[0] + eager[1]["exp_avgs"] + eager[1]["state_steps"],
+                    compiled[0] + compiled[1]["exp_avgs"] + compiled[1]["state_steps"]):
+        assert torch.equal(a, b)
+
+
+# ---- the compiled (GPU) kernels build, checked without a GPU ---------------------------------
+_COMPILE_CHECK = textwrap.dedent("""
+    import triton, triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from fusedopt.backends.triton.adam_kernel import adam_kernel
+    from fusedopt.backends.triton.sgd_kernel import sgd_kernel
+
+    def signature(kernel, constants):
+        types = {"arrivals": "*i32", "lr": "fp32", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32",
+                 "found_inf_ptr": "*fp32"}
+        return {n: "constexpr" if n in constants else types.get(n, "*i64" if not n.endswith(
+            ("beta1", "beta2", "eps", "decay", "momentum", "dampening")) else "fp32")
+            for n in kernel.arg_names}
+
+    common = dict(DTYPE=tl.bfloat16, BLOCK=2048, TILES=2, ALIGNED=True, MAXIMIZE=True,
+                  HAS_WEIGHT_DECAY=True, LR_ON_DEVICE=True, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True)
+    for kernel, constants in (
+            (adam_kernel, dict(common, STEP_DTYPE=tl.float32, AMSGRAD=True, DECOUPLED=True)),
+            (sgd_kernel, dict(common, HAS_MOMENTUM=True, NESTEROV=True, FIRST_STEP=False))):
+        source = ASTSource(fn=kernel, signature=signature(kernel, constants),
+                           constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()})
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+        assert "ld.global.v4" in ptx, kernel  # 128-bit vector loads on the aligned path
+        print(kernel.__name__, "ok")
+""")
+
+
+def test_kernels_compile_for_a_gpu_target():
+    """Compile both kernels for sm_90 in a fresh process (no interpreter): catches code that the
+    interpreter accepts but the compiler rejects, and checks the aligned path vectorises."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(fusedopt.__file__)),
+                                                      env.get("PYTHONPATH")]))
+    start = time.time()
+    result = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], env=env, capture_output=True,
+                            text=True, timeout=300)
+    if result.returncode != 0 and ("GPUTarget" in result.stderr and "ImportError" in result.stderr):
+        pytest.skip("this triton cannot compile for a CUDA target here")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("ok") == 2, (result.stdout, time.time() - start)
