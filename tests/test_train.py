@@ -27,7 +27,7 @@ from fusedopt.train.distributed import DistContext
 from fusedopt.train.loop import Trainer, train
 from fusedopt.train.metrics import read_jsonl
 from fusedopt.train.model import CharTransformer, param_groups
-from fusedopt.train.optimizers import lr_factor
+from fusedopt.train.optimizers import build_scheduler
 
 REPO = Path(__file__).resolve().parents[1]
 METRIC_KEYS = ("loss", "lr", "grad_norm", "eval_loss")
@@ -36,7 +36,7 @@ METRIC_KEYS = ("loss", "lr", "grad_norm", "eval_loss")
 def tiny_cfg(out_dir, **overrides) -> TrainConfig:
     """A config that trains in milliseconds per step on one CPU thread."""
     base = dict(data="synthetic", seq_len=16, n_layer=1, n_head=2, d_model=32, batch_size=8,
-                max_steps=6, lr=1e-2, warmup_steps=2, log_every=1, eval_every=3, eval_sequences=32,
+                max_steps=6, lr=1e-2, warmup_steps=1, log_every=1, eval_every=3, eval_sequences=32,
                 save_every=0, progress=False, num_threads=1, device="cpu", out_dir=str(out_dir),
                 optimizer_lib="fusedopt", backend="reference")
     base.update(overrides)
@@ -250,7 +250,8 @@ def test_embedded_default_runs_and_loss_falls(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(optimizer="sgd", optimizer_lib="fusedopt", nesterov=True, scheduler="linear"),
+    dict(optimizer="sgd", optimizer_lib="fusedopt", nesterov=True, scheduler="wsd"),
+    dict(optimizer="adamw", optimizer_lib="fusedopt", backend="cpu", scheduler="linear"),
     dict(optimizer="adam", optimizer_lib="torch", backend="auto", scheduler="constant"),
     dict(optimizer="adamw", amp="bf16", clip_grad_norm=0.0),
 ])
@@ -261,14 +262,30 @@ def test_optimizer_scheduler_and_amp_choices_train(tmp_path, overrides):
     assert losses[-1] < losses[0]
 
 
-def test_lr_schedule_warmup_then_decay():
+def lrs(cfg, steps):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = build_scheduler(cfg, opt)
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_lr_schedules_warm_up_then_decay():
     cfg = TrainConfig(lr=1.0, warmup_steps=4, max_steps=14, scheduler="cosine", min_lr_ratio=0.1)
-    factors = [lr_factor(s, cfg) for s in range(14)]
-    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert all(a >= b for a, b in zip(factors[3:], factors[4:]))
-    assert lr_factor(14, cfg) == pytest.approx(0.1)
-    lin = TrainConfig(warmup_steps=0, max_steps=10, scheduler="linear", min_lr_ratio=0.0)
-    assert lr_factor(5, lin) == pytest.approx(0.5)
+    cosine = lrs(cfg, 15)
+    assert cosine[0] == pytest.approx(0.25) and cosine[4] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(cosine[:4], cosine[1:5]))  # warmup rises
+    assert all(a > b for a, b in zip(cosine[4:14], cosine[5:15]))  # then decays
+    assert cosine[14] == pytest.approx(0.1)
+    linear = lrs(cfg.replace(scheduler="linear"), 15)
+    assert linear[9] == pytest.approx(1.0 - 0.9 * 5 / 10) and linear[14] == pytest.approx(0.1)
+    wsd = lrs(cfg.replace(scheduler="wsd", wsd_decay_fraction=0.5), 15)
+    assert wsd[4:8] == [pytest.approx(1.0)] * 4 and wsd[10] < 1.0 and wsd[14] == pytest.approx(0.1)
+    constant = lrs(cfg.replace(scheduler="constant"), 15)
+    assert constant[4:] == [pytest.approx(1.0)] * 11
 
 
 # --------------------------------------------------------------- building blocks
@@ -307,9 +324,12 @@ def test_sharded_sampler_splits_global_batches_and_is_deterministic():
 def test_config_precedence_defaults_file_cli(tmp_path):
     assert parse_config([]) == TrainConfig()
     js = tmp_path / "c.json"
+    # The file alone is inconsistent (warmup 20 >= 7 steps); the flags fix it.
     js.write_text(json.dumps({"lr": 0.5, "max_steps": 7, "optimizer": "sgd"}))
-    cfg = parse_config(["--config", str(js), "--max-steps", "9", "--no-progress"])
-    assert (cfg.lr, cfg.max_steps, cfg.optimizer, cfg.progress) == (0.5, 9, "sgd", False)
+    cfg = parse_config(["--config", str(js), "--max-steps", "90", "--no-progress"])
+    assert (cfg.lr, cfg.max_steps, cfg.optimizer, cfg.progress) == (0.5, 90, "sgd", False)
+    with pytest.raises(ConfigError, match="warmup_steps=20 must be < max_steps=7"):
+        parse_config(["--config", str(js)])
     ym = tmp_path / "c.yaml"
     ym.write_text("batch-size: 12\namp: bf16\nprogress: false\n")
     cfg = parse_config(["--config", str(ym), "--batch-size", "4"])
@@ -346,6 +366,7 @@ def test_cli_rejects_bad_values(argv, message, capsys):
     ({"lr": "fast"}, "option 'lr' in config must be float"),
     ({"lerning_rate": 1.0}, "unknown option 'lerning_rate'"),
     ({"d_model": 30, "n_head": 4}, "not divisible by n_head"),
+    ({"warmup_steps": 50, "max_steps": 50}, "warmup_steps=50 must be < max_steps=50"),
 ])
 def test_config_file_values_are_validated(values, message):
     with pytest.raises(ConfigError, match=message):
@@ -385,7 +406,7 @@ def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):
         train(cfg.replace(resume=str(garbage)))
 
     # A valid checkpoint of a different model is refused with the reason.
-    train(tiny_cfg(tmp_path / "c", max_steps=1, save_every=1))
+    train(tiny_cfg(tmp_path / "c", max_steps=1, save_every=1, warmup_steps=0))
     with pytest.raises(ckpt.CheckpointError, match="d_model=32 \\(now 64\\)"):
         train(tiny_cfg(tmp_path / "c", max_steps=2, d_model=64, resume="auto"))
 

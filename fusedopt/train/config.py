@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 OPTIMIZERS = ("adamw", "adam", "sgd")
 OPTIMIZER_LIBS = ("fusedopt", "torch")
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
-SCHEDULERS = ("cosine", "linear", "constant")
+SCHEDULERS = ("cosine", "linear", "wsd", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -89,9 +89,18 @@ class TrainConfig:
     )
 
     # lr schedule
-    scheduler: str = _opt("cosine", "learning-rate schedule after warmup", SCHEDULERS, group="schedule")
-    warmup_steps: int = _opt(20, "linear warmup steps from lr/warmup_steps to lr", group="schedule")
-    min_lr_ratio: float = _opt(0.1, "final lr as a fraction of the peak (cosine/linear)", group="schedule")
+    scheduler: str = _opt(
+        "cosine", "learning-rate shape after warmup (fusedopt.lr_scheduler): cosine decay, linear "
+        "decay, wsd (constant, then linear decay over the last wsd_decay_fraction of training), "
+        "or constant", SCHEDULERS, group="schedule",
+    )
+    warmup_steps: int = _opt(
+        20, "linear warmup steps from lr/warmup_steps to lr (must be < max_steps)", group="schedule"
+    )
+    min_lr_ratio: float = _opt(
+        0.1, "lr reached at max_steps, as a fraction of the peak (cosine/linear/wsd)", group="schedule"
+    )
+    wsd_decay_fraction: float = _opt(0.2, "wsd: fraction of max_steps spent decaying", group="schedule")
 
     # precision / runtime
     amp: str = _opt(
@@ -166,6 +175,12 @@ class TrainConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.warmup_steps >= self.max_steps:
+            raise ConfigError(
+                f"warmup_steps={self.warmup_steps} must be < max_steps={self.max_steps}"
+            )
+        if not 0.0 < self.wsd_decay_fraction <= 1.0:
+            raise ConfigError(f"wsd_decay_fraction must be in (0, 1], got {self.wsd_decay_fraction}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.optimizer_lib == "torch" and self.backend != "auto":
@@ -264,8 +279,9 @@ def load_config_file(path: str) -> Dict[str, Any]:
 
 
 def config_from_mapping(values: Mapping[str, Any], base: Optional[TrainConfig] = None,
-                        source: str = "config") -> TrainConfig:
-    """Apply ``values`` (snake_case or dashed keys) on top of ``base``; validate types."""
+                        source: str = "config", validate: bool = True) -> TrainConfig:
+    """Apply ``values`` (snake_case or dashed keys) on top of ``base``; check types, and
+    with ``validate`` also the values (:meth:`TrainConfig.validate`)."""
     base = base or TrainConfig()
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     changes: Dict[str, Any] = {}
@@ -284,7 +300,8 @@ def config_from_mapping(values: Mapping[str, Any], base: Optional[TrainConfig] =
             )
         changes[key] = value
     cfg = dataclasses.replace(base, **changes)
-    cfg.validate()
+    if validate:
+        cfg.validate()
     return cfg
 
 
@@ -298,5 +315,7 @@ def parse_config(argv: Optional[List[str]] = None) -> TrainConfig:
     config_path = args.pop("config", None)
     cfg = TrainConfig()
     if config_path:
-        cfg = config_from_mapping(load_config_file(config_path), cfg, source=config_path)
+        # Validated together with the flags below (they may fix a combination).
+        cfg = config_from_mapping(load_config_file(config_path), cfg, source=config_path,
+                                  validate=False)
     return config_from_mapping(args, cfg, source="command line")

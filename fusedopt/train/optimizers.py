@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import math
 from typing import Callable, Dict, Iterable, List
 
 import torch
@@ -69,30 +68,30 @@ def describe_optimizer(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> st
     return name
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of the peak lr used by optimizer step ``step`` (0-based)."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.scheduler == "constant":
-        return 1.0
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    floor = cfg.min_lr_ratio
-    if cfg.scheduler == "cosine":
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return 1.0 - (1.0 - floor) * progress  # linear
-
-
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
-    """Warmup followed by cosine/linear decay or a constant lr, as a torch LambdaLR.
+    """Linear warmup then the ``--scheduler`` shape, from :mod:`fusedopt.lr_scheduler`.
 
-    The lambda is a closure (not an object), so the scheduler's state_dict holds
-    only the step count and a resumed run may change ``max_steps``.
+    The warmup starts at ``lr / warmup_steps`` (not 0, so no step is wasted) and
+    reaches ``lr`` after ``warmup_steps`` steps; decays end at ``min_lr_ratio * lr``
+    at ``max_steps``.  The schedulers are closed-form in the step, so a resumed
+    run gets exactly the same lrs.
     """
-    def factor(step: int) -> float:
-        return lr_factor(step, cfg)
+    from fusedopt import lr_scheduler as sched
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    warmup = cfg.warmup_steps
+    start = 1.0 / warmup if warmup else 1.0
+    if cfg.scheduler == "cosine":
+        return sched.WarmupCosineLR(optimizer, warmup_steps=warmup, total_steps=cfg.max_steps,
+                                    min_lr_ratio=cfg.min_lr_ratio, warmup_start_factor=start)
+    if cfg.scheduler in ("linear", "wsd"):
+        decay = cfg.max_steps - warmup
+        if cfg.scheduler == "wsd":
+            decay = min(decay, max(1, round(cfg.wsd_decay_fraction * cfg.max_steps)))
+        return sched.WarmupStableDecayLR(optimizer, warmup_steps=warmup, total_steps=cfg.max_steps,
+                                         decay_steps=decay, decay_type="linear",
+                                         min_lr_ratio=cfg.min_lr_ratio, warmup_start_factor=start)
+    # constant after warmup
+    return sched.LinearLR(optimizer, start_factor=start, end_factor=1.0, total_iters=warmup)
 
 
 def resolve_clip_fn() -> Callable:
