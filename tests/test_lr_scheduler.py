@@ -361,7 +361,8 @@ def test_warm_restarts_fractional_epochs_match_torch():
 
 
 def test_warm_restarts_closed_form_at_exact_restart_points():
-    """With T_mult=10, float log() puts epoch 110 (a restart) in the wrong period; we do not."""
+    """With T_mult=10, float log() puts epoch 1110 (a restart) in the wrong period (torch 2.14 gives
+    eta_min there); we walk the restart points in integers."""
     optimizer = make_optimizer(lrs=(1.0,))
     scheduler = fls.CosineAnnealingWarmRestarts(optimizer, T_0=10, T_mult=10)
     for restart in (10, 110, 1110):
@@ -727,6 +728,32 @@ def test_one_cycle_past_total_steps_raises_like_torch():
             scheduler.step()
 
 
+def test_one_cycle_zero_length_phase_ends_at_its_target():
+    """pct_start=1.0 leaves the decay phase empty; torch divides by zero at the last step."""
+    optimizer = make_optimizer(lrs=(1.0,))
+    scheduler = fls.OneCycleLR(optimizer, max_lr=1.0, total_steps=10, pct_start=1.0, cycle_momentum=False)
+    values = trace_of(scheduler, optimizer, 10)
+    assert values[9] == pytest.approx(1.0) and values[10] == pytest.approx(1.0 / 25 / 1e4)
+
+
+def test_subclass_written_for_torch_works():
+    class HalvingLR(fls.LRScheduler):
+        def get_lr(self):
+            return [lr * 0.5 if self.last_epoch > 0 else lr for lr in self.base_lrs] if self._is_initial else \
+                [group["lr"] * 0.5 for group in self.optimizer.param_groups]
+
+        def _get_closed_form_lr(self):
+            return [base * 0.5 ** self.last_epoch for base in self.base_lrs]
+
+    optimizer = make_optimizer(lrs=(1.0,))
+    scheduler = HalvingLR(optimizer)
+    scheduler.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == 0.25
+    scheduler.step(5)
+    assert optimizer.param_groups[0]["lr"] == 0.5 ** 5
+
+
 def test_deprecated_epoch_argument_and_verbose_warn():
     optimizer = make_optimizer()
     with pytest.warns(UserWarning, match="verbose"):
@@ -823,6 +850,15 @@ def test_skip_aware_scheduler_wraps_step_of_optimizers_without_hooks():
     scheduler.remove()
     duck.step()
     assert scheduler.step() is False and duck.steps == 4
+
+
+def test_skip_aware_scheduler_wraps_torch_schedulers_too():
+    param = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    scheduler = fls.SkipAwareScheduler(tls.StepLR(optimizer, step_size=1, gamma=0.5))
+    assert scheduler.step() is False
+    optimizer.step()
+    assert scheduler.step() is True and optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
 
 
 def test_skip_aware_scheduler_passes_metrics_to_plateau():

@@ -250,8 +250,12 @@ class LRScheduler:
 
     def _closed_form_lr(self) -> Optional[List[Any]]:
         """The schedule at ``self.last_epoch`` computed from ``base_lrs`` only, or None if the
-        schedule has no closed form (then :meth:`get_lr` is used)."""
-        return None
+        schedule has no closed form (then :meth:`get_lr` is used).
+
+        A subclass written for torch may define ``_get_closed_form_lr`` instead; it is used.
+        """
+        torch_style = getattr(self, "_get_closed_form_lr", None)
+        return torch_style() if callable(torch_style) else None
 
     # -- stepping ------------------------------------------------------------------------------
 

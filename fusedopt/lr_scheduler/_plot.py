@@ -140,7 +140,7 @@ def draw_curves(curves: Mapping[str, Sequence[float]], path: str, log_scale: boo
                 title: Optional[str] = None) -> None:
     """Draw ``{label: values}`` (as returned by :func:`plot_schedule`) to a PNG at ``path``."""
     Figure, FigureCanvasAgg = _require_matplotlib()
-    figure = Figure(figsize=(9, 5), dpi=110)
+    figure = Figure(figsize=(9, 4.5 + 0.22 * len(curves)), dpi=110)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
     for label, values in curves.items():
@@ -150,11 +150,11 @@ def draw_curves(curves: Mapping[str, Sequence[float]], path: str, log_scale: boo
     if log_scale:
         axes.set_yscale("log")
     axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=7, loc="best")
     if title:
         axes.set_title(title)
-    figure.tight_layout()
-    figure.savefig(path)
+    # below the axes, so that it never hides a curve
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.12), frameon=False)
+    figure.savefig(path, bbox_inches="tight")
 
 
 def format_table(curves: Mapping[str, Sequence[float]], at: Sequence[int]) -> str:
