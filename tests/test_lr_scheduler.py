@@ -347,6 +347,17 @@ def test_closed_form_matches_torch_and_the_recursion(name, data):
             assert abs(closed - stepped) <= 1e-9 * base, f"epoch {epoch}: closed {closed} vs recursive {stepped}"
 
 
+def test_linear_lr_with_zero_total_iters_keeps_the_start_factor_like_torch():
+    """fusedopt.train builds LinearLR(total_iters=warmup_steps) and warmup_steps may be 0."""
+    for start in (1.0, 0.25):
+        traces = compare_runs(lambda m, o: m.LinearLR(o, start_factor=start, total_iters=0), 50)
+        assert traces[-1][0] == pytest.approx(0.1 * start)
+        optimizer = make_optimizer()
+        scheduler = fls.LinearLR(optimizer, start_factor=start, total_iters=0)
+        scheduler.step(20)
+        assert snapshot(optimizer)[0] == pytest.approx(0.1 * start)
+
+
 def test_warm_restarts_fractional_epochs_match_torch():
     pair = []
     for module in (tls, fls):
@@ -657,6 +668,7 @@ BAD_ARGUMENTS = [
     (lambda o: fls.LinearLR(o, start_factor=0.0), "start_factor"),
     (lambda o: fls.LinearLR(o, end_factor=1.1), "end_factor"),
     (lambda o: fls.PolynomialLR(o, total_iters=0), "total_iters"),
+    (lambda o: fls.LinearLR(o, total_iters=-1), "total_iters"),
     (lambda o: fls.PolynomialLR(o, power=-1), "power"),
     (lambda o: fls.CosineAnnealingLR(o, T_max=0), "T_max"),
     (lambda o: fls.CosineAnnealingLR(o, T_max=10, eta_min=-1), "eta_min"),

@@ -194,7 +194,8 @@ class LinearLR(_RatioChain):
         optimizer: wrapped optimizer.
         start_factor: factor at epoch 0, in (0, 1]. Default: 1/3.
         end_factor: factor from epoch ``total_iters`` on, in [0, 1]. Default: 1.0.
-        total_iters: epochs to go from start to end factor (>= 1). Default: 5.
+        total_iters: epochs to go from start to end factor (>= 0). Default: 5. With 0 (as in
+            torch) the factor stays ``start_factor``: use it for "no warmup" with start = end.
         last_epoch: index of the last epoch; -1 starts a new schedule.
     """
 
@@ -202,7 +203,7 @@ class LinearLR(_RatioChain):
                  total_iters: int = 5, last_epoch: int = -1, verbose: Any = "deprecated") -> None:
         self.start_factor = check_real("start_factor", start_factor, low=0.0, high=1.0, low_inclusive=False)
         self.end_factor = check_real("end_factor", end_factor, low=0.0, high=1.0)
-        self.total_iters = check_int("total_iters", total_iters, minimum=1)
+        self.total_iters = check_int("total_iters", total_iters, minimum=0)
         super().__init__(optimizer, last_epoch, verbose)
 
     def _ratio(self) -> Optional[float]:
@@ -216,6 +217,8 @@ class LinearLR(_RatioChain):
         return 1.0 + slope / previous_factor_times_total
 
     def _closed_form_lr(self) -> List[Any]:
+        if self.total_iters == 0:  # what the step-by-step form gives (torch divides by zero here)
+            return [base_lr * self.start_factor for base_lr in self.base_lrs]
         progress = min(self.total_iters, self.last_epoch)
         slope = self.end_factor - self.start_factor
         return [base_lr * (self.start_factor + slope * progress / self.total_iters) for base_lr in self.base_lrs]
