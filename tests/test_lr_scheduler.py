@@ -6,7 +6,6 @@ state_dict, and the deprecated step(epoch) closed form.
 """
 from __future__ import annotations
 
-import copy
 import math
 import pickle
 import subprocess
@@ -345,6 +344,17 @@ def test_closed_form_matches_torch_and_the_recursion(name, data):
         jumper.step(epoch)
         for closed, stepped, base in zip(snapshot(optimizer), recursive[epoch], (0.1, 0.03, 0.5)):
             assert abs(closed - stepped) <= 1e-9 * base, f"epoch {epoch}: closed {closed} vs recursive {stepped}"
+
+
+@pytest.mark.parametrize("build", [
+    lambda m, o: m.CosineAnnealingLR(o, T_max=333, eta_min=1e-4),
+    lambda m, o: m.CosineAnnealingWarmRestarts(o, T_0=50, T_mult=2, eta_min=1e-5),
+    lambda m, o: m.CyclicLR(o, 1e-3, 0.3, step_size_up=170, step_size_down=90, mode="exp_range", gamma=0.9995),
+    lambda m, o: m.ChainedScheduler([m.ExponentialLR(o, gamma=0.9995), m.MultiplicativeLR(o, lambda e: 1.0001)]),
+    lambda m, o: m.OneCycleLR(o, max_lr=[0.3, 0.1, 1.0], total_steps=5000, three_phase=True),
+], ids=["cosine", "warm_restarts", "cyclic_exp_range", "chained", "one_cycle"])
+def test_long_horizon_5000_steps_matches_torch(build):
+    compare_runs(build, 5000)
 
 
 def test_linear_lr_with_zero_total_iters_keeps_the_start_factor_like_torch():

@@ -23,7 +23,7 @@ from ._base import (
 FloatOrList = Union[float, Sequence[float]]
 
 
-def _momentum_key(optimizer: Any) -> bool:
+def _uses_beta1(optimizer: Any) -> bool:
     """True if the optimizer's momentum is ``betas[0]`` (Adam-like), False if it is ``momentum``."""
     defaults = getattr(optimizer, "defaults", None) or optimizer.param_groups[0]
     if "betas" in defaults:
@@ -48,7 +48,7 @@ class _MomentumCycle:
         self.cycle_momentum = bool(cycle_momentum)
         if not self.cycle_momentum:
             return
-        self.use_beta1 = _momentum_key(optimizer)
+        self.use_beta1 = _uses_beta1(optimizer)
         self.base_momentums = per_group("base_momentum", base_momentum, optimizer)
         self.max_momentums = per_group("max_momentum", max_momentum, optimizer)
         _check_non_negative_each("base_momentum", self.base_momentums)
