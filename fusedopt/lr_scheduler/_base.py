@@ -173,7 +173,7 @@ class MissingGroupKeyError(KeyError, ValueError):
 
 
 def check_verbose(verbose: Any) -> None:
-    """torch 2.5/2.6 constructors took a deprecated ``verbose``; accept it, warn, ignore it."""
+    """Older torch constructors took a deprecated ``verbose``; accept it, warn, ignore it."""
     if verbose != "deprecated":
         warnings.warn(
             "the verbose argument of LR schedulers is deprecated and ignored; use get_last_lr() "
