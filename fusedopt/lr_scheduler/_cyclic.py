@@ -175,10 +175,6 @@ class CyclicLR(_MomentumCycle, LRScheduler):
                                    for low, high in zip(self.base_momentums, self.max_momentums)])
         return [low + (high - low) * fraction * scale for low, high in zip(self.base_lrs, self.max_lrs)]
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        self.__dict__.pop("_scale_fn_ref", None)  # present in torch's checkpoints, unused here
-
 
 # --------------------------------------------------------------------------------------------
 # OneCycleLR
