@@ -775,7 +775,7 @@ def run_group(ctx: RunContext, workload: Workload, algo: str, dtype: torch.dtype
                 continue
         providers.append(c)
 
-    need = memory_needed(workload, cfg, dtype, len(providers))
+    need = memory_needed(workload, cfg, dtype, len(providers)) + (ctx.bw_bytes or 256 * 2 ** 20)
     free = memory_available(ctx.device)
     if free is not None and need > 0.8 * free:
         note = (f"needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free; "
@@ -845,23 +845,33 @@ def group_header(workload: Workload, records: Sequence[Mapping[str, Any]]) -> st
     return "\n".join(lines)
 
 
+#: median / min above which a row is flagged as noisy in the table
+NOISY_SPREAD = 1.5
+
+
 def format_table(workload: Workload, records: Sequence[Mapping[str, Any]]) -> str:
     """A readable table of one group; skipped/rejected providers listed under it with the reason."""
     if not records:
         return ""
     lines = [group_header(workload, records),
-             f"{'provider':<20}{'ms min':>10}{'ms median':>11}{'GB/s':>9}{'% BW':>7}"
+             f"{'provider':<20}{'ms min':>10}{'ms median':>12}{'GB/s':>9}{'% BW':>7}"
              f"{'vs fused (min)':>16}{'(median)':>10}"]
+    noisy = False
     for r in records:
         if r["status"] != "ok":
             continue
         sp = r["speedup_vs_torch_fused"]
         spm = r["speedup_vs_torch_fused_median"]
         frac = r["frac_bw"]
-        lines.append(f"{r['provider']:<20}{r['ms_min']:>10.3f}{r['ms_median']:>11.3f}{r['gbps']:>9.1f}"
+        flag = "*" if r["ms_median"] > NOISY_SPREAD * r["ms_min"] else " "
+        noisy = noisy or flag == "*"
+        lines.append(f"{r['provider']:<20}{r['ms_min']:>10.3f}{r['ms_median']:>11.3f}{flag}{r['gbps']:>9.1f}"
                      f"{(f'{100 * frac:.0f}%' if frac is not None else '-'):>7}"
                      f"{(f'{sp:.2f}x' if sp is not None else '-'):>16}"
                      f"{(f'{spm:.2f}x' if spm is not None else '-'):>10}")
+    if noisy:
+        lines.append(f"  * median > {NOISY_SPREAD}x min: the machine was busy; trust the min and "
+                     "ratios of mins, re-run to confirm")
     for r in records:
         if r["status"] != "ok":
             lines.append(f"  {r['status']}: {r['provider']}: {r['note']}")
