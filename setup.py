@@ -201,5 +201,6 @@ def extensions():
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 
-ext_modules, cmdclass = extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # also true under pip / setuptools.build_meta; false when tests import it
+    ext_modules, cmdclass = extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -43,15 +43,42 @@ def cpu_isa() -> Optional[str]:
     return _C.cpu_isa() if _C is not None else None
 
 
+def _check_lists(op: str, params, lists) -> None:
+    """The checks a fake implementation can do: list lengths and one device per item.
+
+    (Fake/meta tensors also reach these functions outside torch.compile, e.g. a meta tensor
+    mixed into CPU lists; without them such a call would silently do nothing.)
+    """
+    for list_name, tensors in lists.items():
+        if len(tensors) != len(params):
+            raise RuntimeError(f"fusedopt::{op}: {list_name} has {len(tensors)} tensors but "
+                               f"params has {len(params)}")
+        for i, (t, p) in enumerate(zip(tensors, params)):
+            if t.device != p.device:
+                raise RuntimeError(f"fusedopt::{op}: {list_name}[{i}] is on {t.device} but "
+                                   f"params[{i}] is on {p.device}")
+
+
 def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr,
                beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
                lr_tensor=None, grad_scale=None, found_inf=None) -> None:
+    lists = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
+    if amsgrad:
+        lists["max_exp_avg_sqs"] = max_exp_avg_sqs
+    _check_lists("adam_", params, lists)
+    if len(state_steps) != len(params):
+        raise RuntimeError(f"fusedopt::adam_: state_steps has {len(state_steps)} tensors but "
+                           f"params has {len(params)}")
     return None
 
 
 def _sgd_fake(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay,
               nesterov, maximize, is_first_step, lr_tensor=None, grad_scale=None,
               found_inf=None) -> None:
+    lists = {"grads": grads}
+    if momentum != 0:
+        lists["momentum_buffers"] = momentum_buffers
+    _check_lists("sgd_", params, lists)
     return None
 
 

@@ -107,6 +107,9 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedopt, CPU, m) { m.impl("adam_", &adam_cpu); }
+// Sparse CPU tensors reach the same function only to be rejected with a clear message.
+TORCH_LIBRARY_IMPL(fusedopt, SparseCPU, m) { m.impl("adam_", &adam_cpu); }
+TORCH_LIBRARY_IMPL(fusedopt, SparseCsrCPU, m) { m.impl("adam_", &adam_cpu); }
 
 }  // namespace cpu
 }  // namespace fusedopt

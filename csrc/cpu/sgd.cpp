@@ -87,6 +87,9 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedopt, CPU, m) { m.impl("sgd_", &sgd_cpu); }
+// Sparse CPU tensors reach the same function only to be rejected with a clear message.
+TORCH_LIBRARY_IMPL(fusedopt, SparseCPU, m) { m.impl("sgd_", &sgd_cpu); }
+TORCH_LIBRARY_IMPL(fusedopt, SparseCsrCPU, m) { m.impl("sgd_", &sgd_cpu); }
 
 }  // namespace cpu
 }  // namespace fusedopt

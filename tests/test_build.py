@@ -1,0 +1,200 @@
+"""The native extension as built: build info, run-time ISA choice, traceability, setup.py logic."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fusedopt import _ops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_ext = pytest.mark.skipif(not _ops.available(), reason=f"fusedopt._C not built: {_ops.LOAD_ERROR}")
+X86 = platform.machine() in ("x86_64", "AMD64")
+
+
+def cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+@needs_ext
+def test_build_info_content():
+    info = _ops.build_info()
+    for key in ("compiler", "cxx_flags", "openmp", "cpu_isa_variants", "cpu_isa_best", "with_cuda",
+                "cuda_reason", "cuda_arch_list", "torch_version"):
+        assert key in info, key
+    assert info["compiler"].split()[0] in ("gcc", "clang")
+    assert info["openmp"] is True
+    assert "-O3" in info["cxx_flags"] and "-fopenmp" in info["cxx_flags"]
+    assert "-march=native" not in info["cxx_flags"]
+    assert "scalar" in info["cpu_isa_variants"]
+    if X86 and info["compiler"].startswith("gcc"):
+        assert info["cpu_isa_variants"] == ["avx512", "avx2", "scalar"]
+    assert isinstance(info["with_cuda"], bool) and isinstance(info["cuda_reason"], str)
+    if info["with_cuda"]:
+        assert info["cuda_arch_list"]
+    assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
+
+
+@needs_ext
+def test_cpu_isa_matches_machine():
+    from fusedopt import _C
+    isa = _C.cpu_isa()
+    assert isa in ("avx512", "avx2", "scalar")
+    flags = cpu_flags()
+    if flags is None or not X86 or os.environ.get("FUSEDOPT_CPU_ISA"):
+        pytest.skip("no /proc/cpuinfo flags, not x86-64, or ISA overridden")
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma"} <= flags:
+        expected = "avx512"
+    elif {"avx2", "fma"} <= flags:
+        expected = "avx2"
+    else:
+        expected = "scalar"
+    assert isa == expected == _ops.build_info()["cpu_isa_best"]
+
+
+@needs_ext
+def test_set_cpu_isa():
+    from fusedopt import _C
+    current = _C.cpu_isa()
+    assert _C._set_cpu_isa("scalar") == current
+    try:
+        assert _C.cpu_isa() == "scalar"
+        with pytest.raises(ValueError, match="unknown CPU ISA 'sse9'"):
+            _C._set_cpu_isa("sse9")
+    finally:
+        _C._set_cpu_isa(current)
+
+
+@needs_ext
+def test_isa_env_override():
+    env = dict(os.environ, FUSEDOPT_CPU_ISA="scalar", PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-c", "import fusedopt._C as C; print(C.cpu_isa())"],
+                         env=env, capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "scalar"
+
+
+@needs_ext
+@pytest.mark.skipif(not X86 or shutil.which("objdump") is None, reason="needs x86-64 and objdump")
+def test_avx512_and_avx2_kernels_are_vectorised():
+    """The auto-vectorised loops really use 512-bit / 256-bit registers in their variants."""
+    from fusedopt import _C
+    if "avx512" not in _ops.build_info()["cpu_isa_variants"]:
+        pytest.skip("AVX-512 variant not compiled")
+    out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", _C.__file__],
+                         capture_output=True, text=True, check=True).stdout
+    section, counts = None, {"isa_avx512": [0, 0], "isa_avx2": [0, 0], "isa_scalar": [0, 0]}
+    for line in out.splitlines():
+        if line.endswith(">:"):
+            section = next((ns for ns in counts if f"::{ns}::adam_kernel_impl" in line
+                            or f"::{ns}::sgd_kernel_impl" in line), None)
+        elif section is not None:
+            counts[section][0] += "%zmm" in line
+            counts[section][1] += "%ymm" in line
+    assert counts["isa_avx512"][0] > 1000
+    assert counts["isa_avx2"][0] == 0 and counts["isa_avx2"][1] > 1000
+    assert counts["isa_scalar"] == [0, 0]
+
+
+# ---- fake implementations: torch.compile can trace the ops ---------------------------------------
+
+def _adam_inputs(amsgrad):
+    p = [torch.randn(4, 5), torch.randn(7)]
+    return (p, [torch.randn_like(x) for x in p], [torch.zeros_like(x) for x in p],
+            [torch.zeros_like(x) for x in p], [torch.zeros_like(x) for x in p] if amsgrad else [],
+            [torch.tensor(0.0) for _ in p])
+
+
+@needs_ext
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_opcheck_adam(amsgrad):
+    kwargs = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=amsgrad,
+                  maximize=False, decoupled_weight_decay=True, lr_tensor=torch.tensor(1e-3),
+                  grad_scale=torch.tensor(2.0))
+    torch.library.opcheck(torch.ops.fusedopt.adam_.default, _adam_inputs(amsgrad), kwargs)
+
+
+@needs_ext
+def test_opcheck_sgd():
+    p = [torch.randn(3, 3), torch.randn(2)]
+    args = (p, [torch.randn_like(x) for x in p], [torch.zeros_like(x) for x in p])
+    kwargs = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=True,
+                  maximize=False, is_first_step=True)
+    torch.library.opcheck(torch.ops.fusedopt.sgd_.default, args, kwargs)
+
+
+@needs_ext
+def test_torch_compile_fullgraph():
+    def step(params, grads, exp_avgs, exp_avg_sqs, steps, lr):
+        torch.ops.fusedopt.adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=0.0,
+                                 beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
+                                 amsgrad=False, maximize=False, decoupled_weight_decay=True,
+                                 lr_tensor=lr)
+        torch.ops.fusedopt.sgd_(params, grads, [], lr=0.0, momentum=0.0, dampening=0.0,
+                                weight_decay=0.0, nesterov=False, maximize=False,
+                                is_first_step=True, lr_tensor=lr)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    a, b = _adam_inputs(False), _adam_inputs(False)
+    b = tuple([t.clone() for t in lst] for lst in a)
+    lr = torch.tensor(1e-2)
+    compiled(a[0], a[1], a[2], a[3], a[5], lr)
+    step(b[0], b[1], b[2], b[3], b[5], lr)
+    for x, y in zip(a[0] + a[2] + a[3] + a[5], b[0] + b[2] + b[3] + b[5]):
+        assert torch.equal(x, y)
+    assert a[5][0].item() == 1.0
+
+
+# ---- setup.py logic (imported without building) --------------------------------------------------
+
+@pytest.fixture
+def setup_module(monkeypatch):
+    spec = importlib.util.spec_from_file_location("fusedopt_setup", os.path.join(ROOT, "setup.py"))
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.chdir(ROOT)
+    spec.loader.exec_module(module)
+    for var in ("FUSEDOPT_BUILD_CUDA", "FUSEDOPT_BUILD_CPU_ONLY", "CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    return module
+
+
+def test_setup_cuda_mode(setup_module, monkeypatch):
+    assert setup_module.cuda_mode() == "auto"
+    monkeypatch.setenv("FUSEDOPT_BUILD_CUDA", "0")
+    assert setup_module.cuda_mode() == "off"
+    monkeypatch.setenv("FUSEDOPT_BUILD_CUDA", "1")
+    assert setup_module.cuda_mode() == "force"
+    monkeypatch.setenv("FUSEDOPT_BUILD_CPU_ONLY", "1")
+    assert setup_module.cuda_mode() == "off"
+    monkeypatch.delenv("FUSEDOPT_BUILD_CPU_ONLY")
+    monkeypatch.setenv("FUSEDOPT_BUILD_CUDA", "maybe")
+    with pytest.raises(SystemExit, match="expected auto, 1 or 0"):
+        setup_module.cuda_mode()
+
+
+def test_setup_forced_cuda_without_nvcc_fails_clearly(setup_module, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvcc anywhere
+    monkeypatch.setenv("FUSEDOPT_BUILD_CUDA", "1")
+    with pytest.raises(SystemExit, match="FUSEDOPT_BUILD_CUDA=1 but .*nvcc"):
+        setup_module.decide_cuda(torch)
+    monkeypatch.setenv("FUSEDOPT_BUILD_CUDA", "auto")
+    build, reason = setup_module.decide_cuda(torch)
+    assert build is False and "nvcc" in reason
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc")
+def test_setup_cuda_home_from_nvcc(setup_module):
+    home = setup_module.cuda_home_from_nvcc(shutil.which("nvcc"))
+    assert home is not None and os.path.exists(os.path.join(home, "bin", "nvcc"))
