@@ -31,9 +31,7 @@ ALGOS = {
 
 def external_providers(algo: str, cfg: AlgoConfig, device: torch.device, dtype: torch.dtype) -> List[Any]:
     """DeepSpeedCPUAdam (CPU) and apex FusedAdam (GPU) when importable; Skip entries otherwise."""
-    kw = cfg.kwargs
     decoupled = cfg.torch_cls == "AdamW"
-    wd = kw.get("weight_decay", 0.0)
     out: List[Any] = []
     if device.type == "cpu":
         try:
@@ -41,22 +39,22 @@ def external_providers(algo: str, cfg: AlgoConfig, device: torch.device, dtype: 
         except Exception as exc:
             out.append(Skip("deepspeed-cpuadam", f"not importable: {type(exc).__name__}: {common.first_line(exc)}"))
         else:
-            if kw.get("amsgrad"):
+            if cfg.kwargs.get("amsgrad"):
                 out.append(Skip("deepspeed-cpuadam", "DeepSpeedCPUAdam has no AMSGrad"))
             else:
-                out.append(Provider("deepspeed-cpuadam", lambda ps: DeepSpeedCPUAdam(
-                    ps, lr=kw["lr"], weight_decay=wd, adamw_mode=decoupled)))
+                out.append(Provider("deepspeed-cpuadam", lambda ps, kw: DeepSpeedCPUAdam(
+                    ps, lr=kw["lr"], weight_decay=kw.get("weight_decay", 0.0), adamw_mode=decoupled)))
     if device.type == "cuda":
         try:
             from apex.optimizers import FusedAdam  # type: ignore
         except Exception as exc:
             out.append(Skip("apex-fusedadam", f"not importable: {type(exc).__name__}: {common.first_line(exc)}"))
         else:
-            if kw.get("amsgrad"):
+            if cfg.kwargs.get("amsgrad"):
                 out.append(Skip("apex-fusedadam", "apex FusedAdam has no AMSGrad"))
             else:
-                out.append(Provider("apex-fusedadam", lambda ps: FusedAdam(
-                    ps, lr=kw["lr"], weight_decay=wd, adam_w_mode=decoupled)))
+                out.append(Provider("apex-fusedadam", lambda ps, kw: FusedAdam(
+                    ps, lr=kw["lr"], weight_decay=kw.get("weight_decay", 0.0), adam_w_mode=decoupled)))
     return out
 
 

@@ -37,7 +37,7 @@ def external_providers(algo: str, cfg: AlgoConfig, device: torch.device, dtype: 
         from apex.optimizers import FusedSGD  # type: ignore
     except Exception as exc:
         return [Skip("apex-fusedsgd", f"not importable: {type(exc).__name__}: {common.first_line(exc)}")]
-    return [Provider("apex-fusedsgd", lambda ps: FusedSGD(ps, **cfg.kwargs))]
+    return [Provider("apex-fusedsgd", lambda ps, kw: FusedSGD(ps, **kw))]
 
 
 SPEC = BenchSpec(

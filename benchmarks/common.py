@@ -324,14 +324,15 @@ def bandwidth_probe(device: torch.device, buffer_bytes: Optional[int] = None) ->
 
 @dataclass
 class Provider:
-    """One implementation of a step: ``make(params)`` returns the optimizer over ``params``.
+    """One implementation of a step: ``make(params, hyper)`` returns the optimizer over ``params``
+    with the hyperparameters ``hyper`` (torch.optim spelling: lr, betas, momentum, ...).
 
     ``wrap`` turns the optimizer into the timed callable (default: its bound ``step``).
     ``guard``: check against torch for-loop on a small copy before timing it.
     """
 
     name: str
-    make: Callable[[List[torch.Tensor]], Any]
+    make: Callable[[List[torch.Tensor], Dict[str, Any]], Any]
     guard: bool = True
     wrap: Optional[Callable[[Any], Callable[[], Any]]] = None
 
@@ -399,14 +400,13 @@ FUSEDOPT_BACKENDS_BY_DEVICE = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "tr
 def torch_providers(cfg: AlgoConfig, with_compile: bool) -> List[Provider]:
     """torch.optim for-loop, foreach, fused, and (optionally) the torch.compile'd step."""
     cls = getattr(torch.optim, cfg.torch_cls)
-    kw = cfg.kwargs
     providers = [
-        Provider("torch-forloop", lambda ps: cls(ps, foreach=False, **kw), guard=False),
-        Provider("torch-foreach", lambda ps: cls(ps, foreach=True, **kw), guard=False),
-        Provider("torch-fused", lambda ps: cls(ps, fused=True, **kw), guard=False),
+        Provider("torch-forloop", lambda ps, kw: cls(ps, foreach=False, **kw), guard=False),
+        Provider("torch-foreach", lambda ps, kw: cls(ps, foreach=True, **kw), guard=False),
+        Provider("torch-fused", lambda ps, kw: cls(ps, fused=True, **kw), guard=False),
     ]
     if with_compile:
-        providers.append(Provider("torch-compile", lambda ps: cls(ps, **kw), guard=False,
+        providers.append(Provider("torch-compile", lambda ps, kw: cls(ps, **kw), guard=False,
                                   wrap=compiled_step))
     return providers
 
@@ -452,7 +452,7 @@ def fusedopt_providers(cfg: AlgoConfig, device: torch.device, dtype: torch.dtype
         if reason is not None:
             out.append(Skip(name, reason))
             continue
-        out.append(Provider(name, lambda ps, b=backend: cls(ps, backend=b, **cfg.kwargs)))
+        out.append(Provider(name, lambda ps, kw, b=backend: cls(ps, backend=b, **kw)))
     return out
 
 
@@ -469,8 +469,10 @@ def select_providers(providers: Sequence[Any], patterns: Optional[Sequence[str]]
 
 GUARD_SHAPES = ((3,), (17, 5), (1031,), (64, 65), (4096,))
 GUARD_STEPS = 3
-#: (rtol, atol) per dtype; low precision is loose because torch for-loop rounds after every op
-#: while fused kernels compute in fp32 and round once.
+#: learning rate of the guard: large enough that a wrong update shows above bf16 rounding
+GUARD_LR = 0.05
+#: (rtol, atol) per dtype, about 4 units in the last place for low precision (params are rounded
+#: to the storage dtype after every step, the reference is not).
 GUARD_TOLERANCE = {
     torch.float64: (1e-10, 1e-10),
     torch.float32: (1e-5, 1e-5),
@@ -480,15 +482,43 @@ GUARD_TOLERANCE = {
 GUARD_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
 
 
+def guard_reference_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype torch for-loop runs in for the guard: fp32 for bf16/fp16 storage.
+
+    fusedopt computes low-precision steps in fp32 (ARCHITECTURE.md, "Numbers"); torch for-loop in
+    fp16 rounds every intermediate and, with eps=1e-8 underflowing to 0, divides by zero.
+    """
+    return torch.float32 if element_size(dtype) < 4 else dtype
+
+
+def guard_tensors(device: torch.device, dtype: torch.dtype) -> List[torch.Tensor]:
+    """Small params N(0, 1) with gradients of magnitude 0.5..1.5: second moments then stay normal
+    numbers even in fp16, so low-precision results differ from the reference by rounding only."""
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    params = []
+    for shape in GUARD_SHAPES:
+        p = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+        g = torch.randn(shape, generator=gen).sign() * (0.5 + torch.rand(shape, generator=gen))
+        p.grad = g.to(device=device, dtype=dtype)
+        params.append(p)
+    return params
+
+
 def guard_check(provider: Provider, cfg: AlgoConfig, device: torch.device,
                 dtype: torch.dtype) -> Optional[str]:
-    """Run ``provider`` and torch for-loop for a few steps on a small copy; None if they agree,
-    else why not (max difference and where)."""
-    ref_params = make_tensors(Workload("guard", GUARD_SHAPES), device, dtype, seed=1)
-    test_params = make_tensors(Workload("guard", GUARD_SHAPES), device, dtype, seed=1)
+    """Run ``provider`` and torch for-loop (fp32 for bf16/fp16) for a few steps on a small copy;
+    None if params and state agree, else why not (largest difference and where)."""
+    test_params = guard_tensors(device, dtype)
+    ref_dtype = guard_reference_dtype(dtype)
+    ref_params = []
+    for p in test_params:
+        r = p.detach().clone().to(ref_dtype)
+        r.grad = p.grad.clone().to(ref_dtype)
+        ref_params.append(r)
     try:
-        ref_opt = getattr(torch.optim, cfg.torch_cls)(ref_params, foreach=False, **cfg.kwargs)
-        opt = provider.make(test_params)
+        hyper = dict(cfg.kwargs, lr=GUARD_LR)
+        ref_opt = getattr(torch.optim, cfg.torch_cls)(ref_params, foreach=False, **hyper)
+        opt = provider.make(test_params, hyper)
         step = provider.step_fn(opt)
         for _ in range(GUARD_STEPS):
             ref_opt.step()
@@ -501,11 +531,12 @@ def guard_check(provider: Provider, cfg: AlgoConfig, device: torch.device,
         pairs += [(key, ref_opt.state[p_ref][key], opt.state[p][key]) for key in GUARD_STATE_KEYS
                   if key in ref_opt.state[p_ref] and key in getattr(opt, "state", {}).get(p, {})]
         for what, want, got in pairs:
-            got = got.to(want.dtype)
+            want, got = want.double(), got.double()
             if not torch.isfinite(got).all() or not torch.allclose(got, want, rtol=rtol, atol=atol):
-                diff = (got.double() - want.double()).abs().nan_to_num(float("inf")).max().item()
-                return (f"differs from torch for-loop after {GUARD_STEPS} steps: {what} of tensor "
-                        f"{i} {tuple(p.shape)}, max |diff| {diff:.3g} (rtol {rtol}, atol {atol})")
+                diff = (got - want).abs().nan_to_num(float("inf")).max().item()
+                return (f"differs from torch for-loop ({dtype_name(ref_dtype)}) after {GUARD_STEPS} steps: "
+                        f"{what} of tensor {i} {tuple(p.shape)}, max |diff| {diff:.3g} "
+                        f"(rtol {rtol}, atol {atol})")
     return None
 
 
@@ -560,15 +591,17 @@ def git_commit() -> Optional[str]:
 
 
 def fusedopt_build_info() -> Optional[Dict[str, Any]]:
-    """``fusedopt._C.build_info()`` plus ``cpu_isa``, or None when the extension is missing."""
+    """fusedopt version and path, ``fusedopt._C.build_info()`` and ``cpu_isa()`` (None without fusedopt)."""
     fusedopt, _ = import_fusedopt()
     if fusedopt is None:
         return None
+    info: Dict[str, Any] = {"version": getattr(fusedopt, "__version__", None),
+                            "path": str(Path(fusedopt.__file__).parent)}
     try:
         from fusedopt import _C  # type: ignore
-    except Exception:
-        return None
-    info: Dict[str, Any] = {}
+    except Exception as exc:
+        info["extension"] = f"not importable: {type(exc).__name__}: {first_line(exc)}"
+        return info
     try:
         info.update(dict(_C.build_info()))
     except Exception:
@@ -577,7 +610,7 @@ def fusedopt_build_info() -> Optional[Dict[str, Any]]:
         info["cpu_isa"] = str(_C.cpu_isa())
     except Exception:
         pass
-    return json.loads(json.dumps(info, default=str)) if info else None
+    return json.loads(json.dumps(info, default=str))
 
 
 def load_average() -> Optional[float]:
@@ -786,7 +819,7 @@ def run_group(ctx: RunContext, workload: Workload, algo: str, dtype: torch.dtype
     fns: Dict[str, Callable[[], Any]] = {}
     for p in providers:
         try:
-            fns[p.name] = p.step_fn(p.make(params))
+            fns[p.name] = p.step_fn(p.make(params, cfg.kwargs))
         except Exception as exc:
             records.append(skip_record(base, p.name, "skipped",
                                        f"construction failed: {type(exc).__name__}: {first_line(exc)}"))

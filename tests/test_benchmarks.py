@@ -200,18 +200,29 @@ def _adam_cfg():
     return bench_adam.ALGOS["adam"]
 
 
-def test_guard_accepts_torch_and_rejects_wrong_numbers():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_guard_accepts_torch_fused_and_rejects_wrong_numbers(dtype):
     cfg = _adam_cfg()
     cpu = torch.device("cpu")
-    fused = common.Provider("torch-fused", lambda ps: torch.optim.Adam(ps, fused=True, **cfg.kwargs))
-    assert common.guard_check(fused, cfg, cpu, torch.float32) is None
-    wrong = common.Provider("wrong", lambda ps: torch.optim.Adam(ps, lr=2 * cfg.kwargs["lr"]))
-    reason = common.guard_check(wrong, cfg, cpu, torch.float32)
+    fused = common.Provider("torch-fused", lambda ps, kw: torch.optim.Adam(ps, fused=True, **kw))
+    assert common.guard_check(fused, cfg, cpu, dtype) is None
+    wrong_lr = common.Provider("wrong", lambda ps, kw: torch.optim.Adam(ps, **dict(kw, lr=1.5 * kw["lr"])))
+    reason = common.guard_check(wrong_lr, cfg, cpu, dtype)
     assert reason is not None and "differs from torch for-loop" in reason
+    wrong_beta2 = common.Provider("wrong", lambda ps, kw: torch.optim.Adam(ps, **dict(kw, betas=(0.9, 0.99))))
+    assert common.guard_check(wrong_beta2, cfg, cpu, dtype) is not None
+
+
+def test_guard_reports_a_provider_that_raises():
+    def broken(ps, kw):
+        raise RuntimeError("kernel missing")
+
+    reason = common.guard_check(common.Provider("broken", broken), _adam_cfg(), torch.device("cpu"), torch.float32)
+    assert reason is not None and "kernel missing" in reason
 
 
 def test_provider_selection_globs():
-    provs = [common.Provider(n, lambda ps: None) for n in
+    provs = [common.Provider(n, lambda ps, kw: None) for n in
              ("torch-forloop", "torch-fused", "fusedopt-cpu", "fusedopt-reference")]
     names = [p.name for p in common.select_providers(provs, ["torch-fused", "fusedopt-*"])]
     assert names == ["torch-fused", "fusedopt-cpu", "fusedopt-reference"]
