@@ -12,28 +12,23 @@ import triton.language as tl
 
 
 @triton.jit
-def expm1(x):
-    """``exp(x) - 1`` in fp32 without the cancellation of the naive form when ``x`` is near 0.
-
-    libdevice's ``expm1`` would do, but the Triton interpreter (our CPU test bed) cannot run
-    libdevice calls, so: a Taylor polynomial (Horner form, truncation error below 1e-12) for
-    ``|x| < 0.25``, and ``exp(x) - 1`` elsewhere, where the result is far enough from 0.
-    """
-    series = x * (1.0 + x * 0.5 * (1.0 + x * (1.0 / 3.0) * (1.0 + x * 0.25 * (
-        1.0 + x * 0.2 * (1.0 + x * (1.0 / 6.0) * (1.0 + x * (1.0 / 7.0) * (
-            1.0 + x * 0.125 * (1.0 + x * (1.0 / 9.0)))))))))
-    return tl.where(tl.abs(x) < 0.25, series, tl.exp(x) - 1.0)
-
-
-@triton.jit
 def bias_correction(step, log_beta):
-    """``1 - beta ** step`` accurately, as ``-expm1(step * ln(beta))``.
+    """``1 - beta ** step``, accurately: ``-expm1(step * ln(beta))``.
 
     step:     fp32 scalar, the step number counted from 1
-    log_beta: fp32 ``ln(beta)`` computed on the host in double precision (``-inf`` for beta = 0)
-    The direct form loses most digits of ``1 - 0.999 ** 1`` to cancellation in fp32.
+    log_beta: fp32 ``ln(beta)``, computed on the host in double precision (``-inf`` for beta = 0)
+
+    The direct form loses most digits of ``1 - 0.999 ** 1`` to cancellation in fp32. libdevice's
+    ``expm1`` would do, but the Triton interpreter (our CPU test bed) cannot run libdevice calls,
+    so: a Taylor polynomial of ``expm1(x)`` (Horner form, truncation below 1e-12) for
+    ``-0.25 < x <= 0``, and ``exp(x) - 1`` below, where the result is far enough from 0.
     """
-    return -expm1(step * log_beta)
+    x = step * log_beta  # <= 0
+    s = tl.maximum(x, -0.25)  # the series' argument, kept small so it never overflows
+    series = s * (1.0 + s * 0.5 * (1.0 + s * (1.0 / 3.0) * (1.0 + s * 0.25 * (
+        1.0 + s * 0.2 * (1.0 + s * (1.0 / 6.0) * (1.0 + s * (1.0 / 7.0) * (
+            1.0 + s * 0.125 * (1.0 + s * (1.0 / 9.0)))))))))
+    return -tl.where(x > -0.25, series, tl.exp(x) - 1.0)
 
 
 @triton.jit

@@ -143,9 +143,11 @@ class PlanCache:
         """The plan for ``lists`` (params first, then the state lists; ``names`` names their
         address tables) and ``steps`` (may be empty)."""
         params = lists[0]
-        key = [a for lst in lists for a in map(_data_ptr, lst)]
-        key += map(_data_ptr, steps)
-        key += map(_numel, params)
+        key: List[int] = []
+        for lst in lists:
+            key.extend(map(_data_ptr, lst))  # map/extend: no Python bytecode per tensor
+        key.extend(map(_data_ptr, steps))
+        key.extend(map(_numel, params))
         signature = (kind, tuple(names), len(params), len(steps), params[0].device,
                      os.environ.get(launch_config.ENV_VAR))
         plans = self._slots.get(signature)
