@@ -9,7 +9,8 @@ Environment switches
                                    found and torch is a CUDA build; 1: require that, failing
                                    with what is missing; 0: CPU only.
     FUSEDOPT_BUILD_CPU_ONLY=1      same as FUSEDOPT_BUILD_CUDA=0.
-    FUSEDOPT_CUDA_ARCH_LIST        CUDA architectures, default "8.0;9.0" (sets TORCH_CUDA_ARCH_LIST).
+    FUSEDOPT_CUDA_ARCH_LIST        CUDA architectures, default "8.0;9.0+PTX" (sets TORCH_CUDA_ARCH_LIST;
+                                   +PTX lets newer GPUs JIT-compile the kernels).
     CUDA_HOME                      CUDA toolkit; if unset it is taken from nvcc itself (see below).
     MAX_JOBS                       parallel compile jobs (read by torch's ninja build).
 
@@ -39,7 +40,7 @@ CXX_FLAGS = [
 ]
 LINK_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3"]  # keep CUDA compile flags minimal; torch adds its own defaults
-DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
 
 def _log(msg):
