@@ -405,6 +405,10 @@ def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="garbage.pt.*corrupt"):
         train(cfg.replace(resume=str(garbage)))
 
+    # Starting fresh over another run's checkpoints is refused.
+    with pytest.raises(ckpt.CheckpointError, match="already holds checkpoints.*--resume auto"):
+        train(cfg.replace(max_steps=4))
+
     # A valid checkpoint of a different model is refused with the reason.
     train(tiny_cfg(tmp_path / "c", max_steps=1, save_every=1, warmup_steps=0))
     with pytest.raises(ckpt.CheckpointError, match="d_model=32 \\(now 64\\)"):

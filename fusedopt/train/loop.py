@@ -210,6 +210,12 @@ class Trainer:
         if self.ctx.is_main:
             try:
                 path = ckpt.resolve_resume(self.cfg.resume, self.cfg.checkpoint_dir)
+                existing = ckpt.latest_checkpoint(self.cfg.checkpoint_dir)
+                if path is None and existing is not None:
+                    raise ckpt.CheckpointError(
+                        f"{self.cfg.checkpoint_dir!r} already holds checkpoints (newest {existing.name}) "
+                        "of another run; pass --resume auto to continue it, or use a new --out-dir"
+                    )
                 decision = ("ok", str(path) if path else None)
             except ckpt.CheckpointError as exc:
                 decision = ("error", str(exc))
@@ -217,6 +223,9 @@ class Trainer:
         if decision[0] == "error":
             raise ckpt.CheckpointError(decision[1])
         if decision[1] is None:
+            if self.ctx.is_main:
+                # Metrics of an earlier attempt that died before its first checkpoint.
+                truncate_log(self.log_path, 0)
             return
         self.load(Path(decision[1]))
 
