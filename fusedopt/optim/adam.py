@@ -21,7 +21,7 @@ parameters are updated in fp32 math and rounded once.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
@@ -55,6 +55,13 @@ class Adam(FusedOptimizer):
 
     backend (str): ``"auto"`` (default), ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``;
         see :func:`fusedopt.backends.select`. ``FUSEDOPT_BACKEND`` overrides it.
+    max_grad_norm (float, optional): clip the gradients to this global 2-norm (over every param
+        of the optimizer, all groups) inside the step: :math:`g \leftarrow g \min(1,
+        \text{max\_grad\_norm} / (\|g\| + 10^{-6}))`, as ``torch.nn.utils.clip_grad_norm_``
+        before the step would, with one read of the gradients for the norm and no extra pass
+        nor host sync. The norm (of the unscaled gradients) is left in ``last_grad_norm``.
+    skip_nonfinite (bool): make a step whose gradients hold a NaN/inf a no-op (params, state,
+        step counters unchanged), decided on the device; ``skipped_steps`` counts them.
 
     ``foreach``, ``fused``, ``capturable`` are accepted for compatibility and stored in the
     groups (so checkpoints load into torch.optim unchanged); the step is always fused.
@@ -69,14 +76,16 @@ class Adam(FusedOptimizer):
                  eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, *,
                  foreach=None, maximize: bool = False, capturable: bool = False,
                  differentiable: bool = False, fused=None, decoupled_weight_decay=None,
-                 backend: str = "auto"):
+                 backend: str = "auto", max_grad_norm: Optional[float] = None,
+                 skip_nonfinite: bool = False):
         _validate_adam(lr, betas, eps, weight_decay)
         if decoupled_weight_decay is None:
             decoupled_weight_decay = self._DEFAULT_DECOUPLED
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused,
-                        decoupled_weight_decay=decoupled_weight_decay, backend=backend)
+                        decoupled_weight_decay=decoupled_weight_decay, backend=backend,
+                        max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite)
         super().__init__(params, defaults)
 
     def _fill_group_defaults(self, group: Dict[str, Any]) -> None:
@@ -136,8 +145,10 @@ class AdamW(Adam):
                  betas: Tuple[Union[float, Tensor], Union[float, Tensor]] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False, foreach=None, capturable: bool = False,
-                 differentiable: bool = False, fused=None, backend: str = "auto"):
+                 differentiable: bool = False, fused=None, backend: str = "auto",
+                 max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, backend=backend)
+                         decoupled_weight_decay=True, backend=backend,
+                         max_grad_norm=max_grad_norm, skip_nonfinite=skip_nonfinite)

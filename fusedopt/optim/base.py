@@ -15,6 +15,7 @@ import torch
 from torch.optim.optimizer import Optimizer
 
 from .. import backends
+from ..clip import _step as clip_step
 
 Tensor = torch.Tensor
 
@@ -52,6 +53,18 @@ def check_hyperparameter(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+#: Clipping options every fused optimizer takes (keyword arguments, stored in the groups; torch.optim
+#: ignores them when it loads a fusedopt checkpoint).
+CLIP_DEFAULTS: Dict[str, Any] = {"max_grad_norm": None, "skip_nonfinite": False}
+
+
+def check_clip_options(max_grad_norm, skip_nonfinite) -> None:
+    check_hyperparameter(max_grad_norm is None or float(max_grad_norm) > 0.0,
+                         f"Invalid max_grad_norm: {max_grad_norm} (None or > 0)")
+    check_hyperparameter(isinstance(skip_nonfinite, bool),
+                         f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
+
+
 def as_real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
@@ -70,6 +83,15 @@ class FusedOptimizer(Optimizer):
 
     def __init__(self, params, defaults: Dict[str, Any]):
         backends.validate_choice(defaults.get("backend", "auto"))
+        for key, value in CLIP_DEFAULTS.items():
+            defaults.setdefault(key, value)
+        check_clip_options(defaults["max_grad_norm"], defaults["skip_nonfinite"])
+        #: 2-norm of the unscaled gradients before clipping, computed by the last step that
+        #: needed it (``max_grad_norm`` or ``skip_nonfinite``): a device tensor, never synced.
+        self.last_grad_norm: Optional[Tensor] = None
+        #: Steps skipped so far because of non-finite gradients (``skip_nonfinite``) or
+        #: GradScaler's ``found_inf``: an int64 device tensor (None before the first such step).
+        self.skipped_steps: Optional[Tensor] = None
         if defaults.get("differentiable"):
             raise ValueError(
                 f"{self.DISPLAY_NAME} does not support differentiable=True (its kernels are not "
@@ -85,6 +107,8 @@ class FusedOptimizer(Optimizer):
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("last_grad_norm", None)
+        self.__dict__.setdefault("skipped_steps", None)
         self._group_caches = {}
         self._state_version = getattr(self, "_state_version", 0) + 1
         for group in self.param_groups:
@@ -93,6 +117,8 @@ class FusedOptimizer(Optimizer):
     def _fill_group_defaults(self, group: Dict[str, Any]) -> None:
         """Give groups loaded from a torch.optim checkpoint the keys fusedopt reads."""
         group.setdefault("backend", "auto")
+        for key in ("max_grad_norm", "skip_nonfinite"):
+            group.setdefault(key, self.defaults.get(key, CLIP_DEFAULTS[key]))
         for flag, default in self.COMPAT_DEFAULTS.items():
             group.setdefault(flag, default)
 
@@ -100,6 +126,7 @@ class FusedOptimizer(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         backends.validate_choice(group.get("backend", "auto"))
+        check_clip_options(group.get("max_grad_norm"), group.get("skip_nonfinite", False))
         self._validate_group(group)
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -123,13 +150,38 @@ class FusedOptimizer(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        work = []
         for group in self.param_groups:
             grads = [p.grad for p in group["params"]]
             cache = self._group_cache(group, grads)
             for bucket in cache.buckets:
-                bucket_grads = self._bucket_grads(bucket, grads)
-                self._apply(group, bucket, bucket_grads, grad_scale, found_inf)
+                work.append((group, bucket, self._bucket_grads(bucket, grads)))
+        scaling = self._fold_clipping(work, grad_scale, found_inf)
+        for group, bucket, bucket_grads in work:
+            scale = scaling.grad_scale_for(group.get("max_grad_norm"))
+            if scale is not None and scale.device != bucket.device:
+                scale = scale.to(bucket.device, non_blocking=True)
+            self._apply(group, bucket, bucket_grads, scale, scaling.found_inf)
         return loss
+
+    def _fold_clipping(self, work, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]):
+        """``max_grad_norm`` / ``skip_nonfinite``: fold the global-norm clip coefficient into the
+        grad scale each kernel divides by, and non-finite gradients into ``found_inf``, all on the
+        device (see :mod:`fusedopt.clip._step`). Sets ``last_grad_norm`` and ``skipped_steps``."""
+        max_norms = [g.get("max_grad_norm") for g in self.param_groups]
+        skip = any(g.get("skip_nonfinite", False) for g in self.param_groups)
+        if skip or any(m is not None for m in max_norms):
+            all_grads = [g for _, _, grads in work for g in grads]
+            scaling = clip_step.fold(all_grads, max_norms, grad_scale, found_inf, skip,
+                                     backend=self.param_groups[0].get("backend", "auto"))
+            self.last_grad_norm = scaling.norm
+        else:
+            scaling = clip_step.StepScaling(grad_scales={None: grad_scale}, found_inf=found_inf)
+        if scaling.found_inf is not None:
+            skipped = (scaling.found_inf != 0).to(torch.int64)
+            counter = getattr(self, "skipped_steps", None)
+            self.skipped_steps = skipped if counter is None else counter + skipped.to(counter.device)
+        return scaling
 
     def _bucket_grads(self, bucket: GroupBucket, grads: List[Optional[Tensor]]) -> List[Tensor]:
         out = [grads[i] for i in bucket.grad_index]

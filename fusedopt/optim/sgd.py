@@ -17,7 +17,7 @@ weight decay :math:`\lambda`, momentum :math:`\mu`, dampening :math:`\tau`:
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 
@@ -40,7 +40,9 @@ class SGD(FusedOptimizer):
     __doc__ = __doc__ + r"""
 
     Arguments are exactly :class:`torch.optim.SGD`'s, plus ``backend`` (``"auto"``,
-    ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``; ``FUSEDOPT_BACKEND`` overrides it).
+    ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``; ``FUSEDOPT_BACKEND`` overrides it),
+    ``max_grad_norm`` and ``skip_nonfinite`` (clipping and non-finite skipping inside the step;
+    see :class:`fusedopt.optim.Adam`).
     """
 
     STATE_KEYS = ("momentum_buffer",)
@@ -49,12 +51,14 @@ class SGD(FusedOptimizer):
     def __init__(self, params, lr: Union[float, Tensor] = 1e-3, momentum: float = 0,
                  dampening: float = 0, weight_decay: Union[float, Tensor] = 0,
                  nesterov: bool = False, *, maximize: bool = False, foreach=None,
-                 differentiable: bool = False, fused=None, backend: str = "auto"):
+                 differentiable: bool = False, fused=None, backend: str = "auto",
+                 max_grad_norm: Optional[float] = None, skip_nonfinite: bool = False):
         _validate_sgd(lr, momentum, dampening, weight_decay, nesterov)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
                         foreach=foreach, differentiable=differentiable, fused=fused,
-                        backend=backend)
+                        backend=backend, max_grad_norm=max_grad_norm,
+                        skip_nonfinite=skip_nonfinite)
         super().__init__(params, defaults)
 
     COMPAT_DEFAULTS = {"foreach": None, "fused": None, "differentiable": False}

@@ -1,0 +1,67 @@
+"""The native clipping ops (``csrc/cpu/norm.cpp``, ``csrc/cuda/norm.cu``) and their fake kernels.
+
+``fusedopt._C`` registers, next to the optimizer ops:
+
+* ``fusedopt::total_norm(Tensor[] tensors, float norm_type) -> Tensor`` -- the norm of all
+  tensors as one vector, a 0-dim float32 tensor (float64 if any input is float64), every element
+  read once;
+* ``fusedopt::scale_(Tensor(a!)[] tensors, Tensor scale) -> ()`` -- ``t *= scale`` for all
+  tensors, nothing when ``scale == 1``;
+* ``fusedopt::clamp_(Tensor(a!)[] tensors, float min, float max) -> ()``.
+
+This module says which devices have kernels for them and registers the fake implementations
+that ``torch.compile`` needs to trace the calls.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import _ops
+
+OP_NAMES = ("total_norm", "scale_", "clamp_")
+
+
+@functools.lru_cache(maxsize=None)
+def has_kernel(op: str, device_type: str) -> bool:
+    """True when ``torch.ops.fusedopt.<op>`` has a kernel for ``device_type`` ('cpu', 'cuda')."""
+    if not _ops.available():
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if key is None:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedopt::{op}", key)
+    except RuntimeError:  # the op does not exist (an extension built before the clip ops)
+        return False
+
+
+def _total_norm_fake(tensors, norm_type):
+    any_double = any(t.dtype == torch.float64 for t in tensors)
+    device = tensors[0].device if tensors else torch.device("cpu")
+    return torch.empty((), dtype=torch.float64 if any_double else torch.float32, device=device)
+
+
+def _scale_fake(tensors, scale) -> None:
+    return None
+
+
+def _clamp_fake(tensors, min, max) -> None:  # noqa: A002 (the schema's names)
+    return None
+
+
+def _register_fakes() -> None:
+    register = getattr(torch.library, "register_fake", None) or getattr(torch.library, "impl_abstract")
+    for name, fn in (("total_norm", _total_norm_fake), ("scale_", _scale_fake),
+                     ("clamp_", _clamp_fake)):
+        if not has_kernel(name, "cpu") and not has_kernel(name, "cuda"):
+            continue
+        try:
+            register(f"fusedopt::{name}")(fn)
+        except RuntimeError as exc:  # already registered (module reloaded)
+            if "already" not in str(exc):
+                raise
+
+
+_register_fakes()

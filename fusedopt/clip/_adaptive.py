@@ -1,0 +1,93 @@
+r"""Adaptive clipping: clip to a percentile of the recent gradient norms (AutoClip).
+
+At call :math:`t`, with :math:`n_t = \|g_t\|_p` the global norm of the gradients and
+:math:`H_t` the last ``history`` finite norms including :math:`n_t`:
+
+.. math::
+
+    \tau_t = \operatorname{quantile}_{q/100}(H_t), \qquad
+    g_t \leftarrow g_t \cdot \min\Big(1, \frac{\tau_t}{n_t + 10^{-6}}\Big)
+
+(Seetharaman et al., "AutoClip: Adaptive Gradient Clipping for Source Separation Networks",
+2020). The history is a ring buffer tensor on the gradients' device, written with ``scatter_``
+at position ``count mod history``; unfilled slots and non-finite norms hold NaN, which the
+percentile (``torch.nanquantile``) ignores. Everything stays on the device: no host sync.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+
+from ._clip import _grads, clip_coefficient, scale_
+from ._norm import TensorOrTensors, total_norm
+
+Tensor = torch.Tensor
+
+
+class PercentileClipper:
+    """Clip gradients to the ``percentile``-th percentile of the last ``history`` global norms.
+
+    ``clipper(model.parameters())`` computes the norm (one read of the gradients), records it,
+    scales the gradients in place and returns the norm before clipping (float32, or float64 for
+    float64 gradients). ``threshold`` and ``history_norms`` are device tensors; the state
+    (``state_dict``) holds them and the call count, for checkpoints.
+    """
+
+    def __init__(self, percentile: float = 10.0, history: int = 1000, norm_type: float = 2.0,
+                 backend: str = "auto"):
+        if not 0.0 <= float(percentile) <= 100.0:
+            raise ValueError(f"percentile must be in [0, 100], got {percentile}")
+        if int(history) < 1:
+            raise ValueError(f"history must be >= 1, got {history}")
+        self.percentile = float(percentile)
+        self.history = int(history)
+        self.norm_type = float(norm_type)
+        self.backend = backend
+        self.history_norms: Optional[Tensor] = None   # [history] ring buffer, NaN = empty
+        self.count: Optional[Tensor] = None           # int64 0-dim: norms recorded so far
+        self.threshold: Optional[Tensor] = None       # the last clipping threshold
+
+    def _ensure_buffers(self, like: Tensor) -> None:
+        if self.history_norms is None or self.history_norms.device != like.device:
+            self.history_norms = torch.full((self.history,), float("nan"), dtype=like.dtype,
+                                            device=like.device)
+            self.count = torch.zeros((), dtype=torch.int64, device=like.device)
+        elif self.history_norms.dtype != like.dtype:
+            self.history_norms = self.history_norms.to(like.dtype)
+
+    def record(self, norm: Tensor) -> Tensor:
+        """Record ``norm`` (non-finite ones as NaN, i.e. not at all) and return the threshold."""
+        self._ensure_buffers(norm)
+        slot = torch.remainder(self.count, self.history).view(1)
+        value = torch.where(torch.isfinite(norm), norm, torch.full_like(norm, float("nan")))
+        self.history_norms.scatter_(0, slot, value.view(1))
+        self.count += 1
+        self.threshold = torch.nanquantile(self.history_norms, self.percentile / 100.0)
+        return self.threshold
+
+    def __call__(self, parameters: TensorOrTensors) -> Tensor:
+        with torch.no_grad():
+            grads = _grads(parameters)
+            if not grads:
+                return torch.tensor(0.0)
+            norm = total_norm(grads, self.norm_type, self.backend)
+            threshold = self.record(norm)
+            scale_(grads, clip_coefficient(threshold, norm))
+            return norm
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"percentile": self.percentile, "history": self.history,
+                "norm_type": self.norm_type, "history_norms": self.history_norms,
+                "count": self.count}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.percentile = float(state["percentile"])
+        self.history = int(state["history"])
+        self.norm_type = float(state["norm_type"])
+        self.history_norms = state["history_norms"]
+        self.count = state["count"]
+        self.threshold = None
+
+
+__all__ = ["PercentileClipper"]

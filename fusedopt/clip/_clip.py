@@ -1,0 +1,113 @@
+r"""Gradient clipping by global norm and by value, as in :mod:`torch.nn.utils`, without host syncs.
+
+Clipping by norm scales every gradient by
+
+.. math::
+
+    c = \min\Big(1, \frac{\text{max\_norm}}{\|g\|_p + 10^{-6}}\Big)
+
+computed on the device from the norm tensor (no ``if norm > max_norm`` on the host). It costs one
+read of the gradients for the norm and, when ``c < 1``, one read-modify-write to scale them.
+On CPU tensors the scale kernel skips its pass when ``c == 1`` exactly (multiplying by one
+changes no bit), which on the host costs nothing to find out; on the GPU the multiply always
+runs, to stay sync-free. To pay for one read only, clip inside the step instead:
+``fusedopt.optim.AdamW(..., max_grad_norm=1.0)``.
+"""
+from __future__ import annotations
+
+import types
+import warnings
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+from .. import _norm_ops, backends
+from ._norm import (TensorOrTensors, as_list, by_device, check_finite, get_total_norm, result_dtype,
+                    total_norm)
+
+Tensor = torch.Tensor
+
+#: Added to the norm before dividing, as torch does.
+EPS = 1e-6
+
+
+def clip_coefficient(max_norm: Union[float, Tensor], norm: Tensor) -> Tensor:
+    """``min(1, max_norm / (norm + 1e-6))`` as a 0-dim tensor on the norm's device and dtype."""
+    return torch.clamp(max_norm / (norm + EPS), max=1.0)
+
+
+def _grads(parameters: TensorOrTensors) -> List[Tensor]:
+    return [p.grad for p in as_list(parameters) if p.grad is not None]
+
+
+def scale_(tensors: Sequence[Tensor], scale: Tensor) -> None:
+    """``t *= scale`` for every tensor (``scale``: a 0-dim tensor), one multi-tensor pass per device."""
+    for device, group in by_device(tensors).items():
+        factor = scale.to(device, non_blocking=True)
+        if _native(device, group, "scale_"):
+            torch.ops.fusedopt.scale_(group, factor)
+        else:
+            torch._foreach_mul_(group, factor)
+
+
+def _native(device: torch.device, group: Sequence[Tensor], op: str) -> bool:
+    if backends.requested("auto") == "reference":
+        return False
+    return _norm_ops.has_kernel(op, device.type) and not any(t.is_complex() for t in group)
+
+
+def clip_grads_with_norm_(parameters: TensorOrTensors, max_norm: float, total_norm: Tensor,
+                          foreach: Optional[bool] = None) -> None:
+    """Drop-in for :func:`torch.nn.utils.clip_grads_with_norm_`: scale the gradients by
+    ``min(1, max_norm / (total_norm + 1e-6))`` (computed in ``total_norm``'s dtype, on its device).
+    ``foreach`` is accepted for compatibility."""
+    with torch.no_grad():
+        grads = _grads(parameters)
+        if grads:
+            scale_(grads, clip_coefficient(float(max_norm), total_norm))
+
+
+def clip_grad_norm_(parameters: TensorOrTensors, max_norm: float, norm_type: float = 2.0,
+                    error_if_nonfinite: bool = False, foreach: Optional[bool] = None, *,
+                    backend: str = "auto") -> Tensor:
+    """Drop-in for :func:`torch.nn.utils.clip_grad_norm_`: clip the gradients of ``parameters``
+    to a global ``norm_type``-norm of at most ``max_norm``, in place; return the norm before
+    clipping (the dtype torch returns, see :func:`fusedopt.get_total_norm`).
+
+    The coefficient is computed from the norm accumulated in float32 (float64 for float64
+    gradients), not from the rounded value returned, so float16 gradients with a norm above the
+    float16 range are still clipped correctly. No host sync unless ``error_if_nonfinite``.
+    """
+    with torch.no_grad():
+        if isinstance(parameters, types.GeneratorType):
+            parameters = list(parameters)
+            if not parameters:
+                warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.",
+                              stacklevel=2)
+        grads = _grads(parameters)
+        norm = total_norm(grads, norm_type, backend)
+        if error_if_nonfinite:
+            check_finite(norm, norm_type)
+        if not grads:
+            return norm
+        scale_(grads, clip_coefficient(float(max_norm), norm))
+        return norm.to(result_dtype(grads))
+
+
+def clip_grad_value_(parameters: TensorOrTensors, clip_value: float,
+                     foreach: Optional[bool] = None) -> None:
+    """Drop-in for :func:`torch.nn.utils.clip_grad_value_`: clamp every gradient element to
+    ``[-clip_value, clip_value]`` in place (NaN stays NaN), in one pass (torch's foreach path
+    makes two: clamp_min then clamp_max)."""
+    with torch.no_grad():
+        clip_value = float(clip_value)
+        for device, group in by_device(_grads(parameters)).items():
+            if _native(device, group, "clamp_"):
+                torch.ops.fusedopt.clamp_(group, -clip_value, clip_value)
+            else:
+                for g in group:
+                    g.clamp_(min=-clip_value, max=clip_value)
+
+
+__all__ = ["clip_grad_norm_", "clip_grads_with_norm_", "clip_grad_value_", "get_total_norm",
+           "clip_coefficient", "scale_", "EPS"]

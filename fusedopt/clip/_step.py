@@ -1,0 +1,70 @@
+r"""Clipping and non-finite skipping folded into an optimizer step, on the device.
+
+Every backend divides the gradients by a 0-dim ``grad_scale`` tensor inside its update kernel
+(GradScaler's scale :math:`s`). Clipping by global norm becomes one more factor in it: with
+:math:`n = \|g\|_2` the norm of the gradients as stored,
+
+.. math::
+
+    \hat n = n / s \ \ (\text{the norm of the unscaled gradients}), \qquad
+    c = \min\Big(1, \frac{\text{max\_grad\_norm}}{\hat n + 10^{-6}}\Big), \qquad
+    s_{\text{eff}} = s / c
+
+and the kernel computes :math:`g / s_{\text{eff}} = c\,g/s`: the gradients are read once for the
+norm and once by the update, never written. With ``skip_nonfinite`` the step's ``found_inf``
+becomes ``found_inf + (not isfinite(n))``, so a NaN/inf gradient anywhere makes every kernel of
+the step a no-op. All of it is a handful of 0-dim tensor ops: nothing is read on the host.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from ._clip import clip_coefficient
+from ._norm import total_norm
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class StepScaling:
+    """What the kernels of one step get instead of GradScaler's ``grad_scale`` / ``found_inf``."""
+
+    norm: Optional[Tensor] = None                # norm of the unscaled gradients, pre-clip
+    grad_scales: Dict[Optional[float], Optional[Tensor]] = field(default_factory=dict)
+    found_inf: Optional[Tensor] = None
+
+    def grad_scale_for(self, max_grad_norm: Optional[float]) -> Optional[Tensor]:
+        return self.grad_scales[max_grad_norm]
+
+
+def fold(grads: Sequence[Tensor], max_grad_norms: Sequence[Optional[float]],
+         grad_scale: Optional[Tensor], found_inf: Optional[Tensor], skip_nonfinite: bool,
+         backend: str = "auto") -> StepScaling:
+    """Compute the global 2-norm of ``grads`` once and the per-threshold effective scales.
+
+    ``max_grad_norms``: the thresholds in use (one per param group; ``None``: no clipping for
+    that group, which then gets ``grad_scale`` unchanged).
+    """
+    norm = total_norm(list(grads), 2.0, backend)
+    if grad_scale is not None:
+        norm = norm / grad_scale.to(device=norm.device, dtype=norm.dtype, non_blocking=True)
+    out = StepScaling(norm=norm, found_inf=found_inf)
+    for max_norm in set(max_grad_norms):
+        if max_norm is None:
+            out.grad_scales[None] = grad_scale
+            continue
+        coef = clip_coefficient(float(max_norm), norm)
+        if grad_scale is None:
+            out.grad_scales[max_norm] = torch.reciprocal(coef)
+        else:
+            out.grad_scales[max_norm] = grad_scale.to(device=norm.device, dtype=norm.dtype) / coef
+    if skip_nonfinite:
+        bad = torch.logical_not(torch.isfinite(norm)).to(torch.float32)
+        out.found_inf = bad if found_inf is None else found_inf.to(bad.device, non_blocking=True) + bad
+    return out
+
+
+__all__ = ["StepScaling", "fold"]

@@ -1,0 +1,575 @@
+"""fusedopt.clip against torch.nn.utils, clipping inside the optimizer step, GradScaler loops,
+non-finite skipping, and the absence of host syncs.
+
+Norm implementations tested on CPU tensors: ``cpu`` (the native op, when built) and ``reference``
+(torch's foreach method). The Triton kernels have their own file (test_clip_triton.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+
+import pytest
+import torch
+
+import fusedopt
+from fusedopt import _norm_ops, backends
+from fusedopt.clip import _norm
+
+from test_optim import assert_state_equal, clone_params, make_params, set_grads
+
+INF = float("inf")
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["fp32", "fp64", "bf16", "fp16"]
+NORMS = [2.0, INF, 1.0, 3.5]
+
+
+def norm_impls():
+    native = _norm_ops.has_kernel("total_norm", "cpu")
+    return [pytest.param("reference", id="reference"),
+            pytest.param("cpu", id="cpu", marks=[] if native else [
+                pytest.mark.skip(reason="fusedopt._C has no CPU total_norm kernel")])]
+
+
+def opt_backends():
+    reasons = backends.available()
+    out = [pytest.param("reference", id="reference")]
+    cpu_ok = reasons.get("cpu") is None and _norm_ops.has_kernel("total_norm", "cpu")
+    out.append(pytest.param("cpu", id="cpu", marks=[] if cpu_ok else [
+        pytest.mark.skip(reason=f"cpu backend or its norm op unavailable: {reasons.get('cpu')}")]))
+    return out
+
+
+def rtol_of(dtype):
+    """A few roundings of the storage dtype (fp32 for fp32, the 16-bit eps for 16-bit)."""
+    return {torch.float32: 2e-6, torch.float64: 1e-12, torch.bfloat16: 2 * 2.0 ** -8,
+            torch.float16: 2 * 2.0 ** -11}[dtype]
+
+
+def grads_for(shapes, dtype, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(s, generator=g, dtype=torch.float64) * scale).to(dtype) for s in shapes]
+
+
+CASES = {
+    "one": [(1031,)],
+    "mixed": [(5, 3), (17,), (40000,), (0,), (2, 3, 4), ()],   # 40000 spans several chunks
+    "tiny1000": [(1 + i % 7,) for i in range(1000)],
+}
+
+
+# ---- get_total_norm ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", norm_impls())
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("norm_type", NORMS, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_total_norm_matches_torch(case, norm_type, dtype, impl):
+    shapes = CASES[case]
+    if math.isinf(norm_type):  # torch cannot take the inf-norm of an empty tensor
+        shapes = [s for s in shapes if s != (0,)]
+    tensors = grads_for(shapes, dtype)
+    ours = fusedopt.get_total_norm(tensors, norm_type, backend=impl)
+    theirs = torch.nn.utils.get_total_norm(tensors, norm_type)
+    exact = torch.nn.utils.get_total_norm([t.double() for t in tensors], norm_type)
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape == ()
+    # ours accumulates in fp32 and rounds once: a rounding of the dtype from the exact value
+    torch.testing.assert_close(ours.double(), exact, rtol=rtol_of(dtype), atol=0)
+    torch.testing.assert_close(ours.double(), theirs.double(), rtol=2 * rtol_of(dtype) + 1e-5, atol=0)
+
+
+@pytest.mark.parametrize("impl", norm_impls())
+@pytest.mark.parametrize("norm_type", [0.0, -INF, 2.0])
+def test_total_norm_other_orders_and_mixed_dtypes(impl, norm_type):
+    tensors = grads_for([(7,), (300,)], torch.float32) + grads_for([(9,)], torch.float64, seed=1)
+    tensors += grads_for([(33,)], torch.bfloat16, seed=2) + [torch.zeros(5)]
+    ours = fusedopt.get_total_norm(tensors, norm_type, backend=impl)
+    theirs = torch.nn.utils.get_total_norm(tensors, norm_type)
+    exact = torch.nn.utils.get_total_norm([t.double() for t in tensors], norm_type)
+    assert ours.dtype == theirs.dtype == torch.float64
+    torch.testing.assert_close(ours, exact, rtol=1e-6, atol=0)
+    # torch rounds the bf16 tensor's own norm to bf16 before combining
+    torch.testing.assert_close(ours, theirs, rtol=2.0 ** -7, atol=0)
+
+
+@pytest.mark.parametrize("impl", norm_impls())
+def test_total_norm_empty_and_scalar_inputs(impl):
+    assert torch.equal(fusedopt.get_total_norm([], backend=impl), torch.nn.utils.get_total_norm([]))
+    t = torch.tensor([3.0, 4.0])
+    assert fusedopt.get_total_norm(t, backend=impl).item() == pytest.approx(5.0)
+    assert fusedopt.get_total_norm([torch.empty(0)], backend=impl).item() == 0.0
+
+
+@pytest.mark.parametrize("impl", norm_impls())
+def test_total_norm_fp16_squares_overflow_but_norm_does_not(impl):
+    """300^2 overflows fp16; the norm (~950) does not: accumulation must be fp32."""
+    g = torch.full((10,), 300.0, dtype=torch.float16)
+    ours = fusedopt.get_total_norm([g], backend=impl)
+    assert ours.dtype == torch.float16
+    torch.testing.assert_close(ours.float(), torch.tensor(300.0 * math.sqrt(10)), rtol=1e-3, atol=0)
+    torch.testing.assert_close(ours, torch.nn.utils.get_total_norm([g]))
+
+
+@pytest.mark.parametrize("impl", norm_impls())
+def test_clip_fp16_norm_beyond_fp16_range_still_clips(impl):
+    """A norm of ~9.5e5 is inf in fp16: torch then zeroes the gradients; fusedopt clips them."""
+    p = torch.zeros(1000, dtype=torch.float16, requires_grad=True)
+    p.grad = torch.full((1000,), 30000.0, dtype=torch.float16)
+    norm = fusedopt.clip_grad_norm_([p], max_norm=1.0, backend=impl)
+    assert norm.dtype == torch.float16 and torch.isinf(norm)  # the returned value is torch's dtype
+    expected = 30000.0 / (30000.0 * math.sqrt(1000))
+    torch.testing.assert_close(p.grad.float(), torch.full((1000,), expected), rtol=2e-3, atol=0)
+
+
+@pytest.mark.parametrize("impl", norm_impls())
+@pytest.mark.parametrize("bad", [float("nan"), INF])
+@pytest.mark.parametrize("norm_type", [2.0, INF])
+def test_nonfinite_gradients(impl, bad, norm_type):
+    params = make_params([(5,), (40000,)])
+    theirs = clone_params(params)
+    set_grads([params, theirs], 0)
+    params[1].grad[123] = bad
+    theirs[1].grad[123] = bad
+    with pytest.raises(RuntimeError, match="non-finite"):
+        fusedopt.clip_grad_norm_(params, 1.0, norm_type, error_if_nonfinite=True, backend=impl)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        fusedopt.get_total_norm([p.grad for p in params], norm_type, error_if_nonfinite=True,
+                                backend=impl)
+    ours = fusedopt.clip_grad_norm_(params, 1.0, norm_type, backend=impl)
+    ref = torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type)
+    torch.testing.assert_close(ours, ref, equal_nan=True)
+    for p, q in zip(params, theirs):
+        torch.testing.assert_close(p.grad, q.grad, equal_nan=True)
+
+
+# ---- clip_grad_norm_, clip_grads_with_norm_, clip_grad_value_ -----------------------------------
+
+@pytest.mark.parametrize("impl", norm_impls())
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("norm_type", NORMS, ids=str)
+@pytest.mark.parametrize("max_norm", [0.5, 1e6], ids=["clips", "no-clip"])
+def test_clip_grad_norm_matches_torch(max_norm, norm_type, dtype, impl):
+    params = make_params([(5, 3), (17,), (40000,), (2, 3, 4)], dtype)
+    theirs = clone_params(params)
+    set_grads([params, theirs], 0)
+    params[1].grad = None  # params without a gradient are skipped
+    theirs[1].grad = None
+    ours = fusedopt.clip_grad_norm_(params, max_norm, norm_type, backend=impl)
+    ref = torch.nn.utils.clip_grad_norm_(theirs, max_norm, norm_type)
+    assert ours.dtype == ref.dtype
+    tol = rtol_of(dtype) * 4 + (1e-5 if dtype == torch.float32 else 0)
+    torch.testing.assert_close(ours, ref, rtol=tol, atol=0)
+    for p, q in zip(params, theirs):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=tol, atol=tol * 1e-3)
+    if max_norm == 1e6:  # a coefficient of exactly one changes no bit
+        for p, q in zip(params, theirs):
+            if q.grad is not None:
+                assert torch.equal(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("impl", norm_impls())
+def test_clip_grads_with_norm_matches_torch(impl, monkeypatch):
+    params = make_params([(7, 5), (300,)])
+    theirs = clone_params(params)
+    set_grads([params, theirs], 0)
+    norm = fusedopt.get_total_norm([p.grad for p in params], backend=impl)
+    if impl == "reference":
+        monkeypatch.setenv(backends.ENV_VAR, "reference")
+    fusedopt.clip_grads_with_norm_(params, 0.3, norm)
+    torch.nn.utils.clip_grads_with_norm_(theirs, 0.3, torch.nn.utils.get_total_norm([q.grad for q in theirs]))
+    for p, q in zip(params, theirs):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("impl", norm_impls())
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_clip_grad_value_matches_torch(impl, dtype, monkeypatch):
+    if impl == "reference":
+        monkeypatch.setenv(backends.ENV_VAR, "reference")
+    params = make_params([(5, 3), (40000,), (0,)], dtype)
+    theirs = clone_params(params)
+    set_grads([params, theirs], 0)
+    for ps in (params, theirs):
+        ps[0].grad[0, 0] = float("nan")
+        ps[0].grad = ps[0].grad.t().contiguous().t()  # a transposed (non-contiguous) layout
+        ps[1].grad = torch.zeros(80000, dtype=dtype)[::2].copy_(ps[1].grad)  # a strided one
+    fusedopt.clip_grad_value_(params, 0.5)
+    torch.nn.utils.clip_grad_value_(theirs, 0.5)
+    for p, q in zip(params, theirs):
+        assert torch.equal(p.grad.isnan(), q.grad.isnan())
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, equal_nan=True)
+
+
+def test_clip_accepts_a_tensor_and_a_generator():
+    p = torch.zeros(4, requires_grad=True)
+    p.grad = torch.full((4,), 2.0)
+    assert fusedopt.clip_grad_norm_(p, 1.0).item() == pytest.approx(4.0)
+    torch.testing.assert_close(p.grad, torch.full((4,), 0.5), rtol=1e-5, atol=0)
+    with pytest.warns(UserWarning, match="empty generator"):
+        fusedopt.clip_grad_norm_((q for q in []), 1.0)
+
+
+def test_clip_in_place_bumps_version_counter():
+    p = torch.zeros(4, requires_grad=True)
+    p.grad = torch.full((4,), 2.0)
+    before = p.grad._version
+    fusedopt.clip_grad_norm_([p], 1.0)
+    assert p.grad._version > before
+
+
+# ---- adaptive clipping --------------------------------------------------------------------------
+
+def test_percentile_clipper_matches_its_definition():
+    clipper = fusedopt.PercentileClipper(percentile=50.0, history=4)
+    p = torch.zeros(3, requires_grad=True)
+    history = []
+    for step, scale in enumerate([1.0, 4.0, 2.0, 8.0, float("nan"), 3.0, 0.5]):
+        g = torch.tensor([1.0, 2.0, 2.0]) * scale  # norm 3 * scale
+        p.grad = g.clone()
+        norm = clipper([p])
+        if math.isfinite(scale):
+            history = (history + [3.0 * scale])[-4:]
+            tau = torch.tensor(history).nanquantile(0.5).item()
+            coef = min(1.0, tau / (3.0 * scale + 1e-6))
+            torch.testing.assert_close(p.grad, g * coef)
+            assert norm.item() == pytest.approx(3.0 * scale)
+        else:  # a non-finite norm takes a slot as NaN, which the percentile ignores
+            history = (history + [float("nan")])[-4:]
+            assert torch.isnan(norm)
+    state = clipper.state_dict()
+    other = fusedopt.PercentileClipper()
+    other.load_state_dict(copy.deepcopy(state))
+    assert int(other.count) == 7 and other.history == 4
+
+
+# ---- no host sync -------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Fail on any Python-level read of a tensor value (item, bool, float, int, tolist)."""
+    def boom(*args, **kwargs):
+        raise AssertionError("host sync: a tensor value was read on the host")
+    mp = pytest.MonkeyPatch()
+    for name in ("item", "__bool__", "__float__", "__int__", "tolist", "__index__"):
+        mp.setattr(torch.Tensor, name, boom)
+    try:
+        yield
+    finally:
+        mp.undo()
+
+
+class RecordingBackend:
+    """Stands in for a real backend: records what the front end passes, reads nothing."""
+    name = "recording"
+
+    def __init__(self):
+        self.calls = []
+
+    def adam_(self, params, grads, *args, grad_scale=None, found_inf=None, **kwargs):
+        self.calls.append((grad_scale, found_inf))
+
+    def sgd_(self, params, grads, *args, grad_scale=None, found_inf=None, **kwargs):
+        self.calls.append((grad_scale, found_inf))
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SGD"])
+def test_step_front_end_does_not_sync(name, monkeypatch):
+    stub = RecordingBackend()
+    monkeypatch.setattr(backends, "select", lambda *a, **k: stub)
+    params = make_params([(5, 3), (40000,)])
+    cls = getattr(fusedopt.optim, name)
+    opt = cls(params, lr=0.1, max_grad_norm=1.0, skip_nonfinite=True)
+    set_grads([params], 0)
+    opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(0.0)
+    with no_host_reads():
+        opt.step()
+        fusedopt.clip_grad_norm_(params, 1.0)
+        fusedopt.clip_grad_value_(params, 1.0)
+        fusedopt.get_total_norm([p.grad for p in params], INF)
+    grad_scale, found_inf = stub.calls[-1]
+    assert isinstance(grad_scale, torch.Tensor) and isinstance(found_inf, torch.Tensor)
+    assert isinstance(opt.last_grad_norm, torch.Tensor) and isinstance(opt.skipped_steps, torch.Tensor)
+
+
+@pytest.mark.parametrize("backend", opt_backends()[1:])
+def test_cpu_step_with_clipping_does_not_read_on_host(backend):
+    params = make_params([(5, 3), (40000,)])
+    opt = fusedopt.optim.AdamW(params, max_grad_norm=1.0, skip_nonfinite=True, backend=backend)
+    set_grads([params], 0)
+    with no_host_reads():
+        opt.step()
+        opt.step()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_step_with_clipping_does_not_sync():
+    params = [p.cuda().detach().requires_grad_() for p in make_params([(5, 3), (40000,)])]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = fusedopt.optim.AdamW(params, max_grad_norm=1.0, skip_nonfinite=True)
+    opt.step()  # first step builds tables (host-to-device copies)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+        fusedopt.clip_grad_norm_(params, 1.0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+# ---- clipping inside the optimizer step ---------------------------------------------------------
+
+PAIRS = {"SGD": (fusedopt.optim.SGD, torch.optim.SGD, dict(momentum=0.9)),
+         "Adam": (fusedopt.optim.Adam, torch.optim.Adam, dict(weight_decay=0.1)),
+         "AdamW": (fusedopt.optim.AdamW, torch.optim.AdamW, dict(amsgrad=True))}
+SHAPES = [(5, 3), (17,), (4097,), (0,), (2, 3, 4), ()]
+
+
+def _groups(params, lrs=(1e-2, 3e-2)):
+    half = len(params) // 2
+    return [{"params": params[:half], "lr": lrs[0]}, {"params": params[half:], "lr": lrs[1]}]
+
+
+@pytest.mark.parametrize("backend", opt_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_max_grad_norm_equals_torch_clip_then_step(name, dtype, backend):
+    ours_cls, torch_cls, flags = PAIRS[name]
+    params = make_params(SHAPES, dtype)
+    theirs = clone_params(params)
+    ours = ours_cls(_groups(params), lr=1e-2, max_grad_norm=1.5, backend=backend, **flags)
+    ref = torch_cls(_groups(theirs), lr=1e-2, foreach=False, **flags)
+    for step in range(10):
+        set_grads([params, theirs], step)
+        ours.step()
+        norm = torch.nn.utils.clip_grad_norm_(theirs, 1.5, foreach=False)
+        ref.step()
+        torch.testing.assert_close(ours.last_grad_norm.to(norm.dtype), norm,
+                                   rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
+    tol = dict(rtol=2e-5, atol=1e-6) if dtype == torch.float32 else {}
+    assert_state_equal(ours, params, ref, theirs, **tol)
+
+
+@pytest.mark.parametrize("backend", opt_backends())
+def test_max_grad_norm_per_group_and_large_threshold(backend):
+    """The norm is global; each group clips with its own threshold (None: no clipping)."""
+    params = make_params(SHAPES)
+    theirs = clone_params(params)
+    groups = _groups(params)
+    groups[1]["max_grad_norm"] = None
+    ours = fusedopt.optim.SGD(groups, lr=0.1, max_grad_norm=0.5, backend=backend)
+    ref = torch.optim.SGD(_groups(theirs), lr=0.1, foreach=False)
+    half = len(SHAPES) // 2
+    set_grads([params, theirs], 0)
+    total = torch.nn.utils.get_total_norm([q.grad for q in theirs])
+    torch.nn.utils.clip_grads_with_norm_(theirs[:half], 0.5, total)
+    ours.step()
+    ref.step()
+    assert_state_equal(ours, params, ref, theirs, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", opt_backends())
+def test_state_dict_interchange_with_torch(backend):
+    params = make_params(SHAPES)
+    ours = fusedopt.optim.AdamW(params, lr=1e-2, max_grad_norm=1.0, skip_nonfinite=True, backend=backend)
+    set_grads([params], 0)
+    ours.step()
+    # fusedopt -> torch: the extra group keys are ignored
+    theirs = clone_params(params)
+    ref = torch.optim.AdamW(theirs, lr=1e-2)
+    ref.load_state_dict(ours.state_dict())
+    set_grads([theirs], 1)
+    ref.step()
+    # torch -> fusedopt: the constructor's clipping options survive
+    pure_params = clone_params(params)
+    pure = torch.optim.AdamW(pure_params, lr=1e-2)
+    set_grads([pure_params], 1)
+    pure.step()
+    again = fusedopt.optim.AdamW(clone_params(params), lr=1e-2, max_grad_norm=2.0, backend=backend)
+    again.load_state_dict(pure.state_dict())
+    set_grads([list(again.param_groups[0]["params"])], 2)
+    again.step()
+    assert again.param_groups[0]["max_grad_norm"] == 2.0
+    assert again.param_groups[0]["skip_nonfinite"] is False
+    # fusedopt -> fusedopt keeps the saved options
+    third = fusedopt.optim.AdamW(clone_params(params), lr=1e-2, backend=backend)
+    third.load_state_dict(ours.state_dict())
+    assert third.param_groups[0]["max_grad_norm"] == 1.0
+    assert third.param_groups[0]["skip_nonfinite"] is True
+
+
+def test_clip_options_are_validated():
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        fusedopt.optim.AdamW(make_params([(2,)]), max_grad_norm=-1.0)
+    with pytest.raises(ValueError, match="skip_nonfinite"):
+        fusedopt.optim.SGD(make_params([(2,)]), skip_nonfinite="yes")
+    opt = fusedopt.optim.Adam(make_params([(2,)]))
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        opt.add_param_group({"params": make_params([(3,)]), "max_grad_norm": 0.0})
+
+
+# ---- skipping non-finite steps ------------------------------------------------------------------
+
+def snapshot(opt, params):
+    return ([p.detach().clone() for p in params],
+            [{k: v.clone() for k, v in opt.state[p].items()} for p in params])
+
+
+def assert_unchanged(before, opt, params):
+    old_params, old_state = before
+    for p, old in zip(params, old_params):
+        assert torch.equal(p, old)
+    for p, state in zip(params, old_state):
+        for key, value in state.items():
+            assert torch.equal(opt.state[p][key], value), key
+
+
+@pytest.mark.parametrize("backend", opt_backends())
+@pytest.mark.parametrize("name", list(PAIRS))
+@pytest.mark.parametrize("bad", [float("nan"), INF])
+def test_skip_nonfinite_makes_the_step_a_no_op(name, backend, bad):
+    ours_cls, torch_cls, flags = PAIRS[name]
+    params = make_params(SHAPES)
+    theirs = clone_params(params)
+    ours = ours_cls(params, lr=1e-2, skip_nonfinite=True, max_grad_norm=2.0, backend=backend, **flags)
+    ref = torch_cls(theirs, lr=1e-2, foreach=False, **flags)
+    for step in range(6):
+        set_grads([params, theirs], step)
+        if step in (2, 4):
+            params[2].grad[7] = bad
+            before = snapshot(ours, params)
+            ours.step()
+            assert_unchanged(before, ours, params)
+            assert not bool(torch.isfinite(ours.last_grad_norm))
+            continue
+        ours.step()
+        torch.nn.utils.clip_grad_norm_(theirs, 2.0)
+        ref.step()
+    assert int(ours.skipped_steps) == 2
+    assert_state_equal(ours, params, ref, theirs, rtol=2e-5, atol=1e-6)
+
+
+# ---- GradScaler ----------------------------------------------------------------------------------
+
+class TinyNet(torch.nn.Module):
+    def __init__(self, dtype):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 16).to(dtype)
+        self.b = torch.nn.Linear(16, 4).to(dtype)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _loop(model, opt, scaler, dtype, steps, inject_at, clip=None, unscale=False):
+    """A mixed-precision loop; returns the params/state snapshot taken before each skipped step."""
+    g = torch.Generator().manual_seed(0)
+    skipped = []
+    for step in range(steps):
+        x = torch.randn(32, 8, generator=g).to(dtype)
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.float32):
+            loss = model(x).float().square().mean()
+        scaler.scale(loss).backward()
+        if step in inject_at:
+            model.a.weight.grad[0, 0] = float("inf")
+            skipped.append(snapshot(opt, list(model.parameters())))
+        if unscale:
+            scaler.unscale_(opt)
+        if clip is not None:
+            clip(model.parameters())
+        scaler.step(opt)
+        scaler.update()
+        if step in inject_at:
+            assert_unchanged(skipped[-1], opt, list(model.parameters()))
+    return skipped
+
+
+def _pair(dtype, seed=0):
+    torch.manual_seed(seed)
+    a = TinyNet(dtype)
+    b = copy.deepcopy(a)
+    return a, b
+
+
+def _assert_models_match(model_a, opt_a, model_b, opt_b, **tol):
+    params_a, params_b = list(model_a.parameters()), list(model_b.parameters())
+    assert_state_equal(opt_a, params_a, opt_b, params_b, **tol)
+
+
+# fp32 params + bf16 autocast; fp16 params (GradScaler's classic use); bf16 params.
+# eps=1e-3: with fp16 state, tiny clipped gradients make exp_avg_sq underflow to 0, and with
+# eps=1e-8 the update m / (sqrt(v) + eps) explodes (in torch too): nothing left to compare.
+EPS = 1e-3
+LOOP_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LOOP_IDS = ["fp32-autocast-bf16", "fp16", "bf16"]
+
+
+@pytest.mark.parametrize("backend", opt_backends())
+@pytest.mark.parametrize("dtype", LOOP_DTYPES, ids=LOOP_IDS)
+def test_grad_scaler_loop_matches_torch_fused(dtype, backend):
+    model_a, model_b = _pair(dtype)
+    opt_a = fusedopt.optim.AdamW(model_a.parameters(), lr=1e-2, eps=EPS, backend=backend)
+    opt_b = torch.optim.AdamW(model_b.parameters(), lr=1e-2, eps=EPS, fused=True)
+    scaler_a = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    scaler_b = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    _loop(model_a, opt_a, scaler_a, dtype, 8, inject_at=(3, 5))
+    _loop(model_b, opt_b, scaler_b, dtype, 8, inject_at=(3, 5))
+    assert scaler_a.get_scale() == scaler_b.get_scale()
+    assert int(opt_a.skipped_steps) == 2
+    _assert_models_match(model_a, opt_a, model_b, opt_b)
+    assert float(opt_a.state[model_a.a.weight]["step"]) == 6.0
+
+
+@pytest.mark.parametrize("backend", opt_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32-autocast-bf16", "bf16"])
+def test_grad_scaler_unscale_then_fusedopt_clip(dtype, backend):
+    """unscale_ + clip_grad_norm_ + step: the step must not divide by the scale again."""
+    model_a, model_b = _pair(dtype)
+    opt_a = fusedopt.optim.AdamW(model_a.parameters(), lr=1e-2, eps=EPS, backend=backend)
+    opt_b = torch.optim.AdamW(model_b.parameters(), lr=1e-2, eps=EPS, fused=True)
+    scaler_a = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    scaler_b = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    impl = "reference" if backend == "reference" else "auto"
+    _loop(model_a, opt_a, scaler_a, dtype, 6, inject_at=(2,), unscale=True,
+          clip=lambda ps: fusedopt.clip_grad_norm_(ps, 0.05, backend=impl))
+    _loop(model_b, opt_b, scaler_b, dtype, 6, inject_at=(2,), unscale=True,
+          clip=lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.05))
+    low = dtype != torch.float32
+    _assert_models_match(model_a, opt_a, model_b, opt_b,
+                         **(dict(rtol=2e-2, atol=2e-3) if low else dict(rtol=1e-4, atol=1e-5)))
+
+
+@pytest.mark.parametrize("backend", opt_backends())
+@pytest.mark.parametrize("dtype", LOOP_DTYPES, ids=LOOP_IDS)
+def test_grad_scaler_with_max_grad_norm(dtype, backend):
+    """max_grad_norm with GradScaler clips the unscaled gradients: the same as clipping the
+    scaled gradients to max_norm * scale before torch's step (unscale_ refuses fp16 grads)."""
+    model_a, model_b = _pair(dtype)
+    opt_a = fusedopt.optim.AdamW(model_a.parameters(), lr=1e-2, eps=EPS, max_grad_norm=0.05, backend=backend)
+    opt_b = torch.optim.AdamW(model_b.parameters(), lr=1e-2, eps=EPS, fused=True)
+    scaler_a = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    scaler_b = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    _loop(model_a, opt_a, scaler_a, dtype, 6, inject_at=(2,))
+
+    def clip_scaled(ps):  # the norm in fp32: an fp16 norm of scaled grads overflows
+        ps = list(ps)
+        norm = torch.nn.utils.get_total_norm([p.grad.float() for p in ps])
+        torch.nn.utils.clip_grads_with_norm_(ps, 0.05 * scaler_b.get_scale(), norm)
+
+    _loop(model_b, opt_b, scaler_b, dtype, 6, inject_at=(2,), clip=clip_scaled)
+    low = dtype != torch.float32
+    _assert_models_match(model_a, opt_a, model_b, opt_b,
+                         **(dict(rtol=2e-2, atol=2e-3) if low else dict(rtol=1e-4, atol=1e-5)))
+    assert float(opt_a.state[model_a.a.weight]["step"]) == 5.0
+    assert scaler_a.get_scale() == scaler_b.get_scale()
+
+
+def test_norm_dispatch_choices():
+    t = [torch.zeros(3)]
+    assert _norm.choose("reference", torch.device("cpu"), t, 2.0) == "reference"
+    expected = "native" if _norm_ops.has_kernel("total_norm", "cpu") else "reference"
+    assert _norm.choose("auto", torch.device("cpu"), t, 2.0) == expected
+    assert _norm.choose("auto", torch.device("cpu"), [torch.zeros(2, dtype=torch.complex64)], 2.0) == "reference"
