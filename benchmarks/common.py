@@ -4,7 +4,9 @@ bandwidth reference, providers, correctness guard, result schema, table, command
 Every benchmark script (``bench_adam.py``, ``bench_sgd.py``, ...) is a thin :class:`BenchSpec`
 handed to :func:`main`. What is measured, for every provider, is the wall time of one whole
 ``optimizer.step()`` call (Python overhead, dispatch and kernels included) with gradients already
-in place (set once, reused), on the same parameter tensors for every provider.
+in place (set once, reused), on the same parameter tensors for every provider (each provider
+has its own optimizer state; sharing the params keeps memory at params + grads + n x state, and
+step time does not depend on their values: they stay normal numbers).
 
 Method (ARCHITECTURE.md, "Measuring on these machines"): warm up, then interleave the providers
 and the bandwidth reference (A, B, C, BW, B, C, BW, A, ... the start rotates each repetition), take
@@ -471,6 +473,8 @@ GUARD_SHAPES = ((3,), (17, 5), (1031,), (64, 65), (4096,))
 GUARD_STEPS = 3
 #: learning rate of the guard: large enough that a wrong update shows above bf16 rounding
 GUARD_LR = 0.05
+#: start of the guard's answer when the provider raised (a "skipped", not a "rejected" provider)
+GUARD_RAISED = "failed on a small copy"
 #: (rtol, atol) per dtype, about 4 units in the last place for low precision (params are rounded
 #: to the storage dtype after every step, the reference is not).
 GUARD_TOLERANCE = {
@@ -524,7 +528,7 @@ def guard_check(provider: Provider, cfg: AlgoConfig, device: torch.device,
             ref_opt.step()
             step()
     except Exception as exc:
-        return f"failed on a small copy: {type(exc).__name__}: {first_line(exc)}"
+        return f"{GUARD_RAISED}: {type(exc).__name__}: {first_line(exc)}"
     rtol, atol = GUARD_TOLERANCE[dtype]
     for i, (p_ref, p) in enumerate(zip(ref_params, test_params)):
         pairs = [("param", p_ref, p)]
@@ -728,6 +732,7 @@ class RunContext:
     with_compile: bool
     quick: bool
     bw_bytes: Optional[int]
+    sample_s: float
     env: Dict[str, Any]
     run_id: str
     guard_cache: Dict[Tuple[str, str, str], Optional[str]] = field(default_factory=dict)
@@ -787,15 +792,15 @@ def skip_record(base: Mapping[str, Any], name: str, status: str, note: str) -> D
     return rec
 
 
-def run_group(ctx: RunContext, workload: Workload, algo: str, dtype: torch.dtype) -> List[Dict[str, Any]]:
-    """Build every provider over one shared set of params, time them interleaved with the
-    bandwidth reference, and return one record per provider (ok, skipped or rejected)."""
+def screen_providers(ctx: RunContext, algo: str, dtype: torch.dtype,
+                     base: Mapping[str, Any]) -> Tuple[List[Provider], List[Dict[str, Any]]]:
+    """Providers to time, plus records of those that will not be: not runnable here ("skipped")
+    or failing the correctness guard ("rejected"). Guard results are cached per (provider,
+    algo, dtype) for the whole run."""
     cfg = ctx.spec.algos[algo]
-    base = base_record(ctx, workload, algo, dtype)
-    candidates = candidate_providers(ctx, algo, dtype)
-    records: List[Dict[str, Any]] = []
     providers: List[Provider] = []
-    for c in candidates:
+    records: List[Dict[str, Any]] = []
+    for c in candidate_providers(ctx, algo, dtype):
         if isinstance(c, Skip):
             records.append(skip_record(base, c.name, "skipped", c.reason))
             continue
@@ -803,10 +808,64 @@ def run_group(ctx: RunContext, workload: Workload, algo: str, dtype: torch.dtype
             key = (c.name, algo, dtype_name(dtype))
             if key not in ctx.guard_cache:
                 ctx.guard_cache[key] = guard_check(c, cfg, ctx.device, dtype)
-            if ctx.guard_cache[key] is not None:
-                records.append(skip_record(base, c.name, "rejected", ctx.guard_cache[key]))
+            reason = ctx.guard_cache[key]
+            if reason is not None:
+                status = "skipped" if reason.startswith(GUARD_RAISED) else "rejected"
+                records.append(skip_record(base, c.name, status, reason))
                 continue
         providers.append(c)
+    return providers, records
+
+
+def time_providers(ctx: RunContext, workload: Workload, cfg: AlgoConfig, dtype: torch.dtype,
+                   providers: Sequence[Provider]) -> Tuple[Dict[str, Timing], BandwidthProbe, Dict[str, str]]:
+    """Build every provider's optimizer over one shared set of params (grads set once) and time
+    their steps interleaved with the bandwidth reference. Returns the timings (bandwidth under
+    :data:`BANDWIDTH_NAME`), the probe, and an error per provider that could not be built or run."""
+    params = make_tensors(workload, ctx.device, dtype)
+    errors: Dict[str, str] = {}
+    fns: Dict[str, Callable[[], Any]] = {}
+    for p in providers:
+        try:
+            fns[p.name] = p.step_fn(p.make(params, cfg.kwargs))
+        except Exception as exc:
+            errors[p.name] = f"construction failed: {type(exc).__name__}: {first_line(exc)}"
+    probe = bandwidth_probe(ctx.device, ctx.bw_bytes)
+    fns[BANDWIDTH_NAME] = probe.fn
+    step_errors: Dict[str, str] = {}
+    timings = interleaved_times(fns, repeats=ctx.repeats, warmup=ctx.warmup, min_sample_s=ctx.sample_s,
+                                sync=synchronizer(ctx.device), errors=step_errors)
+    for name, err in step_errors.items():
+        errors[name] = ("torch.compile failed: " if name == "torch-compile" else "step failed: ") + err
+    del fns, params, probe.fn  # free the optimizers' state before the next group
+    gc.collect()
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return timings, probe, errors
+
+
+def measured_record(base: Mapping[str, Any], name: str, t: Timing,
+                    fused: Optional[Timing]) -> Dict[str, Any]:
+    """The record of one timed provider: times, GB/s from the byte model, fraction of the
+    bandwidth reference and speedup vs torch-fused (both from the same run)."""
+    rec = dict(base)
+    rec.update(provider=name, ms_median=t.median * 1e3, ms_min=t.min * 1e3, inner=t.inner,
+               gbps=gbps(base["bytes_per_step"], t.min),
+               gbps_median=gbps(base["bytes_per_step"], t.median))
+    if base["bandwidth_gbps"]:
+        rec["frac_bw"] = rec["gbps"] / base["bandwidth_gbps"]
+    if fused is not None:
+        rec["speedup_vs_torch_fused"] = fused.min / t.min
+        rec["speedup_vs_torch_fused_median"] = fused.median / t.median
+    return rec
+
+
+def run_group(ctx: RunContext, workload: Workload, algo: str, dtype: torch.dtype) -> List[Dict[str, Any]]:
+    """Screen, build and time every provider on one workload; one record per provider
+    (status ok, skipped or rejected), in provider order."""
+    cfg = ctx.spec.algos[algo]
+    base = base_record(ctx, workload, algo, dtype)
+    providers, records = screen_providers(ctx, algo, dtype, base)
 
     need = memory_needed(workload, cfg, dtype, len(providers)) + (ctx.bw_bytes or 256 * 2 ** 20)
     free = memory_available(ctx.device)
@@ -815,50 +874,18 @@ def run_group(ctx: RunContext, workload: Workload, algo: str, dtype: torch.dtype
                 "run fewer --providers or a smaller --dtype")
         return records + [skip_record(base, p.name, "skipped", note) for p in providers]
 
-    params = make_tensors(workload, ctx.device, dtype)
-    fns: Dict[str, Callable[[], Any]] = {}
-    for p in providers:
-        try:
-            fns[p.name] = p.step_fn(p.make(params, cfg.kwargs))
-        except Exception as exc:
-            records.append(skip_record(base, p.name, "skipped",
-                                       f"construction failed: {type(exc).__name__}: {first_line(exc)}"))
-    probe = bandwidth_probe(ctx.device, ctx.bw_bytes)
-    fns[BANDWIDTH_NAME] = probe.fn
-    errors: Dict[str, str] = {}
-    timings = interleaved_times(fns, repeats=ctx.repeats, warmup=ctx.warmup,
-                                sync=synchronizer(ctx.device), errors=errors)
-    del fns, params, probe.fn
-    gc.collect()
-    if ctx.device.type == "cuda":
-        torch.cuda.empty_cache()
-
-    for name, err in errors.items():
-        status = "skipped"
-        note = ("torch.compile failed: " + err) if name == "torch-compile" else f"step failed: {err}"
-        records.append(skip_record(base, name, status, note))
+    timings, probe, errors = time_providers(ctx, workload, cfg, dtype, providers)
+    records += [skip_record(base, name, "skipped", err) for name, err in errors.items()]
     bw = timings.pop(BANDWIDTH_NAME, None)
     base["bandwidth_gbps"] = gbps(probe.nbytes, bw.min) if bw else None
     base["bandwidth_ref"] = probe.description
     for rec in records:
         rec["bandwidth_gbps"], rec["bandwidth_ref"] = base["bandwidth_gbps"], base["bandwidth_ref"]
     fused = timings.get("torch-fused")
-    for p in providers:
-        t = timings.get(p.name)
-        if t is None:
-            continue
-        rec = dict(base)
-        rec.update(provider=p.name, ms_median=t.median * 1e3, ms_min=t.min * 1e3, inner=t.inner,
-                   gbps=gbps(base["bytes_per_step"], t.min),
-                   gbps_median=gbps(base["bytes_per_step"], t.median))
-        if base["bandwidth_gbps"]:
-            rec["frac_bw"] = rec["gbps"] / base["bandwidth_gbps"]
-        if fused is not None:
-            rec["speedup_vs_torch_fused"] = fused.min / t.min
-            rec["speedup_vs_torch_fused_median"] = fused.median / t.median
-        records.append(rec)
-    order = {c.name: i for i, c in enumerate(candidates)}
-    records.sort(key=lambda r: order.get(r["provider"], len(order)))
+    records += [measured_record(base, p.name, timings[p.name], fused)
+                for p in providers if p.name in timings]
+    order = {p.name: i for i, p in enumerate(providers)}
+    records.sort(key=lambda r: (r["status"] != "ok", order.get(r["provider"], len(order))))
     return records
 
 
@@ -947,6 +974,10 @@ def build_parser(spec: BenchSpec) -> argparse.ArgumentParser:
                    help="log2 range of the size sweep, LO:HI [10:26 on GPU, 10:24 on CPU; --quick: 10:14]")
     p.add_argument("--bw-mib", type=int, default=None,
                    help="bandwidth reference buffer in MiB [max(256, 4 x last-level cache); --quick: 64]")
+    p.add_argument("--sample-ms", type=float, default=None,
+                   help="fast steps are timed in back-to-back batches of at least this long "
+                        "[1 on CPU (short samples let the min dodge a busy machine), 5 on GPU "
+                        "(amortises the synchronisation)]")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--out", default=None,
                    help="JSON-lines file to append to [benchmarks/results/<benchmark>-<device>-<date>.jsonl;"
@@ -990,6 +1021,8 @@ def resolve_args(spec: BenchSpec, args: argparse.Namespace) -> argparse.Namespac
     args.providers = comma_list(args.providers) if args.providers else None
     if args.providers and "torch-compile" in args.providers:  # named exactly, not via a glob
         args.compile = True
+    if args.sample_ms is None:
+        args.sample_ms = 5.0 if args.device.type == "cuda" else 1.0
     if args.bw_mib is None and args.quick:
         args.bw_mib = 64
     if args.out is None:
@@ -1011,6 +1044,7 @@ def main(spec: BenchSpec, argv: Optional[Sequence[str]] = None) -> List[Dict[str
     ctx = RunContext(spec=spec, device=args.device, repeats=args.repeats, warmup=args.warmup,
                      provider_patterns=args.providers, with_compile=args.compile, quick=args.quick,
                      bw_bytes=args.bw_mib * 2 ** 20 if args.bw_mib else None,
+                     sample_s=args.sample_ms / 1e3,
                      env=environment(args.device), run_id=now_iso())
     if args.quick:
         print("note: --quick is a smoke test; its numbers are not meaningful")
