@@ -230,25 +230,23 @@ def interleaved_times(fns: Mapping[str, Callable[[], Any]], *, repeats: int, war
     """Time every function of ``fns`` interleaved: round r runs all of them once, in an order
     rotated by r, so that slow drifts of a shared machine hit every function alike.
 
-    Warmup calls come first (interleaved as well); a function that raises during warmup is
-    dropped and its error stored in ``errors``. Each function then gets a number of calls per
-    sample (``inner``) so a sample lasts at least ``min_sample_s``; samples are per-call seconds.
-    The garbage collector is off while timing.
+    Warmup calls come first (interleaved as well, at least one); a function that raises during
+    warmup is dropped and its error stored in ``errors``. From the time of its last warmup call,
+    each function gets a number of calls per sample (``inner``) so a sample lasts at least
+    ``min_sample_s``; samples are per-call seconds. The garbage collector is off while timing.
     """
     live = dict(fns)
+    last: Dict[str, float] = {}
     for _ in range(max(warmup, 1)):
         for name, fn in list(live.items()):
             try:
-                fn()
-                sync()
+                last[name] = time_calls(fn, 1, sync)
             except Exception as exc:  # a provider that cannot run is dropped, not fatal
                 if errors is not None:
                     errors[name] = f"{type(exc).__name__}: {first_line(exc)}"
                 del live[name]
-    inner = {}
-    for name, fn in live.items():
-        once = time_calls(fn, 1, sync)
-        inner[name] = max(1, min(max_inner, math.ceil(min_sample_s / max(once, 1e-9))))
+    inner = {name: max(1, min(max_inner, math.ceil(min_sample_s / max(last[name], 1e-9))))
+             for name in live}
     samples: Dict[str, List[float]] = {name: [] for name in live}
     names = list(live)
     gc_was_enabled = gc.isenabled()
@@ -739,13 +737,25 @@ class RunContext:
     printed_skips: set = field(default_factory=set)
 
 
+def all_providers(ctx: RunContext, algo: str, dtype: torch.dtype) -> List[Any]:
+    """Every provider (and Skip) for ``algo``/``dtype`` on the run's device."""
+    cfg = ctx.spec.algos[algo]
+    providers = torch_providers(cfg, ctx.with_compile)
+    providers += fusedopt_providers(cfg, ctx.device, dtype)
+    providers += ctx.spec.external_providers(algo, cfg, ctx.device, dtype)
+    return providers
+
+
 def candidate_providers(ctx: RunContext, algo: str, dtype: torch.dtype) -> List[Any]:
     """Providers (and Skips) for ``algo``/``dtype`` on the run's device, filtered by --providers."""
-    cfg = ctx.spec.algos[algo]
-    all_providers = torch_providers(cfg, ctx.with_compile)
-    all_providers += fusedopt_providers(cfg, ctx.device, dtype)
-    all_providers += ctx.spec.external_providers(algo, cfg, ctx.device, dtype)
-    return select_providers(all_providers, ctx.provider_patterns)
+    return select_providers(all_providers(ctx, algo, dtype), ctx.provider_patterns)
+
+
+def unmatched_patterns(ctx: RunContext, algo: str, dtype: torch.dtype) -> List[str]:
+    """--providers patterns that name no provider of this device (typos, other devices)."""
+    names = [p.name for p in all_providers(ctx, algo, dtype)]
+    return [pat for pat in ctx.provider_patterns or ()
+            if not any(fnmatch.fnmatchcase(n, pat) for n in names)]
 
 
 def memory_needed(workload: Workload, cfg: AlgoConfig, dtype: torch.dtype, n_providers: int) -> int:
@@ -969,7 +979,7 @@ def build_parser(spec: BenchSpec) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", help=f"comma list of {', '.join(DTYPES)}")
     p.add_argument("--device", default="auto", help="auto (GPU if there is one), cpu, cuda, cuda:N")
     p.add_argument("--repeats", type=int, default=None, help="timed samples per provider [15; --quick: 3]")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps per provider first [3; --quick: 1]")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per provider first (>= 1) [2; --quick: 1]")
     p.add_argument("--sweep", default=None,
                    help="log2 range of the size sweep, LO:HI [10:26 on GPU, 10:24 on CPU; --quick: 10:14]")
     p.add_argument("--bw-mib", type=int, default=None,
@@ -1000,7 +1010,7 @@ def resolve_args(spec: BenchSpec, args: argparse.Namespace) -> argparse.Namespac
     """Fill defaults that depend on --quick and the device; validate names."""
     args.device = resolve_device(args.device)
     args.repeats = args.repeats if args.repeats is not None else (3 if args.quick else 15)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     if args.repeats < 1 or args.warmup < 0:
         raise SystemExit("--repeats must be >= 1 and --warmup >= 0")
     args.workloads = comma_list(args.workloads) if args.workloads else list(
@@ -1052,6 +1062,9 @@ def main(spec: BenchSpec, argv: Optional[Sequence[str]] = None) -> List[Dict[str
     if load is not None and load > 0.5:
         print(f"note: load average {load:.1f} on {cores} cores before starting; other work on this "
               "machine makes timings noisy (compare ratios within a run only)")
+    for pat in unmatched_patterns(ctx, args.algo[0], DTYPES[args.dtype[0]]):
+        print(f"note: --providers {pat!r} matches no provider on {ctx.device.type}")
+    started = time.perf_counter()
     all_records: List[Dict[str, Any]] = []
     for algo in args.algo:
         for dname in args.dtype:
@@ -1063,6 +1076,7 @@ def main(spec: BenchSpec, argv: Optional[Sequence[str]] = None) -> List[Dict[str
                     if args.out is not None:
                         write_records(args.out, records)
                     all_records += records
+    print(f"done in {time.perf_counter() - started:.0f} s")
     if args.out is not None:
         print(f"results appended to {args.out}")
     if args.plot:

@@ -169,8 +169,8 @@ def test_interleaved_timer_returns_sane_values():
 def test_interleaved_timer_interleaves_and_rotates():
     order = []
     fns = {name: (lambda n=name: order.append(n)) for name in "abc"}
-    common.interleaved_times(fns, repeats=3, warmup=1, min_sample_s=0, max_inner=1)
-    # warmup round, one calibration call each, then rounds rotated by one each time
+    common.interleaved_times(fns, repeats=3, warmup=2, min_sample_s=0, max_inner=1)
+    # two warmup rounds, then timed rounds rotated by one each time
     assert order[:6] == list("abcabc")
     assert order[6:] == list("abc") + list("bca") + list("cab")
 
