@@ -108,7 +108,7 @@ class Plan:
         addresses, copies = [], []
         for i in bucket.indices:
             grad, param = grads[i], params[i]
-            if grad.dtype != param.dtype or grad.numel() != param.numel() or grad.device != param.device:
+            if grad.dtype != param.dtype or grad.shape != param.shape or grad.device != param.device:
                 raise ValueError(f"fusedopt triton: gradient {i} ({grad.dtype}, {tuple(grad.shape)}, "
                                  f"{grad.device}) does not match its param ({param.dtype}, "
                                  f"{tuple(param.shape)}, {param.device})")
