@@ -1045,12 +1045,26 @@ def resolve_args(spec: BenchSpec, args: argparse.Namespace) -> argparse.Namespac
 
 
 def main(spec: BenchSpec, argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
-    """Run the benchmark described by ``spec`` with the command line ``argv``; return its records."""
+    """Run the benchmark described by ``spec`` with the command line ``argv``; return its records.
+
+    ``FUSEDOPT_BACKEND`` is unset while it runs (each fusedopt provider names its backend) and
+    restored afterwards.
+    """
     args = resolve_args(spec, build_parser(spec).parse_args(argv))
     if args.threads:
         torch.set_num_threads(args.threads)
-    if os.environ.pop("FUSEDOPT_BACKEND", None):
+    saved_backend = os.environ.pop("FUSEDOPT_BACKEND", None)
+    if saved_backend:
         print("note: FUSEDOPT_BACKEND is ignored here: every fusedopt provider names its backend")
+    try:
+        return run(spec, args)
+    finally:
+        if saved_backend is not None:
+            os.environ["FUSEDOPT_BACKEND"] = saved_backend
+
+
+def run(spec: BenchSpec, args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """Every (algo, dtype, workload) group of the resolved command line: tables, file, plot."""
     ctx = RunContext(spec=spec, device=args.device, repeats=args.repeats, warmup=args.warmup,
                      provider_patterns=args.providers, with_compile=args.compile, quick=args.quick,
                      bw_bytes=args.bw_mib * 2 ** 20 if args.bw_mib else None,

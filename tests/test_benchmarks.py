@@ -273,12 +273,29 @@ def test_quick_run_end_to_end(tmp_path, script, algo):
             assert r["note"] and r["ms_min"] is None
 
 
-def test_quick_run_provider_filter_and_bad_args(tmp_path):
-    _, records = _run_script("bench_sgd.py", tmp_path, "--providers", "torch-fused", "--workloads", "tiny")
+def test_main_in_process_provider_filter(tmp_path, monkeypatch, capsys):
+    import bench_sgd
+
+    monkeypatch.setenv("FUSEDOPT_BACKEND", "reference")
+    out = tmp_path / "r.jsonl"
+    records = common.main(bench_sgd.SPEC, ["--quick", "--device", "cpu", "--workloads", "tiny", "--repeats", "1",
+                                           "--bw-mib", "4", "--providers", "torch-fu*,nope", "--out", str(out)])
     assert {r["provider"] for r in records} == {"torch-fused"}
-    proc = subprocess.run([sys.executable, str(BENCH_DIR / "bench_adam.py"), "--algo", "lion", "--out", "none"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "lion" in proc.stderr
+    assert common.read_records([out]) == records
+    stdout = capsys.readouterr().out
+    assert "FUSEDOPT_BACKEND is ignored" in stdout and "'nope' matches no provider" in stdout
+    assert os.environ["FUSEDOPT_BACKEND"] == "reference"  # restored
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--algo", "lion"], "lion"), (["--dtype", "fp8"], "fp8"), (["--workloads", "gpt3"], "gpt3"),
+    (["--sweep", "12:10"], "--sweep"), (["--repeats", "0"], "--repeats"),
+])
+def test_bad_arguments_exit_with_a_message(argv, message):
+    import bench_adam
+
+    with pytest.raises(SystemExit, match=message):
+        common.main(bench_adam.SPEC, argv + ["--out", "none"])
 
 
 # ----------------------------------------------------------------------------- plots
