@@ -325,3 +325,58 @@ def test_plot_keeps_latest_measured_record():
     new = _example_record(run_id="2", gbps=2.0)
     skipped = _example_record(run_id="3", status="skipped", ms_min=None)
     assert plot.latest_ok([old, new, skipped]) == [new]
+
+
+def test_plot_without_matplotlib_says_how_to_install(monkeypatch):
+    import plot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit, match="pip install matplotlib"):
+        plot.require_matplotlib()
+
+
+# ----------------------------------------------------------------------------- screening pipeline
+
+
+def test_run_group_statuses_for_broken_and_wrong_providers():
+    """One in-process group with injected providers: a good one is timed, one that cannot be
+    built and one whose step raises are skipped with the reason, a wrong one is rejected."""
+    import bench_adam
+
+    def external(algo, cfg, device, dtype):
+        def explode(*args):
+            raise RuntimeError("boom")
+
+        class BadStep:
+            def __init__(self, ps, kw):
+                self.state = {}
+
+            def step(self):
+                raise RuntimeError("step exploded")
+
+        return [
+            common.Provider("good", lambda ps, kw: torch.optim.Adam(ps, foreach=False, **kw)),
+            common.Provider("wrong", lambda ps, kw: torch.optim.Adam(ps, **dict(kw, lr=3 * kw["lr"]))),
+            common.Provider("unbuildable", explode),
+            common.Provider("badstep", BadStep, guard=False),
+            common.Skip("absent", "not installed here"),
+        ]
+
+    spec = common.BenchSpec("adam", "test", bench_adam.ALGOS, "adam", external_providers=external)
+    ctx = common.RunContext(spec=spec, device=torch.device("cpu"), repeats=2, warmup=1,
+                            provider_patterns=["torch-fused", "good", "wrong", "unbuildable", "badstep", "absent"],
+                            with_compile=False, quick=True, bw_bytes=2 ** 20, sample_s=1e-4,
+                            env=common.environment(torch.device("cpu")), run_id="t")
+    (workload,) = common.make_workloads("tiny")
+    records = common.run_group(ctx, workload, "adam", torch.float32)
+    for rec in records:
+        common.check_record(rec)
+    status = {r["provider"]: (r["status"], r["note"] or "") for r in records}
+    assert status["torch-fused"][0] == "ok" and status["good"][0] == "ok"
+    assert status["wrong"][0] == "rejected" and "differs from torch for-loop" in status["wrong"][1]
+    assert status["unbuildable"] == ("skipped", "failed on a small copy: RuntimeError: boom")
+    assert status["badstep"] == ("skipped", "step failed: RuntimeError: step exploded")
+    assert status["absent"] == ("skipped", "not installed here")
+    assert all(r["bandwidth_gbps"] > 0 for r in records)
+    table = common.format_table(workload, records)
+    assert "rejected: wrong" in table and "good" in table
