@@ -15,9 +15,11 @@
 #include <cstdint>
 #include <cstring>
 
+#if !defined(FUSEDOPT_CUDA_EMU)  // emu/cuda_shim.h stands in for these on the CPU
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
 #include "launch.h"
 

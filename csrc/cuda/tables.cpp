@@ -1,8 +1,6 @@
-// Device work tables and their cache (see tables.h).
-//
-// A table is one int64 buffer on the device:
-//   [ptrs: num_lists * n][numels: n][chunks: num_chunks (ChunkRef, 8 bytes)][done: n uint32, padded]
-// built on the host as a word vector, compared word by word with the cached copy.
+// Device work tables and their cache (see tables.h). A table is one int64 buffer on the device
+// (layout: table_layout.h), built on the host as a word vector and compared word by word with
+// the cached copy.
 #include "tables.h"
 
 #include <algorithm>
@@ -14,22 +12,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 
+#include "table_layout.h"
+
 namespace fusedopt {
 namespace cuda {
 namespace {
 
-static_assert(sizeof(ChunkRef) == sizeof(int64_t), "a chunk entry is one table word");
-static_assert(sizeof(void*) == sizeof(int64_t), "pointers are one table word");
-
 constexpr size_t kMaxEntries = 64;  // cached tables (about one per param group x dtype x op)
-
-struct Layout {
-  int64_t num_lists, n, num_chunks;
-  int64_t numels() const { return num_lists * n; }      // word offset of the numels
-  int64_t chunks() const { return numels() + n; }        // word offset of the chunk list
-  int64_t done() const { return chunks() + num_chunks; } // word offset of the counters
-  int64_t words() const { return done() + (n + 1) / 2; } // total words
-};
 
 struct Key {
   OpKind kind;
@@ -47,7 +36,7 @@ struct Key {
 struct Entry {
   Key key;
   std::vector<int64_t> words;  // what the device buffer holds
-  Layout layout;
+  TableLayout layout;
   at::Tensor device;           // int64 [layout.words()]
   cudaStream_t stream;         // stream of the last upload and launch
   uint64_t last_use;
@@ -65,36 +54,22 @@ Cache& cache() {
   return *c;
 }
 
-int64_t chunks_of(int64_t numel) {
-  return numel <= kChunkElems ? 1 : (numel + kChunkElems - 1) / kChunkElems;
-}
-
 // The host image of the table of `lists`.
-std::vector<int64_t> build_words(const TensorLists& lists, Layout& layout) {
+std::vector<int64_t> build_words(const TensorLists& lists, TableLayout& layout) {
   const int64_t n = static_cast<int64_t>(lists[0].size());
-  int64_t num_chunks = 0;
-  for (const at::Tensor& p : lists[0]) num_chunks += chunks_of(p.numel());
-  TORCH_CHECK(num_chunks <= std::numeric_limits<int32_t>::max() &&
+  const int64_t num_lists = static_cast<int64_t>(lists.size());
+  std::vector<int64_t> numels(n);
+  std::vector<const void*> ptrs(num_lists * n);
+  for (int64_t i = 0; i < n; ++i) numels[i] = lists[0][i].numel();
+  for (int64_t l = 0; l < num_lists; ++l) {
+    for (int64_t i = 0; i < n; ++i) ptrs[l * n + i] = lists[l][i].data_ptr();
+  }
+  layout = table_layout(num_lists, n, numels.data());
+  TORCH_CHECK(layout.num_chunks <= std::numeric_limits<int32_t>::max() &&
                   n <= std::numeric_limits<int32_t>::max(),
-              "fusedopt CUDA: too many tensors or elements in one call (", num_chunks,
+              "fusedopt CUDA: too many tensors or elements in one call (", layout.num_chunks,
               " chunks of ", kChunkElems, " elements)");
-  layout = Layout{static_cast<int64_t>(lists.size()), n, num_chunks};
-  std::vector<int64_t> words(layout.words(), 0);
-  for (int64_t l = 0; l < layout.num_lists; ++l) {
-    for (int64_t i = 0; i < n; ++i) {
-      words[l * n + i] = reinterpret_cast<int64_t>(lists[l][i].data_ptr());
-    }
-  }
-  int64_t c = layout.chunks();
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t numel = lists[0][i].numel();
-    words[layout.numels() + i] = numel;
-    for (int64_t k = 0, m = chunks_of(numel); k < m; ++k) {
-      const ChunkRef ref{static_cast<int32_t>(i), static_cast<int32_t>(k)};
-      std::memcpy(&words[c++], &ref, sizeof ref);
-    }
-  }
-  return words;  // the done counters stay zero
+  return table_words(layout, ptrs.data(), numels.data());
 }
 
 // Copy words [offset, offset + count) of `words` to the device buffer, asynchronously on the
@@ -108,17 +83,7 @@ void upload(const at::Tensor& device, const std::vector<int64_t>& words, int64_t
   device.narrow(0, offset, count).copy_(staging, /*non_blocking=*/true);
 }
 
-WorkTable view(const Entry& e) {
-  int64_t* base = e.device.data_ptr<int64_t>();
-  WorkTable t;
-  t.ptrs = reinterpret_cast<void* const*>(base);
-  t.numels = base + e.layout.numels();
-  t.chunks = reinterpret_cast<const ChunkRef*>(base + e.layout.chunks());
-  t.done = reinterpret_cast<unsigned int*>(base + e.layout.done());
-  t.num_tensors = static_cast<int32_t>(e.layout.n);
-  t.num_chunks = static_cast<int32_t>(e.layout.num_chunks);
-  return t;
-}
+WorkTable view(const Entry& e) { return table_view(e.device.data_ptr<int64_t>(), e.layout); }
 
 bool same_range(const std::vector<int64_t>& a, const std::vector<int64_t>& b, int64_t from,
                 int64_t to) {
@@ -133,7 +98,7 @@ WorkTable acquire_table(OpKind kind, DType dtype, const TensorLists& lists, int 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   const Key key{kind, dtype, device, static_cast<int64_t>(lists.size()),
                 static_cast<int64_t>(lists[0].size()), first.data_ptr()};
-  Layout layout;
+  TableLayout layout;
   std::vector<int64_t> words = build_words(lists, layout);
 
   Cache& c = cache();
