@@ -249,6 +249,28 @@ def test_embedded_default_runs_and_loss_falls(tmp_path, capsys):
     assert "train:" in out.err  # tqdm bar
 
 
+def test_embedded_corpus_falls_back_to_generated_text(monkeypatch):
+    import fusedopt.train.data as data_mod
+
+    monkeypatch.setattr(data_mod, "embedded_text_files", lambda: [])
+    data, desc = load_corpus("embedded", 10**7)
+    assert "fallback" in desc and data == load_corpus("synthetic", 10**7)[0]
+
+
+def test_fused_clip_grad_norm_is_used_when_fusedopt_provides_it(tmp_path, monkeypatch):
+    import fusedopt
+
+    calls = []
+
+    def clip_spy(params, max_norm, *args, **kwargs):
+        calls.append(max_norm)
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(fusedopt, "clip_grad_norm_", clip_spy, raising=False)
+    train(tiny_cfg(tmp_path, max_steps=3, clip_grad_norm=0.5))
+    assert calls == [0.5, 0.5, 0.5]
+
+
 @pytest.mark.parametrize("overrides", [
     dict(optimizer="sgd", optimizer_lib="fusedopt", nesterov=True, scheduler="wsd"),
     dict(optimizer="adamw", optimizer_lib="fusedopt", backend="cpu", scheduler="linear"),

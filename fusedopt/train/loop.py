@@ -61,7 +61,9 @@ class Trainer:
 
         # Identical model initialisation on every rank.
         seed_everything(cfg.seed)
-        corpus, self.corpus_desc = load_corpus(cfg.data, cfg.max_corpus_bytes)
+        # Rank 0 reads the text and shares it, so all ranks train on the same bytes
+        # even if the files change while the ranks start.
+        corpus, self.corpus_desc = self._on_rank0(lambda: load_corpus(cfg.data, cfg.max_corpus_bytes))
         self.train_set, self.val_set = make_splits(corpus, cfg.seq_len, cfg.val_fraction, self.device)
         self.sampler = ShardedBatchSampler(len(self.train_set), cfg.batch_size, self.ctx.rank,
                                            self.ctx.world_size, cfg.seed)
@@ -204,30 +206,39 @@ class Trainer:
         barrier(self.ctx)
         return path
 
-    def _maybe_resume(self) -> None:
-        # Rank 0 decides which file; every rank then loads the same one.
-        decision: Any = None
+    def _on_rank0(self, fn):
+        """``fn()`` evaluated on rank 0 and broadcast; a ValueError it raises is raised on every
+        rank (so the others do not wait forever for a broadcast)."""
+        outcome: Any = None
         if self.ctx.is_main:
             try:
-                path = ckpt.resolve_resume(self.cfg.resume, self.cfg.checkpoint_dir)
-                existing = ckpt.latest_checkpoint(self.cfg.checkpoint_dir)
-                if path is None and existing is not None:
-                    raise ckpt.CheckpointError(
-                        f"{self.cfg.checkpoint_dir!r} already holds checkpoints (newest {existing.name}) "
-                        "of another run; pass --resume auto to continue it, or use a new --out-dir"
-                    )
-                decision = ("ok", str(path) if path else None)
-            except ckpt.CheckpointError as exc:
-                decision = ("error", str(exc))
-        decision = broadcast_object(decision, self.ctx)
-        if decision[0] == "error":
-            raise ckpt.CheckpointError(decision[1])
-        if decision[1] is None:
+                outcome = ("ok", fn())
+            except ValueError as exc:
+                outcome = ("error", exc)
+        outcome = broadcast_object(outcome, self.ctx)
+        if outcome[0] == "error":
+            raise outcome[1]
+        return outcome[1]
+
+    def _resume_path(self) -> Optional[str]:
+        path = ckpt.resolve_resume(self.cfg.resume, self.cfg.checkpoint_dir)
+        existing = ckpt.latest_checkpoint(self.cfg.checkpoint_dir)
+        if path is None and existing is not None:
+            raise ckpt.CheckpointError(
+                f"{self.cfg.checkpoint_dir!r} already holds checkpoints (newest {existing.name}) "
+                "of another run; pass --resume auto to continue it, or use a new --out-dir"
+            )
+        return str(path) if path else None
+
+    def _maybe_resume(self) -> None:
+        # Rank 0 decides which file; every rank then loads the same one.
+        path = self._on_rank0(self._resume_path)
+        if path is None:
             if self.ctx.is_main:
                 # Metrics of an earlier attempt that died before its first checkpoint.
                 truncate_log(self.log_path, 0)
             return
-        self.load(Path(decision[1]))
+        self.load(Path(path))
 
     def load(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path, map_location=self.device)
