@@ -36,6 +36,43 @@ def _adam_tile(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_
 
 
 @triton.jit
+def _adam_chunk(param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, max_exp_avg_sq_ptrs,
+                tensor, start, numel, grad_scale_ptr,
+                lr, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, step_size,
+                bias_correction2_sqrt,
+                DTYPE: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr,
+                VECTOR: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                HAS_WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr,
+                HAS_GRAD_SCALE: tl.constexpr):
+    """This program's chunk: TILES tiles of BLOCK elements of tensor ``tensor`` from ``start``.
+    VECTOR: its addresses are 16-byte aligned (the compiler may use 128-bit accesses)."""
+    param_ptr = tensor_at(param_ptrs, tensor, DTYPE, VECTOR)
+    grad_ptr = tensor_at(grad_ptrs, tensor, DTYPE, VECTOR)
+    exp_avg_ptr = tensor_at(exp_avg_ptrs, tensor, DTYPE, VECTOR)
+    exp_avg_sq_ptr = tensor_at(exp_avg_sq_ptrs, tensor, DTYPE, VECTOR)
+    if AMSGRAD:
+        max_exp_avg_sq_ptr = tensor_at(max_exp_avg_sq_ptrs, tensor, DTYPE, VECTOR)
+    else:
+        max_exp_avg_sq_ptr = exp_avg_sq_ptr  # unused
+    lanes = tl.arange(0, BLOCK)
+    if start + BLOCK * TILES <= numel:  # whole chunk in range: no masks, full vectors
+        for tile in range(TILES):
+            _adam_tile(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+                       start + tile * BLOCK + lanes, None, grad_scale_ptr,
+                       lr, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+                       step_size, bias_correction2_sqrt,
+                       DTYPE, AMSGRAD, MAXIMIZE, HAS_WEIGHT_DECAY, DECOUPLED, HAS_GRAD_SCALE)
+    else:  # the tensor's last chunk (possibly empty: it still advanced the step)
+        for tile in range(TILES):
+            offsets = start + tile * BLOCK + lanes
+            _adam_tile(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+                       offsets, offsets < numel, grad_scale_ptr,
+                       lr, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+                       step_size, bias_correction2_sqrt,
+                       DTYPE, AMSGRAD, MAXIMIZE, HAS_WEIGHT_DECAY, DECOUPLED, HAS_GRAD_SCALE)
+
+
+@triton.jit
 def adam_kernel(
     param_ptrs,             # int64[tensors]: addresses of the parameters (DTYPE)
     grad_ptrs,              # int64[tensors]: addresses of the gradients (DTYPE, read only)
@@ -44,6 +81,7 @@ def adam_kernel(
     max_exp_avg_sq_ptrs,    # int64[tensors]: addresses of max_exp_avg_sq (DTYPE); read only if AMSGRAD
     step_ptrs,              # int64[tensors]: addresses of the 0-dim step counters (STEP_DTYPE)
     numels,                 # int64[tensors]: elements of each tensor
+    vector_ok,              # int64[tensors]: 1 when all addresses of the tensor are 16-byte aligned
     chunk_counts,           # int64[tensors]: programs owning a chunk of each tensor
     chunk_tensor,           # int64[programs]: tensor owning the chunk of each program
     chunk_start,            # int64[programs]: first element of that chunk
@@ -63,7 +101,6 @@ def adam_kernel(
     STEP_DTYPE: tl.constexpr,       # element type of the step counters
     BLOCK: tl.constexpr,            # elements per tile
     TILES: tl.constexpr,            # tiles per program
-    ALIGNED: tl.constexpr,          # every address is 16-byte aligned
     AMSGRAD: tl.constexpr,          # AMSGrad variant
     MAXIMIZE: tl.constexpr,         # maximise the objective
     HAS_WEIGHT_DECAY: tl.constexpr, # weight_decay != 0
@@ -78,27 +115,15 @@ def adam_kernel(
         lr = scalar(lr, lr_ptr, LR_ON_DEVICE)
         step_size = tl.div_rn(lr, bias_correction(step, log_beta1))
         bias_correction2_sqrt = tl.sqrt_rn(bias_correction(step, log_beta2))
-        param_ptr = tensor_at(param_ptrs, tensor, DTYPE, ALIGNED)
-        grad_ptr = tensor_at(grad_ptrs, tensor, DTYPE, ALIGNED)
-        exp_avg_ptr = tensor_at(exp_avg_ptrs, tensor, DTYPE, ALIGNED)
-        exp_avg_sq_ptr = tensor_at(exp_avg_sq_ptrs, tensor, DTYPE, ALIGNED)
-        if AMSGRAD:
-            max_exp_avg_sq_ptr = tensor_at(max_exp_avg_sq_ptrs, tensor, DTYPE, ALIGNED)
+        if tl.load(vector_ok + tensor) != 0:
+            _adam_chunk(param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, max_exp_avg_sq_ptrs,
+                        tensor, start, numel, grad_scale_ptr, lr, one_minus_beta1, beta2,
+                        one_minus_beta2, eps, weight_decay, step_size, bias_correction2_sqrt,
+                        DTYPE, BLOCK, TILES, True, AMSGRAD, MAXIMIZE, HAS_WEIGHT_DECAY, DECOUPLED,
+                        HAS_GRAD_SCALE)
         else:
-            max_exp_avg_sq_ptr = exp_avg_sq_ptr  # unused
-        lanes = tl.arange(0, BLOCK)
-        if start + BLOCK * TILES <= numel:  # whole chunk in range: no masks, full vectors
-            for tile in range(TILES):
-                _adam_tile(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
-                           start + tile * BLOCK + lanes, None, grad_scale_ptr,
-                           lr, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-                           step_size, bias_correction2_sqrt,
-                           DTYPE, AMSGRAD, MAXIMIZE, HAS_WEIGHT_DECAY, DECOUPLED, HAS_GRAD_SCALE)
-        else:  # the tensor's last chunk (possibly empty: it still advances the step)
-            for tile in range(TILES):
-                offsets = start + tile * BLOCK + lanes
-                _adam_tile(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
-                           offsets, offsets < numel, grad_scale_ptr,
-                           lr, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-                           step_size, bias_correction2_sqrt,
-                           DTYPE, AMSGRAD, MAXIMIZE, HAS_WEIGHT_DECAY, DECOUPLED, HAS_GRAD_SCALE)
+            _adam_chunk(param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, max_exp_avg_sq_ptrs,
+                        tensor, start, numel, grad_scale_ptr, lr, one_minus_beta1, beta2,
+                        one_minus_beta2, eps, weight_decay, step_size, bias_correction2_sqrt,
+                        DTYPE, BLOCK, TILES, False, AMSGRAD, MAXIMIZE, HAS_WEIGHT_DECAY, DECOUPLED,
+                        HAS_GRAD_SCALE)

@@ -62,12 +62,12 @@ def adam_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[
             adam_kernel[(bucket.n_chunks,)](
                 rows["param_ptrs"], bucket.grad_ptrs, rows["exp_avg_ptrs"], rows["exp_avg_sq_ptrs"],
                 rows.get("max_exp_avg_sq_ptrs", unused), rows["step_ptrs"], rows["numels"],
-                rows["chunk_counts"], rows["chunk_tensor"], rows["chunk_start"], bucket.arrivals,
+                bucket.vector_ok, rows["chunk_counts"], rows["chunk_tensor"], rows["chunk_start"],
+                bucket.arrivals,
                 lr_value, _or(lr_ptr, unused), 1.0 - beta1, beta2, 1.0 - beta2, _log(beta1),
                 _log(beta2), eps, weight_decay, _or(grad_scale, unused), _or(found_inf, unused),
                 DTYPE=_TL_DTYPES[bucket.dtype], STEP_DTYPE=_TL_DTYPES[bucket.step_dtype],
-                BLOCK=cfg.block, TILES=cfg.tiles, ALIGNED=bucket.aligned and bucket.grad_aligned,
-                AMSGRAD=amsgrad, MAXIMIZE=maximize, HAS_WEIGHT_DECAY=weight_decay != 0,
+                BLOCK=cfg.block, TILES=cfg.tiles, AMSGRAD=amsgrad, MAXIMIZE=maximize, HAS_WEIGHT_DECAY=weight_decay != 0,
                 DECOUPLED=decoupled_weight_decay, LR_ON_DEVICE=lr_ptr is not None,
                 HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
                 num_warps=cfg.num_warps)
@@ -104,11 +104,10 @@ def sgd_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Se
             rows, cfg, unused = bucket.rows, bucket.config, bucket.rows["numels"]
             sgd_kernel[(bucket.n_chunks,)](
                 rows["param_ptrs"], bucket.grad_ptrs, rows.get("buffer_ptrs", unused),
-                rows["numels"], rows["chunk_tensor"], rows["chunk_start"],
+                rows["numels"], bucket.vector_ok, rows["chunk_tensor"], rows["chunk_start"],
                 lr_value, _or(lr_ptr, unused), momentum, 1.0 - dampening, weight_decay,
                 _or(grad_scale, unused), _or(found_inf, unused),
                 DTYPE=_TL_DTYPES[bucket.dtype], BLOCK=cfg.block, TILES=cfg.tiles,
-                ALIGNED=bucket.aligned and bucket.grad_aligned,
                 HAS_WEIGHT_DECAY=weight_decay != 0, HAS_MOMENTUM=has_momentum,
                 NESTEROV=nesterov, MAXIMIZE=maximize, FIRST_STEP=is_first_step,
                 LR_ON_DEVICE=lr_ptr is not None, HAS_GRAD_SCALE=grad_scale is not None,

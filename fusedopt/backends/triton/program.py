@@ -23,14 +23,14 @@ def chunk_of(chunk_tensor, chunk_start, numels, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def tensor_at(address_table, tensor, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+def tensor_at(address_table, tensor, DTYPE: tl.constexpr, VECTOR: tl.constexpr):
     """Typed pointer to tensor ``tensor`` of a list, read from its int64 address table.
 
-    ALIGNED: the launcher checked that every address is a multiple of 16 bytes; telling the
+    VECTOR: the launcher checked that the address is a multiple of 16 bytes; telling the
     compiler lets it emit 128-bit vector loads and stores.
     """
     pointer = tl.load(address_table + tensor).to(tl.pointer_type(DTYPE))
-    if ALIGNED:
+    if VECTOR:
         pointer = tl.multiple_of(pointer, 16)
     return pointer
 

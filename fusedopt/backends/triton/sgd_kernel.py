@@ -28,11 +28,42 @@ def _sgd_tile(param_ptr, grad_ptr, buffer_ptr, offsets, mask, grad_scale_ptr,
 
 
 @triton.jit
+def _sgd_chunk(param_ptrs, grad_ptrs, buffer_ptrs, tensor, start, numel, grad_scale_ptr,
+               lr, momentum, one_minus_dampening, weight_decay,
+               DTYPE: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr, VECTOR: tl.constexpr,
+               HAS_WEIGHT_DECAY: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+               MAXIMIZE: tl.constexpr, FIRST_STEP: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
+    """This program's chunk: TILES tiles of BLOCK elements of tensor ``tensor`` from ``start``.
+    VECTOR: its addresses are 16-byte aligned (the compiler may use 128-bit accesses)."""
+    param_ptr = tensor_at(param_ptrs, tensor, DTYPE, VECTOR)
+    grad_ptr = tensor_at(grad_ptrs, tensor, DTYPE, VECTOR)
+    if HAS_MOMENTUM:
+        buffer_ptr = tensor_at(buffer_ptrs, tensor, DTYPE, VECTOR)
+    else:
+        buffer_ptr = param_ptr  # unused
+    lanes = tl.arange(0, BLOCK)
+    if start + BLOCK * TILES <= numel:  # whole chunk in range: no masks, full vectors
+        for tile in range(TILES):
+            _sgd_tile(param_ptr, grad_ptr, buffer_ptr, start + tile * BLOCK + lanes, None,
+                      grad_scale_ptr, lr, momentum, one_minus_dampening, weight_decay,
+                      DTYPE, HAS_WEIGHT_DECAY, HAS_MOMENTUM, NESTEROV, MAXIMIZE, FIRST_STEP,
+                      HAS_GRAD_SCALE)
+    else:  # the tensor's last chunk
+        for tile in range(TILES):
+            offsets = start + tile * BLOCK + lanes
+            _sgd_tile(param_ptr, grad_ptr, buffer_ptr, offsets, offsets < numel,
+                      grad_scale_ptr, lr, momentum, one_minus_dampening, weight_decay,
+                      DTYPE, HAS_WEIGHT_DECAY, HAS_MOMENTUM, NESTEROV, MAXIMIZE, FIRST_STEP,
+                      HAS_GRAD_SCALE)
+
+
+@triton.jit
 def sgd_kernel(
     param_ptrs,             # int64[tensors]: addresses of the parameters (DTYPE)
     grad_ptrs,              # int64[tensors]: addresses of the gradients (DTYPE, read only)
     buffer_ptrs,            # int64[tensors]: addresses of the momentum buffers; used if HAS_MOMENTUM
     numels,                 # int64[tensors]: elements of each tensor
+    vector_ok,              # int64[tensors]: 1 when all addresses of the tensor are 16-byte aligned
     chunk_tensor,           # int64[programs]: tensor owning the chunk of each program
     chunk_start,            # int64[programs]: first element of that chunk
     lr,                     # fp32 learning rate, when not LR_ON_DEVICE
@@ -45,7 +76,6 @@ def sgd_kernel(
     DTYPE: tl.constexpr,            # element type of params, grads and buffers
     BLOCK: tl.constexpr,            # elements per tile
     TILES: tl.constexpr,            # tiles per program
-    ALIGNED: tl.constexpr,          # every address is 16-byte aligned
     HAS_WEIGHT_DECAY: tl.constexpr, # weight_decay != 0
     HAS_MOMENTUM: tl.constexpr,     # momentum != 0
     NESTEROV: tl.constexpr,         # Nesterov momentum
@@ -58,23 +88,11 @@ def sgd_kernel(
     if step_applies(found_inf_ptr, HAS_FOUND_INF):
         tensor, start, numel = chunk_of(chunk_tensor, chunk_start, numels, BLOCK)
         lr = scalar(lr, lr_ptr, LR_ON_DEVICE)
-        param_ptr = tensor_at(param_ptrs, tensor, DTYPE, ALIGNED)
-        grad_ptr = tensor_at(grad_ptrs, tensor, DTYPE, ALIGNED)
-        if HAS_MOMENTUM:
-            buffer_ptr = tensor_at(buffer_ptrs, tensor, DTYPE, ALIGNED)
+        if tl.load(vector_ok + tensor) != 0:
+            _sgd_chunk(param_ptrs, grad_ptrs, buffer_ptrs, tensor, start, numel, grad_scale_ptr,
+                       lr, momentum, one_minus_dampening, weight_decay, DTYPE, BLOCK, TILES, True,
+                       HAS_WEIGHT_DECAY, HAS_MOMENTUM, NESTEROV, MAXIMIZE, FIRST_STEP, HAS_GRAD_SCALE)
         else:
-            buffer_ptr = param_ptr  # unused
-        lanes = tl.arange(0, BLOCK)
-        if start + BLOCK * TILES <= numel:  # whole chunk in range: no masks, full vectors
-            for tile in range(TILES):
-                _sgd_tile(param_ptr, grad_ptr, buffer_ptr, start + tile * BLOCK + lanes, None,
-                          grad_scale_ptr, lr, momentum, one_minus_dampening, weight_decay,
-                          DTYPE, HAS_WEIGHT_DECAY, HAS_MOMENTUM, NESTEROV, MAXIMIZE, FIRST_STEP,
-                          HAS_GRAD_SCALE)
-        else:  # the tensor's last chunk
-            for tile in range(TILES):
-                offsets = start + tile * BLOCK + lanes
-                _sgd_tile(param_ptr, grad_ptr, buffer_ptr, offsets, offsets < numel,
-                          grad_scale_ptr, lr, momentum, one_minus_dampening, weight_decay,
-                          DTYPE, HAS_WEIGHT_DECAY, HAS_MOMENTUM, NESTEROV, MAXIMIZE, FIRST_STEP,
-                          HAS_GRAD_SCALE)
+            _sgd_chunk(param_ptrs, grad_ptrs, buffer_ptrs, tensor, start, numel, grad_scale_ptr,
+                       lr, momentum, one_minus_dampening, weight_decay, DTYPE, BLOCK, TILES, False,
+                       HAS_WEIGHT_DECAY, HAS_MOMENTUM, NESTEROV, MAXIMIZE, FIRST_STEP, HAS_GRAD_SCALE)

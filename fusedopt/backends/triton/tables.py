@@ -71,10 +71,10 @@ class Bucket:
         self.rows: Dict[str, Tensor] = {}  # name -> int64 device table (views of one buffer)
         self.arrivals: Optional[Tensor] = None
         self.n_chunks = 0
-        self.aligned = True                # every param/state address is 16-byte aligned
+        self.static_aligned: List[bool] = []  # per tensor: param/state addresses 16-byte aligned
         # gradients (see Plan.bind_gradients)
-        self.grad_ptrs: Optional[Tensor] = None
-        self.grad_aligned = True
+        self.grad_ptrs: Optional[Tensor] = None  # int64 device table of gradient addresses
+        self.vector_ok: Optional[Tensor] = None  # int64 per tensor: every address 16-byte aligned
         self.grad_copies: List[Tuple[int, Tensor]] = []  # (index in caller's lists, buffer)
 
 
@@ -118,9 +118,11 @@ class Plan:
                 grad = buffer
             addresses.append(grad.data_ptr())
         bucket.grad_copies = copies
-        bucket.grad_aligned = all(a % VECTOR_BYTES == 0 for a in addresses)
-        bucket.grad_ptrs = _to_device(torch.tensor(addresses, dtype=torch.int64), self.device,
-                                      non_blocking=True)
+        vector_ok = [int(ok and a % VECTOR_BYTES == 0) for ok, a in zip(bucket.static_aligned, addresses)]
+        n, pad = len(addresses), len(addresses) % 2  # pad: both tables start 16-byte aligned
+        packed = _to_device(torch.tensor(addresses + [0] * pad + vector_ok, dtype=torch.int64),
+                            self.device, non_blocking=True)
+        bucket.grad_ptrs, bucket.vector_ok = packed[:n], packed[n + pad:]
 
 
 class PlanCache:
@@ -217,7 +219,7 @@ def _fill_tables(bucket: Bucket, names: Sequence[str], lists: Sequence[Sequence[
     rows = {}
     for name, lst in zip(names, lists):
         rows[name] = [lst[i].data_ptr() for i in idx]
-    bucket.aligned = all(a % VECTOR_BYTES == 0 for r in rows.values() for a in r)
+    bucket.static_aligned = [all(r[k] % VECTOR_BYTES == 0 for r in rows.values()) for k in range(len(idx))]
     if steps:
         rows["step_ptrs"] = [steps[i].data_ptr() for i in idx]
     numels = torch.tensor([lists[0][i].numel() for i in idx], dtype=torch.int64)
