@@ -12,7 +12,8 @@ plus the size of every param. Any change (a reallocated state after ``load_state
 tables hold exactly the right numbers, whichever Python objects carry them. Plans hold no reference
 to the tensors. Gradients have a table of their own, rebuilt only when a gradient address changes
 (``zero_grad(set_to_none=True)`` may reallocate them; the caching allocator usually hands back the
-same addresses), through pinned memory and a non-blocking copy: no host synchronisation.
+same addresses). Tables go to the device through pinned memory and a non-blocking copy: even a
+rebuild does not synchronise with the host.
 
 Layouts. The kernels see each tensor as its flat storage. That is right whenever the param is
 dense (no gaps, no overlap: contiguous, channels_last, ...) and its state tensors have the
@@ -121,7 +122,7 @@ class Plan:
         vector_ok = [int(ok and a % VECTOR_BYTES == 0) for ok, a in zip(bucket.static_aligned, addresses)]
         n, pad = len(addresses), len(addresses) % 2  # pad: both tables start 16-byte aligned
         packed = _to_device(torch.tensor(addresses + [0] * pad + vector_ok, dtype=torch.int64),
-                            self.device, non_blocking=True)
+                            self.device)
         bucket.grad_ptrs, bucket.vector_ok = packed[:n], packed[n + pad:]
 
 
@@ -233,7 +234,7 @@ def _fill_tables(bucket: Bucket, names: Sequence[str], lists: Sequence[Sequence[
     row_names = list(rows) + ["numels", "chunk_counts", "chunk_tensor", "chunk_start"]
     # every table starts 16 bytes aligned, so Triton compiles one variant whatever the sizes
     padded = [torch.nn.functional.pad(p, (0, p.numel() % 2)) for p in parts]
-    packed = _to_device(torch.cat(padded), device, non_blocking=False)
+    packed = _to_device(torch.cat(padded), device)
     offset = 0
     for name, part, pad in zip(row_names, parts, padded):
         bucket.rows[name] = packed[offset:offset + part.numel()]
@@ -242,12 +243,12 @@ def _fill_tables(bucket: Bucket, names: Sequence[str], lists: Sequence[Sequence[
     bucket.arrivals = torch.zeros(len(idx), dtype=torch.int32, device=device)
 
 
-def _to_device(host: Tensor, device: torch.device, non_blocking: bool) -> Tensor:
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
+    """Copy a host table to ``device`` without synchronising: pinned memory, non-blocking copy
+    (torch's caching host allocator keeps the pinned block until the copy has run)."""
     if device.type == "cpu":
         return host
-    if non_blocking:
-        host = host.pin_memory()  # async copy; the caching host allocator keeps it until done
-    return host.to(device, non_blocking=non_blocking)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 #: The process-wide cache used by the launchers.
