@@ -30,8 +30,8 @@ from .distributed import (DistContext, all_reduce_sum, barrier, broadcast_object
 from .metrics import (MetricsLogger, MetricsWindow, RunStats, format_summary, peak_memory_mb,
                       truncate_log)
 from .model import build_model, count_parameters, param_groups
-from .optimizers import (build_optimizer, build_scheduler, describe_optimizer, resolve_clip_fn,
-                         total_grad_norm)
+from .optimizers import (build_optimizer, build_scheduler, describe_fn, describe_optimizer,
+                         resolve_clip_fn, total_grad_norm)
 
 # Config fields that must match when resuming (they fix the shapes of the model
 # and optimizer state, or the meaning of the stored data position).
@@ -322,7 +322,8 @@ class Trainer:
             log.print(
                 f"fusedopt.train: {self.corpus_desc}; {len(self.train_set):,} train sequences; "
                 f"model {count_parameters(self.raw_model):,} params; "
-                f"optimizer {describe_optimizer(cfg, self.optimizer)}; world size {self.ctx.world_size} "
+                f"optimizer {describe_optimizer(cfg, self.optimizer)}; clipping "
+                f"{describe_fn(self.clip_fn) if cfg.clip_grad_norm > 0 else 'off'}; world size {self.ctx.world_size} "
                 f"({self.ctx.backend}) on {self.device}"
                 + (f"; resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else "")
             )

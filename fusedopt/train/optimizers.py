@@ -95,15 +95,26 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
 
 
 def resolve_clip_fn() -> Callable:
-    """``fusedopt.clip_grad_norm_`` when the package provides it, else torch's."""
+    """``fusedopt.clip_grad_norm_`` when the package provides it, else torch's (same signature)."""
     import fusedopt
 
     return getattr(fusedopt, "clip_grad_norm_", torch.nn.utils.clip_grad_norm_)
 
 
+def describe_fn(fn: Callable) -> str:
+    module = getattr(fn, "__module__", "") or ""
+    return ("fusedopt." if module.startswith("fusedopt") else "torch.nn.utils.") + fn.__name__
+
+
 def total_grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Global L2 norm of the gradients without modifying them (clipping disabled)."""
+    """Global L2 norm of the gradients without modifying them (clipping disabled).
+
+    ``fusedopt.get_total_norm`` when available, else torch's.
+    """
+    import fusedopt
+
     grads = [p.grad for p in params if p.grad is not None]
-    if hasattr(torch.nn.utils, "get_total_norm"):
-        return torch.nn.utils.get_total_norm(grads, 2.0)
+    fn = getattr(fusedopt, "get_total_norm", None) or getattr(torch.nn.utils, "get_total_norm", None)
+    if fn is not None:
+        return fn(grads, 2.0)
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
