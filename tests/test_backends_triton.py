@@ -209,6 +209,54 @@ def test_adam_late_steps_bias_correction(triton_backend, device):
             triton_backend, **dict(ADAM_DEFAULTS, amsgrad=True))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_float64_step_counters(triton_backend, device):
+    """torch.optim keeps CPU step counters in the default dtype, float64 when that is the default."""
+    case = AdamCase((5, 70), torch.float32, device)
+    case.state["state_steps"] = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(2)]
+    params, state = case.compare(triton_backend, **ADAM_DEFAULTS)
+    assert all(s.dtype == torch.float64 and s.item() == 3 for s in state["state_steps"])
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # numpy, in the interpreter
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_finite_values_propagate_like_the_reference(triton_backend, device):
+    case = AdamCase((40, 70), torch.float32, device)
+    case.grad_steps[0][0][3] = float("nan")
+    case.grad_steps[0][1][5] = float("inf")
+    case.params[1][7] = float("-inf")
+    hyper = dict(ADAM_DEFAULTS, weight_decay=0.1)
+    mine, theirs = case.copy(), case.copy()
+    case.run(triton_backend, *mine, steps=2, **hyper)
+    case.run(REFERENCE, *theirs, steps=2, **hyper)
+    for a, b in zip(mine[0] + mine[1]["exp_avgs"], theirs[0] + theirs[1]["exp_avgs"]):
+        torch.testing.assert_close(a.cpu(), b.cpu(), equal_nan=True, **_tolerances(torch.float32, device))
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(sizes=st.lists(st.integers(0, 150), min_size=1, max_size=5),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       amsgrad=st.booleans(), maximize=st.booleans(), decoupled=st.booleans(),
+       weight_decay=st.sampled_from([0.0, 0.1]), beta1=st.sampled_from([0.0, 0.5, 0.9]),
+       lr_tensor=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_adam_random_cases_match_reference(sizes, dtype, amsgrad, maximize, decoupled, weight_decay,
+                                           beta1, lr_tensor, seed):
+    device = "cpu" if INTERPRETED else "cuda"
+    if _DEVICES[device] is not None:
+        pytest.skip(_DEVICES[device])
+    hyper = dict(ADAM_DEFAULTS, amsgrad=amsgrad, maximize=maximize, weight_decay=weight_decay,
+                 decoupled_weight_decay=decoupled, beta1=beta1,
+                 lr=torch.tensor(1e-2, device=device) if lr_tensor else 1e-2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(triton_config.ENV_VAR, SMALL_CONFIG)
+        AdamCase(sizes, dtype, device, seed=seed, amsgrad=amsgrad).compare(
+            backends.get("triton"), steps=2, **hyper)
+
+
 SGD_VARIANTS = {
     "plain": dict(momentum=0.0),
     "momentum": dict(momentum=0.9),
