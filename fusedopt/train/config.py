@@ -104,7 +104,8 @@ class TrainConfig:
 
     # precision / runtime
     amp: str = _opt(
-        "none", "mixed precision: bf16 autocast (CPU or CUDA) or fp16 autocast + GradScaler (CUDA)",
+        "none", "mixed precision: bf16 autocast, or fp16 autocast + GradScaler (for CUDA; also "
+        "runs on CPU, slowly)",
         AMP_MODES, group="runtime",
     )
     device: str = _opt("auto", "device: auto picks cuda:LOCAL_RANK when available", DEVICES, group="runtime")

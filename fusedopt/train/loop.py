@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from fusedopt.lr_scheduler import SkipAwareScheduler
+
 from . import checkpoint as ckpt
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
 from .data import VOCAB_SIZE, ShardedBatchSampler, load_corpus, make_splits
 from .distributed import (DistContext, all_reduce_sum, barrier, broadcast_object, cleanup,
                           gather_objects, init_distributed)
@@ -54,8 +56,6 @@ class Trainer:
         self.ctx = ctx or init_distributed(cfg.device)
         cfg.check_world_size(self.ctx.world_size)
         self.device = self.ctx.device
-        if cfg.amp == "fp16" and self.device.type != "cuda":
-            raise ConfigError("--amp fp16 needs CUDA (it uses a GradScaler); use --amp bf16 on CPU")
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
 
@@ -75,7 +75,7 @@ class Trainer:
             self.model = self.raw_model
         self.optimizer = build_optimizer(cfg, param_groups(self.raw_model, cfg.weight_decay))
         self.scheduler = build_scheduler(cfg, self.optimizer)
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
         self.clip_fn = resolve_clip_fn()
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
         # Per-rank streams (dropout) differ between ranks.
@@ -89,7 +89,11 @@ class Trainer:
         self.resumed_from: Optional[str] = None
         self.last_eval_loss = float("nan")
         self.last_train_loss = float("nan")
+        self.skipped_steps = 0  # fp16 steps GradScaler skipped (inf/NaN gradients)
         self._maybe_resume()
+        # With fp16 the scheduler advances only on steps GradScaler did not skip. Built
+        # after resuming: it remembers the loss scale it starts from.
+        self.schedule_guard = SkipAwareScheduler(self.scheduler, scaler=self.scaler) if self.scaler else None
         self.logger = MetricsLogger(self.log_path, enabled=self.ctx.is_main, progress=cfg.progress,
                                     total_steps=cfg.max_steps, initial_step=self.step)
 
@@ -147,7 +151,10 @@ class Trainer:
         self._sync()
         opt_time = time.perf_counter() - t_opt
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        if self.schedule_guard is not None:
+            self.skipped_steps += 0 if self.schedule_guard.step() else 1
+        else:
+            self.scheduler.step()
         self.step += 1
         step_time = time.perf_counter() - t0
         return {"loss": loss_sum / cfg.grad_accum, "grad_norm": torch.as_tensor(grad_norm),
@@ -201,6 +208,7 @@ class Trainer:
                 "rank_states": rank_states,
                 "last_eval_loss": self.last_eval_loss,
                 "last_train_loss": self.last_train_loss,
+                "skipped_steps": self.skipped_steps,
             }
             path = ckpt.save_checkpoint(payload, self.cfg.checkpoint_dir, self.cfg.keep_last)
         barrier(self.ctx)
@@ -259,6 +267,7 @@ class Trainer:
         self.step = int(state["step"])
         self.last_eval_loss = float(state.get("last_eval_loss", float("nan")))
         self.last_train_loss = float(state.get("last_train_loss", float("nan")))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         rank_states = state["rank_states"]
         if state.get("world_size") == self.ctx.world_size and len(rank_states) == self.ctx.world_size:
             mine = rank_states[self.ctx.rank]
@@ -363,6 +372,7 @@ class Trainer:
             "mean_step_ms": stats["mean_step_ms"],
             "mean_optimizer_ms": stats["mean_optimizer_ms"],
             "optimizer_share": stats["optimizer_share"],
+            **({"amp_skipped_steps": self.skipped_steps} if self.scaler is not None else {}),
             "peak_mem_mb": peak_memory_mb(self.device),
             "wall_s": stats["wall_s"],
             "log": self.log_path,
