@@ -10,8 +10,8 @@
 #              only; on failure or timeout, retried CPU-only, then the source tree is used)
 #   triton     tests/test_backends_triton.py on CUDA tensors, compiled kernels -> junit-triton.xml
 #   launches   kernel launches per optimizer.step(), counted with torch.profiler -> launches.json
-#   cache      host cost of the table-cache check (1000 tensors) and of a whole step -> cache_check.json
 #   sweep      Triton block/tiles/warps candidates vs torch fused, interleaved -> triton_config_sweep.jsonl
+#   cache      host cost of the table-cache check (1000 tensors) and of a whole step -> cache_check.json
 #   bench_adam benchmarks/bench_adam.py --device cuda                  -> bench_adam.jsonl
 #   bench_sgd  benchmarks/bench_sgd.py --device cuda                   -> bench_sgd.jsonl
 #   gpu_tests  pytest -m gpu over the other test files                 -> junit-gpu.xml
@@ -127,8 +127,11 @@ choose_import_path() {
 
 stage_triton_tests() {
     cd "$WORK"
+    local parallel=()
+    # kernel compiles dominate on a cold Triton cache: spread them over processes when possible
+    if "$PYTHON" -c 'import xdist' 2>/dev/null; then parallel=(-n 8); fi
     "$PYTHON" -m pytest "$REPO/tests/test_backends_triton.py" -q -rs -p no:cacheprovider \
-        --junitxml="$RESULTS/junit-triton.xml" --durations=10
+        ${parallel[@]+"${parallel[@]}"} --junitxml="$RESULTS/junit-triton.xml" --durations=10
 }
 
 stage_gpu_tests() {
@@ -372,12 +375,12 @@ log "results -> $RESULTS (budget ${BUDGET_S}s)"
 run_stage versions 60 10 stage_versions
 run_stage install 330 60 stage_install
 choose_import_path
-run_stage triton 180 60 stage_triton_tests
+run_stage triton 240 60 stage_triton_tests
 run_stage launches 90 30 stage_launches
+run_stage sweep 120 60 stage_sweep
 run_stage cache 60 20 stage_cache
 run_stage bench_adam 120 60 stage_bench bench_adam.py "$RESULTS/bench_adam.jsonl"
 run_stage bench_sgd 90 45 stage_bench bench_sgd.py "$RESULTS/bench_sgd.jsonl"
-run_stage sweep 120 60 stage_sweep
 run_stage gpu_tests 120 40 stage_gpu_tests
 log "done in $((SECONDS - START_S)) s"
 echo "== summary ($RESULTS/summary.txt) =="
