@@ -74,6 +74,11 @@ def advance_step(step_ptrs, chunk_counts, arrivals, tensor, STEP_DTYPE: tl.const
     chunk_counts: int64[tensors] programs owning a chunk of each tensor
     arrivals:     int32[tensors] zero between launches
 
+    The old value is read with an atomic (adding 0): Triton executes a scalar atomic in one
+    thread and hands its result to every thread of the program. A plain load would be issued by
+    every warp, and a warp running late could read the value after this program, or the last
+    sibling, stored the new one.
+
     A tensor owned by one program: that program writes. Otherwise each program, after reading,
     takes a ticket with an acq_rel atomic (release: its read is done before the ticket shows);
     the program holding the last ticket writes the new value and resets the counter for the next
@@ -81,7 +86,7 @@ def advance_step(step_ptrs, chunk_counts, arrivals, tensor, STEP_DTYPE: tl.const
     programs that have not read the old value yet.
     """
     step_ptr = tl.load(step_ptrs + tensor).to(tl.pointer_type(STEP_DTYPE))
-    step = tl.load(step_ptr).to(tl.float32) + 1.0
+    step = tl.atomic_add(step_ptr, 0.0, sem="acq_rel").to(tl.float32) + 1.0
     count = tl.load(chunk_counts + tensor)
     if count == 1:
         tl.store(step_ptr, step.to(STEP_DTYPE))
