@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "fusedopt/norm.h"
@@ -46,26 +47,47 @@ using norm::Kind;
 // ---- kernels ------------------------------------------------------------------------------
 
 // The reduction of one chunk of n elements starting at x, as a double partial result.
+// The loops have trip counts computed up front (so that they vectorise even under -fwrapv,
+// which Python's build flags add). max/min lanes skip NaN (a plain compare-select, which
+// vectorises); NaNs are counted in lanes of their own and make the result NaN at the end.
 template <class S, Kind K>
 double chunk_norm(const void* data, int64_t n, double p_double) {
   using T = typename S::math;
   using R = typename S::raw;
+  constexpr bool kMaxMin = K == Kind::kInf || K == Kind::kNegInf;
   const R* __restrict x = static_cast<const R*>(data);
   const T p = static_cast<T>(p_double);
   double total = norm::identity<double>(K);
-  for (int64_t i = 0; i < n;) {
-    const int64_t run_end = std::min(n, i + kRunElems);
+  bool nan_seen = false;
+  for (int64_t begin = 0; begin < n; begin += kRunElems) {
+    const int64_t len = std::min(kRunElems, n - begin);
+    const int64_t blocks = len / kLanes;
+    const R* __restrict run = x + begin;
     T acc[kLanes];
-    for (int j = 0; j < kLanes; ++j) acc[j] = norm::identity<T>(K);
-    for (; i + kLanes <= run_end; i += kLanes) {
+    T nans[kLanes];
+    for (int j = 0; j < kLanes; ++j) {
+      acc[j] = norm::identity<T>(K);
+      nans[j] = T(0);
+    }
+    for (int64_t b = 0; b < blocks; ++b) {
+      const R* __restrict v = run + b * kLanes;
       for (int j = 0; j < kLanes; ++j) {
-        acc[j] = norm::combine<K>(acc[j], norm::term<K>(S::load(x[i + j]), p));
+        const T e = S::load(v[j]);
+        acc[j] = norm::combine<K>(acc[j], norm::term<K>(e, p));
+        if (kMaxMin) nans[j] += e != e ? T(1) : T(0);
       }
     }
-    for (; i < run_end; ++i) acc[0] = norm::combine<K>(acc[0], norm::term<K>(S::load(x[i]), p));
-    for (int j = 0; j < kLanes; ++j) total = norm::combine<K>(total, static_cast<double>(acc[j]));
+    for (int64_t i = blocks * kLanes; i < len; ++i) {
+      const T e = S::load(run[i]);
+      acc[0] = norm::combine<K>(acc[0], norm::term<K>(e, p));
+      if (kMaxMin) nans[0] += e != e ? T(1) : T(0);
+    }
+    for (int j = 0; j < kLanes; ++j) {
+      total = norm::combine<K>(total, static_cast<double>(acc[j]));
+      nan_seen = nan_seen || nans[j] != T(0);
+    }
   }
-  return total;
+  return nan_seen ? std::numeric_limits<double>::quiet_NaN() : total;
 }
 
 template <class S>
@@ -115,7 +137,9 @@ auto dispatch_storage(DType dtype, F&& f) {
   }
 }
 
+// Merges the partial results of two chunks (a NaN partial makes a max/min NaN, as in torch).
 double combine_runtime(Kind k, double a, double b) {
+  if (a != a || b != b) return std::numeric_limits<double>::quiet_NaN();
   switch (k) {
     case Kind::kInf: return norm::combine<Kind::kInf>(a, b);
     case Kind::kNegInf: return norm::combine<Kind::kNegInf>(a, b);

@@ -68,12 +68,13 @@ FUSEDOPT_HD T term(T x, T p) {
   return abs_(x);  // kL1, kInf, kNegInf
 }
 
-// Merges two partial results. max/min keep a NaN from either side (a NaN anywhere makes
-// torch's inf-norm NaN); the expressions are branch-free selects so that loops vectorise.
+// Merges two partial results. For max/min this is a plain compare-select that skips a NaN
+// `v` (so that loops vectorise): kernels must track NaNs separately, since a NaN anywhere makes
+// torch's inf-norm NaN. Sums propagate NaN by themselves.
 template <Kind K, typename T>
 FUSEDOPT_HD T combine(T acc, T v) {
-  if (K == Kind::kInf) return (v > acc || v != v) ? v : acc;
-  if (K == Kind::kNegInf) return (v < acc || v != v) ? v : acc;
+  if (K == Kind::kInf) return v > acc ? v : acc;
+  if (K == Kind::kNegInf) return v < acc ? v : acc;
   return acc + v;
 }
 
