@@ -175,7 +175,7 @@ def extensions():
         cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
     _log(f"CUDA kernels: {cuda_reason}")
 
-    sources = [os.path.join(CSRC, "ops.cpp")] + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+    sources = [os.path.join(CSRC, "ops.cpp"), os.path.join(CSRC, "python_direct.cpp")] + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, CSRC, "include"), os.path.join(ROOT, CSRC), GENERATED_DIR]
     cxx_flags = list(CXX_FLAGS)
     if build_cuda:

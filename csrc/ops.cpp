@@ -10,6 +10,7 @@
 #include <string>
 
 #include "cpu/isa.h"
+#include "python_direct.h"
 
 #if defined(__has_include)
 #if __has_include("fusedopt_build_config.h")
@@ -95,6 +96,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "cpu_isa", [] { return std::string(fusedopt::cpu::isa_name(fusedopt::cpu::active_isa())); },
       "CPU kernel variant picked at run time: 'avx512', 'avx2' or 'scalar'");
+  fusedopt::bind_direct_calls(m);  // _adam_cpu / _sgd_cpu, see python_direct.cpp
   m.def(
       "_set_cpu_isa",
       [](const std::string& name) {

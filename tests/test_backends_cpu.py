@@ -526,7 +526,11 @@ def adam_args(n=2, dtype=torch.float32, shape=(4,)):
                 state_steps=[torch.tensor(0.0) for _ in p])
 
 
-def call_adam(args, amsgrad=False):
+def call_adam(args, amsgrad=False, route="dispatcher"):
+    if route == "direct":  # the eager fast path used by BACKEND (python_direct.cpp)
+        assert _C._adam_cpu(*args.values(), 1e-3, 0.9, 0.999, 1e-8, 0.0, amsgrad, False, True,
+                            None, None, None)
+        return
     torch.ops.fusedopt.adam_(*args.values(), lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
                              weight_decay=0.0, amsgrad=amsgrad, maximize=False,
                              decoupled_weight_decay=True)
@@ -544,13 +548,14 @@ def call_adam(args, amsgrad=False):
     (lambda a: a["state_steps"].__setitem__(0, torch.tensor(0)), r"state_steps\[0\] has dtype Long; expected float32 or float64"),
     (lambda a: a["state_steps"].__setitem__(0, torch.zeros(2)), r"state_steps\[0\] must have one element"),
 ])
-def test_adam_bad_inputs(mutate, pattern):
+@pytest.mark.parametrize("route", ["dispatcher", "direct"])
+def test_adam_bad_inputs(mutate, pattern, route):
     args = adam_args()
     mutate(args)
     before = [p.clone() for p in args["params"]]
     steps_before = [s.clone() for s in args["state_steps"]]
     with pytest.raises(RuntimeError, match=pattern):
-        call_adam(args)
+        call_adam(args, route=route)
     assert all(torch.equal(a, b) for a, b in zip(args["params"], before) if a.dtype.is_floating_point
                and a.device.type == "cpu" and a.shape == b.shape)
     assert all(torch.equal(a, b) for a, b in zip(args["state_steps"], steps_before))
@@ -575,6 +580,44 @@ def test_sgd_bad_inputs():
         torch.ops.fusedopt.sgd_(p, [torch.randn(3)] * 2, [], lr=0.1, momentum=0.0, dampening=0.0,
                                 weight_decay=0.0, nesterov=False, maximize=False,
                                 is_first_step=True, grad_scale=torch.ones(2))
+
+
+def test_direct_path_matches_dispatcher():
+    a, b = adam_args(n=3, shape=(33, 7)), None
+    b = {k: [t.clone() for t in v] for k, v in a.items()}
+    for _ in range(3):
+        call_adam(a, route="direct")
+        call_adam(b, route="dispatcher")
+    for k in a:
+        assert all(torch.equal(x, y) for x, y in zip(a[k], b[k])), k
+
+
+class _TensorSubclass(torch.Tensor):
+    pass
+
+
+def test_direct_path_declines_what_needs_the_dispatcher():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counting(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Counting.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    args = adam_args()
+    args["params"][0] = args["params"][0].as_subclass(_TensorSubclass)
+    before = args["params"][1].clone()
+    assert not _C._adam_cpu(*args.values(), 1e-3, 0.9, 0.999, 1e-8, 0.0, False, False, True,
+                            None, None, None)
+    assert torch.equal(args["params"][1], before)  # declined: nothing done
+    args = adam_args()
+    with Counting():
+        assert not _C._adam_cpu(*args.values(), 1e-3, 0.9, 0.999, 1e-8, 0.0, False, False, True,
+                                None, None, None)
+        OurAdam(args["params"], amsgrad=False).step(args["grads"], 1e-3, 0.0, False, True)
+    assert Counting.calls >= 1  # the backend fell back to torch.ops under the mode
 
 
 def test_backend_protocol():

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "isa.h"
+#include "ops_cpu.h"
 #include "op_common.h"
 
 namespace fusedopt {
@@ -37,6 +38,8 @@ void validate(at::TensorList params, at::TensorList grads, at::TensorList exp_av
   }
 }
 
+}  // namespace
+
 void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
               at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
               at::TensorList state_steps, double lr, double beta1, double beta2, double eps,
@@ -64,8 +67,16 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
   FlatViews views;
   // Copies of non-dense tensors and the copy-back must not go through autograd.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
+  // Tensors of a group usually share their step: compute the bias corrections (two pow()
+  // calls) once per distinct step rather than once per tensor.
+  double scalars_step = -1.0;
+  rules::AdamScalars<double> scalars{};
   for (size_t i = 0; i < n; ++i) {
     const double step = increment_step(state_steps[i]);
+    if (step != scalars_step) {
+      scalars = rules::make_adam_scalars(lr, beta1, beta2, eps, weight_decay, step);
+      scalars_step = step;
+    }
     const at::Tensor& p = params[i];
     if (p.numel() == 0) continue;
     const DType dtype = dtype_of(p, kOp, "params", i);
@@ -87,7 +98,7 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
     item.exp_avg_sq = ptrs[3];
     item.max_exp_avg_sq = ptrs[4];
     item.numel = p.numel();
-    item.scalars = rules::make_adam_scalars(lr, beta1, beta2, eps, weight_decay, step);
+    item.scalars = scalars;
     item.kernel = select_adam_kernel(dtype, variant);
     items.push_back(item);
     elem_sizes.push_back(element_size(dtype));
@@ -103,8 +114,6 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
   if (amsgrad) bump_versions(max_exp_avg_sqs);
   bump_versions(state_steps);
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(fusedopt, CPU, m) { m.impl("adam_", &adam_cpu); }
 // Sparse CPU tensors reach the same function only to be rejected with a clear message.

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "isa.h"
+#include "ops_cpu.h"
 #include "op_common.h"
 
 namespace fusedopt {
@@ -28,6 +29,8 @@ void validate(at::TensorList params, at::TensorList grads, at::TensorList moment
     }
   }
 }
+
+}  // namespace
 
 void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
              double lr, double momentum, double dampening, double weight_decay, bool nesterov,
@@ -83,8 +86,6 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
   bump_versions(params);
   if (uses_buffers) bump_versions(momentum_buffers);
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(fusedopt, CPU, m) { m.impl("sgd_", &sgd_cpu); }
 // Sparse CPU tensors reach the same function only to be rejected with a clear message.
