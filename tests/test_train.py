@@ -439,6 +439,20 @@ def test_config_file_values_are_validated(values, message):
         config_from_mapping(values)
 
 
+@pytest.mark.parametrize("name, text, message", [
+    ("broken.json", "{\"lr\": ", "broken.json' could not be parsed"),
+    ("broken.yaml", "lr: [1, 2", "broken.yaml' could not be parsed"),
+    ("list.yaml", "- 1\n- 2\n", "must contain a mapping"),
+])
+def test_unreadable_config_files_are_clear_errors(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        parse_config(["--config", str(path)])
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_config(["--config", str(tmp_path / "missing.yaml")])
+
+
 def test_world_size_must_divide_batch(tmp_path):
     cfg = tiny_cfg(tmp_path, batch_size=9)
     with pytest.raises(ConfigError, match="batch_size=9 is not divisible by the world size 2"):

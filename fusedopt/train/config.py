@@ -255,22 +255,19 @@ def load_config_file(path: str) -> Dict[str, Any]:
         raise ConfigError(f"config file {path!r} does not exist")
     with open(path, "r", encoding="utf-8") as fh:
         text = fh.read()
+    if path.endswith(".json"):
+        parse, errors = json.loads, (ValueError,)
+    else:
+        try:
+            import yaml
+        except ImportError as exc:  # pragma: no cover - pyyaml is in the train extra
+            raise ConfigError(
+                f"reading {path!r} needs PyYAML (pip install 'fusedopt[train]'), or use JSON"
+            ) from exc
+        parse, errors = yaml.safe_load, (yaml.YAMLError,)
     try:
-        if path.endswith(".json"):
-            data = json.loads(text)
-        else:
-            try:
-                import yaml
-            except ImportError as exc:  # pragma: no cover - pyyaml is in the train extra
-                raise ConfigError(
-                    f"reading {path!r} needs PyYAML (pip install 'fusedopt[train]'), or use JSON"
-                ) from exc
-            data = yaml.safe_load(text)
-    except (ValueError, ImportError) as exc:
-        if isinstance(exc, ConfigError):
-            raise
-        raise ConfigError(f"config file {path!r} could not be parsed: {exc}") from exc
-    except Exception as exc:  # yaml.YAMLError is not a ValueError
+        data = parse(text)
+    except errors as exc:
         raise ConfigError(f"config file {path!r} could not be parsed: {exc}") from exc
     if data is None:
         data = {}

@@ -1,7 +1,7 @@
 """Byte-level text corpus, fixed-length sequences, and a deterministic sharded batch sampler.
 
-Tokens are UTF-8 bytes (vocabulary 256), so no tokenizer files are needed and a
-checkpoint stays valid whatever text it is resumed on.  The corpus is split once
+Tokens are UTF-8 bytes (vocabulary 256), so no tokenizer files are needed and the
+model's shape does not depend on the text.  The corpus is split once
 into a training head and a held-out tail; each split is cut into non-overlapping
 ``seq_len + 1`` windows (inputs plus next-byte targets).
 
