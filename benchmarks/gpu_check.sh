@@ -10,6 +10,7 @@
 #              only; on failure or timeout, retried CPU-only, then the source tree is used)
 #   triton     tests/test_backends_triton.py on CUDA tensors, compiled kernels -> junit-triton.xml
 #   launches   kernel launches per optimizer.step(), counted with torch.profiler -> launches.json
+#   sanitizer  compute-sanitizer memcheck over triton Adam/SGD steps on awkward sizes (vs reference)
 #   sweep      Triton block/tiles/warps candidates vs torch fused, interleaved -> triton_config_sweep.jsonl
 #   cache      host cost of the table-cache check (1000 tensors) and of a whole step -> cache_check.json
 #   bench_adam benchmarks/bench_adam.py --device cuda                  -> bench_adam.jsonl
@@ -29,7 +30,7 @@ LOGS="$RESULTS/logs"
 SUMMARY="$RESULTS/summary.txt"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-570}"
 BENCH_DTYPES="${GPU_CHECK_BENCH_DTYPES:-fp32,bf16}"
-STAGES=",${GPU_CHECK_STAGES:-versions,install,triton,launches,cache,bench_adam,bench_sgd,sweep,gpu_tests},"
+STAGES=",${GPU_CHECK_STAGES:-versions,install,triton,launches,sanitizer,sweep,cache,bench_adam,bench_sgd,gpu_tests},"
 PYTHON="${PYTHON:-python}"
 START_S=$SECONDS
 WORK="$(mktemp -d)"   # tests run from here so that the installed package is the one imported
@@ -217,6 +218,55 @@ raise SystemExit(1 if problems else 0)
 PY
 }
 
+stage_sanitizer() {
+    cd "$WORK"
+    local sanitizer
+    sanitizer="$(command -v compute-sanitizer || true)"
+    if [[ -z "$sanitizer" && -x /usr/local/cuda/bin/compute-sanitizer ]]; then
+        sanitizer=/usr/local/cuda/bin/compute-sanitizer
+    fi
+    if [[ -z "$sanitizer" ]]; then
+        echo "compute-sanitizer not found: stage not run"
+        return 3
+    fi
+    # memcheck: every global access of the pointer-table kernels in bounds (odd sizes, empty
+    # tensors, an unaligned view, several chunks, all flags); results checked against reference
+    "$sanitizer" --tool memcheck --error-exitcode 7 --target-processes all "$PYTHON" - <<'PY'
+import torch
+from fusedopt.backends import get
+triton_backend, reference = get("triton"), get("reference")
+sizes = [0, 1, 3, 4095, 4096, 4097, 70001]
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(n, generator=gen).to("cuda", dtype) for n in sizes]
+    flat = torch.randn(5000, generator=gen).to("cuda", dtype)
+    results = []
+    for backend in (triton_backend, reference):
+        params = [t.clone() for t in base] + [flat.clone()[1:4001]]
+        grads = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)).to("cuda", dtype)
+                 for i, p in enumerate(params)]
+        m, v, vmax = ([torch.zeros_like(p) for p in params] for _ in range(3))
+        steps = [torch.zeros((), device="cuda") for _ in params]
+        bufs = [torch.zeros_like(p) for p in params]
+        sgd_params = [p.clone() for p in params]
+        for k in range(3):
+            backend.adam_(params, grads, m, v, vmax, steps, lr=torch.tensor(1e-2, device="cuda"),
+                          beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=True,
+                          maximize=k == 2, decoupled_weight_decay=True,
+                          grad_scale=torch.tensor(2.0, device="cuda"),
+                          found_inf=torch.zeros((), device="cuda"))
+            backend.sgd_(sgd_params, grads, bufs, lr=0.1, momentum=0.9, dampening=0.0,
+                         weight_decay=0.01, nesterov=True, maximize=False, is_first_step=k == 0)
+        results.append(params + m + vmax + steps + sgd_params + bufs)
+    torch.cuda.synchronize()
+    tol = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=1e-2, atol=1e-5),
+           torch.float16: dict(rtol=1e-3, atol=1e-5)}[dtype]  # 16-bit: one ulp of storage
+    for a, b in zip(*results):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+    print(dtype, "ok")
+PY
+}
+
 stage_cache() {
     cd "$WORK"
     RESULTS="$RESULTS" "$PYTHON" - <<'PY'
@@ -370,13 +420,14 @@ stage_bench() {
 # ---------------------------------------------------------------------------------------------
 export REPO RESULTS LOGS WORK PYTHON BENCH_DTYPES
 export -f stage_versions stage_install stage_triton_tests stage_gpu_tests stage_launches \
-    stage_cache stage_sweep stage_bench
+    stage_sanitizer stage_cache stage_sweep stage_bench
 log "results -> $RESULTS (budget ${BUDGET_S}s)"
 run_stage versions 60 10 stage_versions
 run_stage install 330 60 stage_install
 choose_import_path
 run_stage triton 240 60 stage_triton_tests
 run_stage launches 90 30 stage_launches
+run_stage sanitizer 120 40 stage_sanitizer
 run_stage sweep 120 60 stage_sweep
 run_stage cache 60 20 stage_cache
 run_stage bench_adam 120 60 stage_bench bench_adam.py "$RESULTS/bench_adam.jsonl"
