@@ -225,11 +225,12 @@ def test_non_finite_values_propagate_like_the_reference(triton_backend, device):
     case.grad_steps[0][0][3] = float("nan")
     case.grad_steps[0][1][5] = float("inf")
     case.params[1][7] = float("-inf")
-    hyper = dict(ADAM_DEFAULTS, weight_decay=0.1)
+    hyper = dict(ADAM_DEFAULTS, weight_decay=0.1, amsgrad=True)
     mine, theirs = case.copy(), case.copy()
     case.run(triton_backend, *mine, steps=2, **hyper)
     case.run(REFERENCE, *theirs, steps=2, **hyper)
-    for a, b in zip(mine[0] + mine[1]["exp_avgs"], theirs[0] + theirs[1]["exp_avgs"]):
+    for a, b in zip(mine[0] + mine[1]["exp_avgs"] + mine[1]["max_exp_avg_sqs"],
+                    theirs[0] + theirs[1]["exp_avgs"] + theirs[1]["max_exp_avg_sqs"]):
         torch.testing.assert_close(a.cpu(), b.cpu(), equal_nan=True, **_tolerances(torch.float32, device))
 
 

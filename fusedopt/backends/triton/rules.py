@@ -64,7 +64,8 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
     exp_avg = lerp(exp_avg, grad, one_minus_beta1)
     exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
     if AMSGRAD:
-        max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq)
+        # NaN propagates, as in torch.maximum
+        max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq, propagate_nan=tl.PropagateNan.ALL)
         second_moment = max_exp_avg_sq
     else:
         second_moment = exp_avg_sq
