@@ -573,3 +573,32 @@ def test_norm_dispatch_choices():
     expected = "native" if _norm_ops.has_kernel("total_norm", "cpu") else "reference"
     assert _norm.choose("auto", torch.device("cpu"), t, 2.0) == expected
     assert _norm.choose("auto", torch.device("cpu"), [torch.zeros(2, dtype=torch.complex64)], 2.0) == "reference"
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_every_cpu_kernel_variant(isa):
+    """The clipping kernels are compiled per ISA (like the optimizer kernels): test each one."""
+    if not _norm_ops.has_kernel("total_norm", "cpu"):
+        pytest.skip("fusedopt._C has no CPU total_norm kernel")
+    from fusedopt import _ops
+    try:
+        previous = _ops._C._set_cpu_isa(isa)
+    except RuntimeError as exc:
+        pytest.skip(f"{isa} not available here: {exc}")
+    try:
+        for dtype in DTYPES:
+            tensors = grads_for([(5, 3), (40000,), (33,)], dtype)
+            tensors[1][77] = float("nan") if dtype == torch.float32 else tensors[1][77]
+            for norm_type in NORMS + [0.0, -INF]:
+                ours = fusedopt.get_total_norm(tensors, norm_type, backend="cpu")
+                exact = torch.nn.utils.get_total_norm([t.double() for t in tensors], norm_type)
+                torch.testing.assert_close(ours.double(), exact, rtol=rtol_of(dtype), atol=0,
+                                           equal_nan=True)
+            grads = [t.clone() for t in tensors]
+            torch.ops.fusedopt.scale_(grads, torch.tensor(0.75))
+            torch.ops.fusedopt.clamp_(grads, -0.5, 0.5)
+            for g, t in zip(grads, tensors):
+                torch.testing.assert_close(g, (t * torch.tensor(0.75)).clamp(-0.5, 0.5),
+                                           rtol=0, atol=0, equal_nan=True)
+    finally:
+        _ops._C._set_cpu_isa(previous)

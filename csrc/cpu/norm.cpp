@@ -14,9 +14,8 @@
 // Work split: every tensor is cut into chunks of kChunkElems elements, and the threads take
 // contiguous ranges of the chunk list. total_norm keeps one partial result per chunk and
 // combines them in chunk order on one thread, so its result does not depend on the number of
-// threads. Within a chunk, fp16/bf16/fp32 data is reduced in float, in kLanes independent
-// accumulators (which the compiler turns into SIMD registers) over runs of kRunElems elements,
-// and each run's result is added in double; fp64 data is reduced in double throughout.
+// threads. The per-chunk kernels (norm_kernels_impl.h) are compiled per ISA and chosen at run
+// time (isa.h), like the optimizer kernels.
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -30,110 +29,42 @@
 #include <vector>
 
 #include "fusedopt/norm.h"
+#include "isa.h"
+#include "norm_kernels.h"
 #include "op_common.h"
-#include "storage.h"
 
 namespace fusedopt {
 namespace cpu {
 namespace {
 
 constexpr int64_t kChunkElems = 16384;  // elements per chunk (per partial result)
-constexpr int64_t kRunElems = 1024;     // elements reduced in float before going to double
-constexpr int kLanes = 16;              // independent accumulators (SIMD lanes)
 constexpr int64_t kSerialBytes = 256 * 1024;  // below this a call runs on the calling thread
 
 using norm::Kind;
 
-// ---- kernels ------------------------------------------------------------------------------
+// ---- the kernels of the ISA chosen at run time ----------------------------------------------
 
-// The reduction of one chunk of n elements starting at x, as a double partial result.
-// The loops have trip counts computed up front (so that they vectorise even under -fwrapv,
-// which Python's build flags add). max/min lanes skip NaN (a plain compare-select, which
-// vectorises); NaNs are counted in lanes of their own and make the result NaN at the end.
-template <class S, Kind K>
-double chunk_norm(const void* data, int64_t n, double p_double) {
-  using T = typename S::math;
-  using R = typename S::raw;
-  constexpr bool kMaxMin = K == Kind::kInf || K == Kind::kNegInf;
-  const R* __restrict x = static_cast<const R*>(data);
-  const T p = static_cast<T>(p_double);
-  double total = norm::identity<double>(K);
-  bool nan_seen = false;
-  for (int64_t begin = 0; begin < n; begin += kRunElems) {
-    const int64_t len = std::min(kRunElems, n - begin);
-    const int64_t blocks = len / kLanes;
-    const R* __restrict run = x + begin;
-    T acc[kLanes];
-    T nans[kLanes];
-    for (int j = 0; j < kLanes; ++j) {
-      acc[j] = norm::identity<T>(K);
-      nans[j] = T(0);
-    }
-    for (int64_t b = 0; b < blocks; ++b) {
-      const R* __restrict v = run + b * kLanes;
-      for (int j = 0; j < kLanes; ++j) {
-        const T e = S::load(v[j]);
-        acc[j] = norm::combine<K>(acc[j], norm::term<K>(e, p));
-        if (kMaxMin) nans[j] += e != e ? T(1) : T(0);
-      }
-    }
-    for (int64_t i = blocks * kLanes; i < len; ++i) {
-      const T e = S::load(run[i]);
-      acc[0] = norm::combine<K>(acc[0], norm::term<K>(e, p));
-      if (kMaxMin) nans[0] += e != e ? T(1) : T(0);
-    }
-    for (int j = 0; j < kLanes; ++j) {
-      total = norm::combine<K>(total, static_cast<double>(acc[j]));
-      nan_seen = nan_seen || nans[j] != T(0);
-    }
-  }
-  return nan_seen ? std::numeric_limits<double>::quiet_NaN() : total;
-}
-
-template <class S>
-void chunk_scale(void* data, int64_t n, double scale) {
-  using T = typename S::math;
-  using R = typename S::raw;
-  R* __restrict x = static_cast<R*>(data);
-  const T s = static_cast<T>(scale);  // as torch: the multiplier in the math type
-  for (int64_t i = 0; i < n; ++i) x[i] = S::store(S::load(x[i]) * s);
-}
-
-template <class S>
-void chunk_clamp(void* data, int64_t n, double lo_double, double hi_double) {
-  using T = typename S::math;
-  using R = typename S::raw;
-  R* __restrict x = static_cast<R*>(data);
-  const T lo = static_cast<T>(lo_double), hi = static_cast<T>(hi_double);
-  for (int64_t i = 0; i < n; ++i) {
-    const T v = S::load(x[i]);
-    const T c = v < lo ? lo : (v > hi ? hi : v);  // NaN compares false: stays NaN
-    x[i] = S::store(c);
+NormChunkFn norm_kernel(DType dtype, Kind kind) {
+  switch (active_isa()) {
+    case Isa::kAvx512: return isa_avx512::norm_chunk_kernel(dtype, kind);
+    case Isa::kAvx2: return isa_avx2::norm_chunk_kernel(dtype, kind);
+    default: return isa_scalar::norm_chunk_kernel(dtype, kind);
   }
 }
 
-using NormFn = double (*)(const void*, int64_t, double);
-
-template <class S>
-NormFn norm_kernel_for(Kind k) {
-  switch (k) {
-    case Kind::kL2: return &chunk_norm<S, Kind::kL2>;
-    case Kind::kL1: return &chunk_norm<S, Kind::kL1>;
-    case Kind::kInf: return &chunk_norm<S, Kind::kInf>;
-    case Kind::kNegInf: return &chunk_norm<S, Kind::kNegInf>;
-    case Kind::kL0: return &chunk_norm<S, Kind::kL0>;
-    case Kind::kLp: return &chunk_norm<S, Kind::kLp>;
+ScaleChunkFn scale_kernel(DType dtype) {
+  switch (active_isa()) {
+    case Isa::kAvx512: return isa_avx512::scale_chunk_kernel(dtype);
+    case Isa::kAvx2: return isa_avx2::scale_chunk_kernel(dtype);
+    default: return isa_scalar::scale_chunk_kernel(dtype);
   }
-  return nullptr;
 }
 
-template <class F>
-auto dispatch_storage(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kDouble: return f(Fp64{});
-    case DType::kBFloat16: return f(Bf16{});
-    case DType::kHalf: return f(Fp16{});
-    default: return f(Fp32{});
+ClampChunkFn clamp_kernel(DType dtype) {
+  switch (active_isa()) {
+    case Isa::kAvx512: return isa_avx512::clamp_chunk_kernel(dtype);
+    case Isa::kAvx2: return isa_avx2::clamp_chunk_kernel(dtype);
+    default: return isa_scalar::clamp_chunk_kernel(dtype);
   }
 }
 
@@ -217,7 +148,7 @@ at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type) {
   const Kind kind = norm::kind_of(norm_type);
   bool any_double = false;
   ChunkList list;
-  std::vector<NormFn> fns;  // per chunk
+  std::vector<NormChunkFn> fns;  // per chunk
   for (size_t i = 0; i < tensors.size(); ++i) {
     check_tensor(tensors[i], "total_norm", i, /*written=*/false);
     const DType dtype = dtype_of(tensors[i], "total_norm", "tensors", i);
@@ -227,7 +158,7 @@ at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type) {
   const std::vector<Chunk>& chunks = list.chunks();
   fns.reserve(chunks.size());
   for (const Chunk& c : chunks) {
-    fns.push_back(dispatch_storage(c.dtype, [&](auto s) { return norm_kernel_for<decltype(s)>(kind); }));
+    fns.push_back(norm_kernel(c.dtype, kind));
   }
   std::vector<double> partials(chunks.size());
   list.for_each([&](int64_t c) { partials[c] = fns[c](chunks[c].data, chunks[c].numel, norm_type); });
@@ -246,7 +177,7 @@ at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type) {
   return at::scalar_tensor(value, at::TensorOptions().dtype(any_double ? at::kDouble : at::kFloat));
 }
 
-// Applies fn(storage, chunk) to every element chunk of `tensors` in one parallel region.
+// Applies fn(chunk) to every element chunk of `tensors` in one parallel region.
 // Tensors that are not one dense block go through fallback(tensor) instead.
 template <class ChunkFn, class Fallback>
 void update_in_place(at::TensorList tensors, const char* op, ChunkFn&& fn, Fallback&& fallback) {
@@ -263,9 +194,7 @@ void update_in_place(at::TensorList tensors, const char* op, ChunkFn&& fn, Fallb
     }
   }
   const std::vector<Chunk>& chunks = list.chunks();
-  list.for_each([&](int64_t c) {
-    dispatch_storage(chunks[c].dtype, [&](auto s) { fn(s, chunks[c]); });
-  });
+  list.for_each([&](int64_t c) { fn(chunks[c]); });
 }
 
 // In-place torch ops bump the autograd version counter of what they write; the dispatcher
@@ -288,7 +217,7 @@ void scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
   }
   update_in_place(
       tensors, "scale_",
-      [&](auto s, const Chunk& c) { chunk_scale<decltype(s)>(c.data, c.numel, value); },
+      [&](const Chunk& c) { scale_kernel(c.dtype)(c.data, c.numel, value); },
       [&](const at::Tensor& t) { const_cast<at::Tensor&>(t).mul_(value); });
   bump_versions(tensors);
 }
@@ -296,7 +225,7 @@ void scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
 void clamp_cpu(at::TensorList tensors, double min, double max) {
   update_in_place(
       tensors, "clamp_",
-      [&](auto s, const Chunk& c) { chunk_clamp<decltype(s)>(c.data, c.numel, min, max); },
+      [&](const Chunk& c) { clamp_kernel(c.dtype)(c.data, c.numel, min, max); },
       [&](const at::Tensor& t) { const_cast<at::Tensor&>(t).clamp_(min, max); });
   bump_versions(tensors);
 }
