@@ -600,9 +600,9 @@ _COMPILE_CHECK = textwrap.dedent("""
             ("beta1", "beta2", "eps", "decay", "momentum", "dampening")) else "fp32")
             for n in kernel.arg_names}
 
-    on = dict(DTYPE=tl.bfloat16, BLOCK=2048, TILES=2, MAXIMIZE=True,
+    on = dict(DTYPE=tl.bfloat16, BLOCK=1024, TILES=4, MAXIMIZE=True,
               HAS_WEIGHT_DECAY=True, LR_ON_DEVICE=True, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True)
-    off = dict(DTYPE=tl.float32, BLOCK=1024, TILES=4, MAXIMIZE=False,
+    off = dict(DTYPE=tl.float32, BLOCK=512, TILES=8, MAXIMIZE=False,
                HAS_WEIGHT_DECAY=False, LR_ON_DEVICE=False, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False)
     for kernel, constants in (
             (adam_kernel, dict(on, STEP_DTYPE=tl.float32, AMSGRAD=True, DECOUPLED=True)),

@@ -45,28 +45,31 @@ def _adam_chunk(param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, max_exp_av
                 HAS_WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr,
                 HAS_GRAD_SCALE: tl.constexpr):
     """This program's chunk: TILES tiles of BLOCK elements of tensor ``tensor`` from ``start``.
-    VECTOR: its addresses are 16-byte aligned (the compiler may use 128-bit accesses)."""
-    param_ptr = tensor_at(param_ptrs, tensor, DTYPE, VECTOR)
-    grad_ptr = tensor_at(grad_ptrs, tensor, DTYPE, VECTOR)
-    exp_avg_ptr = tensor_at(exp_avg_ptrs, tensor, DTYPE, VECTOR)
-    exp_avg_sq_ptr = tensor_at(exp_avg_sq_ptrs, tensor, DTYPE, VECTOR)
+    VECTOR: its addresses are 16-byte aligned (the compiler may use 128-bit accesses).
+    Pointers are advanced to the chunk once (64-bit); offsets inside the chunk are 32-bit."""
+    param_ptr = tensor_at(param_ptrs, tensor, DTYPE, VECTOR) + start
+    grad_ptr = tensor_at(grad_ptrs, tensor, DTYPE, VECTOR) + start
+    exp_avg_ptr = tensor_at(exp_avg_ptrs, tensor, DTYPE, VECTOR) + start
+    exp_avg_sq_ptr = tensor_at(exp_avg_sq_ptrs, tensor, DTYPE, VECTOR) + start
     if AMSGRAD:
-        max_exp_avg_sq_ptr = tensor_at(max_exp_avg_sq_ptrs, tensor, DTYPE, VECTOR)
+        max_exp_avg_sq_ptr = tensor_at(max_exp_avg_sq_ptrs, tensor, DTYPE, VECTOR) + start
     else:
         max_exp_avg_sq_ptr = exp_avg_sq_ptr  # unused
     lanes = tl.arange(0, BLOCK)
-    if start + BLOCK * TILES <= numel:  # whole chunk in range: no masks, full vectors
+    remaining = numel - start
+    if remaining >= BLOCK * TILES:  # whole chunk in range: no masks, full vectors
         for tile in range(TILES):
             _adam_tile(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
-                       start + tile * BLOCK + lanes, None, grad_scale_ptr,
+                       tile * BLOCK + lanes, None, grad_scale_ptr,
                        lr, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
                        step_size, bias_correction2_sqrt,
                        DTYPE, AMSGRAD, MAXIMIZE, HAS_WEIGHT_DECAY, DECOUPLED, HAS_GRAD_SCALE)
     else:  # the tensor's last chunk (possibly empty: it still advanced the step)
+        tail = remaining.to(tl.int32)  # elements left: less than one chunk
         for tile in range(TILES):
-            offsets = start + tile * BLOCK + lanes
+            offsets = tile * BLOCK + lanes
             _adam_tile(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
-                       offsets, offsets < numel, grad_scale_ptr,
+                       offsets, offsets < tail, grad_scale_ptr,
                        lr, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
                        step_size, bias_correction2_sqrt,
                        DTYPE, AMSGRAD, MAXIMIZE, HAS_WEIGHT_DECAY, DECOUPLED, HAS_GRAD_SCALE)

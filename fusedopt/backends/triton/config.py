@@ -4,15 +4,21 @@ A program owns one *chunk* of one tensor: ``tiles`` tiles of ``block`` elements,
 loop. Bigger chunks mean fewer programs and fewer table reads per element; smaller chunks mean less
 padding waste on tensors that are not a multiple of the chunk and better balance on small models.
 
-The defaults below are NOT measured yet (the session that wrote them had no GPU). They follow the
-usual shape of memory-bound elementwise kernels on NVIDIA GPUs:
+The defaults below are NOT timed yet (the session that wrote them had no GPU). They follow the
+usual shape of memory-bound elementwise kernels on NVIDIA GPUs, and the register counts ptxas
+reports for the AMSGrad/AdamW kernel compiled for sm_90a (no spills anywhere):
 
-* a tile moves 4 KiB per tensor (1024 fp32 or 2048 bf16/fp16 elements), so with 4 warps
-  (128 threads) each thread issues two 16-byte loads per tensor per tile: full 128-bit vectors
-  for every dtype;
-* 4 tiles (fp32) / 2 tiles (16-bit) per program amortise the ~10 scalar table loads and the
-  bias-correction math of a program over 16 KiB of every tensor, while a 124M-parameter model
-  still launches ~30k programs, far more than the ~132 SMs x 16 resident programs of an H100.
+* one 16-byte vector per tensor per thread per tile: fp32 512 x 4 warps (4 elements a thread),
+  bf16/fp16 1024 x 4 warps (8 elements). Twice that per thread doubles the registers
+  (fp32 1024 x 4 warps: 125; bf16 2048 x 4 warps: 251, the maximum, which caps an SM at two
+  programs) for no more bytes in flight per SM;
+* fp32 512 x 4 warps: 72 registers, 7 programs (28 warps) per SM; bf16 1024 x 4 warps: 121
+  registers, 4 programs (16 warps), each warp with 2.5 KiB of loads in flight per tile;
+  bf16 512 x 4 warps (8-byte vectors) needs 79;
+* 8 (fp32) / 4 (16-bit) tiles per program: a 4096-element chunk, so the ~10 scalar table loads,
+  the step atomics and the bias corrections of a program are spread over 16 KiB (fp32) of every
+  tensor, while a 124M-parameter model still launches ~30k programs, far more than an H100's
+  132 SMs hold at once.
 
 ``benchmarks/gpu_check.sh`` sweeps alternatives and prints the timings; move a row here when a
 measurement says so. ``FUSEDOPT_TRITON_CONFIG`` overrides rows without editing code, e.g.
@@ -44,9 +50,9 @@ class LaunchConfig:
 
 #: The table. Keys are the parameter dtypes the backend supports.
 DEFAULT_CONFIGS: Dict[torch.dtype, LaunchConfig] = {
-    torch.float32: LaunchConfig(block=1024, tiles=4, num_warps=4),
-    torch.bfloat16: LaunchConfig(block=2048, tiles=2, num_warps=4),
-    torch.float16: LaunchConfig(block=2048, tiles=2, num_warps=4),
+    torch.float32: LaunchConfig(block=512, tiles=8, num_warps=4),
+    torch.bfloat16: LaunchConfig(block=1024, tiles=4, num_warps=4),
+    torch.float16: LaunchConfig(block=1024, tiles=4, num_warps=4),
 }
 
 _NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

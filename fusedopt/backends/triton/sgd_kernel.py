@@ -34,24 +34,27 @@ def _sgd_chunk(param_ptrs, grad_ptrs, buffer_ptrs, tensor, start, numel, grad_sc
                HAS_WEIGHT_DECAY: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                MAXIMIZE: tl.constexpr, FIRST_STEP: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
     """This program's chunk: TILES tiles of BLOCK elements of tensor ``tensor`` from ``start``.
-    VECTOR: its addresses are 16-byte aligned (the compiler may use 128-bit accesses)."""
-    param_ptr = tensor_at(param_ptrs, tensor, DTYPE, VECTOR)
-    grad_ptr = tensor_at(grad_ptrs, tensor, DTYPE, VECTOR)
+    VECTOR: its addresses are 16-byte aligned (the compiler may use 128-bit accesses).
+    Pointers are advanced to the chunk once (64-bit); offsets inside the chunk are 32-bit."""
+    param_ptr = tensor_at(param_ptrs, tensor, DTYPE, VECTOR) + start
+    grad_ptr = tensor_at(grad_ptrs, tensor, DTYPE, VECTOR) + start
     if HAS_MOMENTUM:
-        buffer_ptr = tensor_at(buffer_ptrs, tensor, DTYPE, VECTOR)
+        buffer_ptr = tensor_at(buffer_ptrs, tensor, DTYPE, VECTOR) + start
     else:
         buffer_ptr = param_ptr  # unused
     lanes = tl.arange(0, BLOCK)
-    if start + BLOCK * TILES <= numel:  # whole chunk in range: no masks, full vectors
+    remaining = numel - start
+    if remaining >= BLOCK * TILES:  # whole chunk in range: no masks, full vectors
         for tile in range(TILES):
-            _sgd_tile(param_ptr, grad_ptr, buffer_ptr, start + tile * BLOCK + lanes, None,
+            _sgd_tile(param_ptr, grad_ptr, buffer_ptr, tile * BLOCK + lanes, None,
                       grad_scale_ptr, lr, momentum, one_minus_dampening, weight_decay,
                       DTYPE, HAS_WEIGHT_DECAY, HAS_MOMENTUM, NESTEROV, MAXIMIZE, FIRST_STEP,
                       HAS_GRAD_SCALE)
     else:  # the tensor's last chunk
+        tail = remaining.to(tl.int32)  # elements left: less than one chunk
         for tile in range(TILES):
-            offsets = start + tile * BLOCK + lanes
-            _sgd_tile(param_ptr, grad_ptr, buffer_ptr, offsets, offsets < numel,
+            offsets = tile * BLOCK + lanes
+            _sgd_tile(param_ptr, grad_ptr, buffer_ptr, offsets, offsets < tail,
                       grad_scale_ptr, lr, momentum, one_minus_dampening, weight_decay,
                       DTYPE, HAS_WEIGHT_DECAY, HAS_MOMENTUM, NESTEROV, MAXIMIZE, FIRST_STEP,
                       HAS_GRAD_SCALE)
