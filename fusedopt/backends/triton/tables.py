@@ -130,9 +130,14 @@ class PlanCache:
     """Plans by key, least recently used dropped first.
 
     Lookup: a cheap signature (algorithm, lists, sizes, device) picks a short list of candidates,
-    which are compared on the full address key with one list comparison (C speed)."""
+    which are compared on the full address key with one list comparison (C speed).
 
-    def __init__(self, capacity: int = 64, per_signature: int = 4):
+    ``capacity`` signatures are kept, enough for one per param group of models with hundreds of
+    groups (a cache smaller than the working set would rebuild every plan at every step). Stale
+    plans (tensors reallocated, e.g. by ``load_state_dict``) share their live plan's signature,
+    so ``per_signature`` bounds them."""
+
+    def __init__(self, capacity: int = 1024, per_signature: int = 4):
         self.capacity = capacity
         self.per_signature = per_signature
         self._slots: "OrderedDict[tuple, List[Plan]]" = OrderedDict()
