@@ -451,6 +451,22 @@ def test_table_cache_reuse_and_rebuild(triton_backend, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_many_param_groups_stay_cached(triton_backend, device):
+    """One plan per group: 80 groups stepping in turn must not evict each other."""
+    groups = [[torch.zeros(3, device=device) for _ in range(1 + i % 5)] for i in range(80)]
+    builds = None
+    for rounds in range(2):
+        if rounds == 1:
+            builds = tables.PLANS.builds
+        for params in groups:
+            triton_backend.sgd_(params, [torch.ones_like(p) for p in params], [], lr=0.1, momentum=0.0,
+                                dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
+                                is_first_step=False)
+    assert tables.PLANS.builds == builds
+    assert all(torch.allclose(p, torch.full_like(p, -0.2)) for params in groups for p in params)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_moved_gradients_rebuild_only_the_gradient_table(triton_backend, device):
     case = AdamCase((10, 100), torch.float32, device)
     params, state = case.copy()

@@ -129,13 +129,14 @@ class Plan:
 class PlanCache:
     """Plans by key, least recently used dropped first.
 
-    Lookup: a cheap signature (algorithm, lists, sizes, device) picks a short list of candidates,
-    which are compared on the full address key with one list comparison (C speed).
+    Lookup: a cheap signature (algorithm, list names, tensor count, first param's address,
+    device, config override) picks a short list of candidates, which are compared on the full
+    address key with one list comparison (C speed).
 
     ``capacity`` signatures are kept, enough for one per param group of models with hundreds of
     groups (a cache smaller than the working set would rebuild every plan at every step). Stale
-    plans (tensors reallocated, e.g. by ``load_state_dict``) share their live plan's signature,
-    so ``per_signature`` bounds them."""
+    plans (state reallocated, e.g. by ``load_state_dict``) usually share their live plan's
+    signature, so ``per_signature`` bounds them."""
 
     def __init__(self, capacity: int = 1024, per_signature: int = 4):
         self.capacity = capacity
@@ -156,7 +157,7 @@ class PlanCache:
             key.extend(map(_data_ptr, lst))  # map/extend: no Python bytecode per tensor
         key.extend(map(_data_ptr, steps))
         key.extend(map(_numel, params))
-        signature = (kind, tuple(names), len(params), len(steps), params[0].device,
+        signature = (kind, tuple(names), len(params), len(steps), key[0], params[0].device,
                      os.environ.get(launch_config.ENV_VAR))
         plans = self._slots.get(signature)
         if plans is not None:
