@@ -73,7 +73,7 @@ class PercentileClipper:
                 return torch.tensor(0.0)
             norm = total_norm(grads, self.norm_type, self.backend)
             threshold = self.record(norm)
-            scale_(grads, clip_coefficient(threshold, norm))
+            scale_(grads, clip_coefficient(threshold, norm), self.backend)
             return norm
 
     def state_dict(self) -> Dict[str, Any]:

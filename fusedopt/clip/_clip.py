@@ -40,18 +40,19 @@ def _grads(parameters: TensorOrTensors) -> List[Tensor]:
     return [p.grad for p in as_list(parameters) if p.grad is not None]
 
 
-def scale_(tensors: Sequence[Tensor], scale: Tensor) -> None:
+def scale_(tensors: Sequence[Tensor], scale: Tensor, backend: str = "auto") -> None:
     """``t *= scale`` for every tensor (``scale``: a 0-dim tensor), one multi-tensor pass per device."""
     for device, group in by_device(tensors).items():
         factor = scale.to(device, non_blocking=True)
-        if _native(device, group, "scale_"):
+        if _native(device, group, "scale_", backend):
             torch.ops.fusedopt.scale_(group, factor)
         else:
             torch._foreach_mul_(group, factor)
 
 
-def _native(device: torch.device, group: Sequence[Tensor], op: str) -> bool:
-    if backends.requested("auto") == "reference":
+def _native(device: torch.device, group: Sequence[Tensor], op: str, backend: str = "auto") -> bool:
+    """Whether the native op ``op`` runs ``group`` (``backend="reference"`` means torch ops)."""
+    if backends.requested(backend) == "reference":
         return False
     return _norm_ops.has_kernel(op, device.type) and not any(t.is_complex() for t in group)
 
@@ -90,7 +91,7 @@ def clip_grad_norm_(parameters: TensorOrTensors, max_norm: float, norm_type: flo
             check_finite(norm, norm_type)
         if not grads:
             return norm
-        scale_(grads, clip_coefficient(float(max_norm), norm))
+        scale_(grads, clip_coefficient(float(max_norm), norm), backend)
         return norm.to(result_dtype(grads))
 
 
