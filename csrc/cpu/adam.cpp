@@ -65,6 +65,7 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
   items.reserve(n);
   elem_sizes.reserve(n);
   FlatViews views;
+  AdamKernel kernels[kNumDTypes] = {};  // chosen once per dtype present in the lists
   // Copies of non-dense tensors and the copy-back must not go through autograd.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   // Tensors of a group usually share their step: compute the bias corrections (two pow()
@@ -99,7 +100,9 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
     item.max_exp_avg_sq = ptrs[4];
     item.numel = p.numel();
     item.scalars = scalars;
-    item.kernel = select_adam_kernel(dtype, variant);
+    AdamKernel& kernel = kernels[static_cast<int>(dtype)];
+    if (kernel == nullptr) kernel = select_adam_kernel(dtype, variant);
+    item.kernel = kernel;
     items.push_back(item);
     elem_sizes.push_back(element_size(dtype));
   }

@@ -8,6 +8,7 @@
 #include <c10/util/ArrayRef.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <utility>

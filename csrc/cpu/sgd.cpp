@@ -56,6 +56,7 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
   items.reserve(n);
   elem_sizes.reserve(n);
   FlatViews views;
+  SgdKernel kernels[kNumDTypes] = {};  // chosen once per dtype present in the lists
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
@@ -74,7 +75,9 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
       item.momentum_buffer = nullptr;
     }
     item.numel = p.numel();
-    item.kernel = select_sgd_kernel(dtype, variant);
+    SgdKernel& kernel = kernels[static_cast<int>(dtype)];
+    if (kernel == nullptr) kernel = select_sgd_kernel(dtype, variant);
+    item.kernel = kernel;
     items.push_back(item);
     elem_sizes.push_back(element_size(dtype));
   }
