@@ -23,7 +23,7 @@ import torch
 
 from .. import _norm_ops, backends
 from ._norm import (TensorOrTensors, as_list, by_device, check_finite, get_total_norm, result_dtype,
-                    total_norm)
+                    to_device, total_norm)
 
 Tensor = torch.Tensor
 
@@ -43,7 +43,7 @@ def _grads(parameters: TensorOrTensors) -> List[Tensor]:
 def scale_(tensors: Sequence[Tensor], scale: Tensor, backend: str = "auto") -> None:
     """``t *= scale`` for every tensor (``scale``: a 0-dim tensor), one multi-tensor pass per device."""
     for device, group in by_device(tensors).items():
-        factor = scale.to(device, non_blocking=True)
+        factor = to_device(scale, device)
         if _native(device, group, "scale_", backend):
             torch.ops.fusedopt.scale_(group, factor)
         else:
@@ -98,13 +98,16 @@ def clip_grad_norm_(parameters: TensorOrTensors, max_norm: float, norm_type: flo
 def clip_grad_value_(parameters: TensorOrTensors, clip_value: float,
                      foreach: Optional[bool] = None) -> None:
     """Drop-in for :func:`torch.nn.utils.clip_grad_value_`: clamp every gradient element to
-    ``[-clip_value, clip_value]`` in place (NaN stays NaN), in one pass (torch's foreach path
-    makes two: clamp_min then clamp_max)."""
+    ``[-clip_value, clip_value]`` in place (NaN stays NaN). CPU: one pass in one parallel region
+    (torch's foreach path makes two, clamp_min then clamp_max); CUDA: torch's foreach ops."""
     with torch.no_grad():
         clip_value = float(clip_value)
         for device, group in by_device(_grads(parameters)).items():
             if _native(device, group, "clamp_"):
                 torch.ops.fusedopt.clamp_(group, -clip_value, clip_value)
+            elif device.type == "cuda":  # two multi-tensor launches rather than one per tensor
+                torch._foreach_clamp_min_(group, -clip_value)
+                torch._foreach_clamp_max_(group, clip_value)
             else:
                 for g in group:
                     g.clamp_(min=-clip_value, max=clip_value)

@@ -54,6 +54,13 @@ def accumulate_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
     return torch.float64 if any(real_dtype(t.dtype) == torch.float64 for t in tensors) else torch.float32
 
 
+def to_device(t: Tensor, device: torch.device, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``t`` on ``device``: asynchronous towards a GPU; blocking towards the CPU, where the value
+    is read right away (an asynchronous device-to-host copy could still be in flight)."""
+    device = torch.device(device)
+    return t.to(device=device, dtype=dtype, non_blocking=device.type != "cpu")
+
+
 def by_device(tensors: Sequence[Tensor]) -> Dict[torch.device, List[Tensor]]:
     groups: Dict[torch.device, List[Tensor]] = {}
     for t in tensors:
@@ -135,7 +142,7 @@ def total_norm(tensors: Sequence[Tensor], norm_type: float = 2.0, backend: str =
     if len(norms) == 1:
         return norms[0]
     acc = accumulate_dtype(tensors)
-    stacked = torch.stack([n.to(device=first, dtype=acc, non_blocking=True) for n in norms])
+    stacked = torch.stack([to_device(n, first, acc) for n in norms])
     return stacked.sum() if norm_type == 0.0 else torch.linalg.vector_norm(stacked, norm_type)
 
 

@@ -23,7 +23,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from ._clip import clip_coefficient
-from ._norm import total_norm
+from ._norm import to_device, total_norm
 
 Tensor = torch.Tensor
 
@@ -50,7 +50,7 @@ def fold(grads: Sequence[Tensor], max_grad_norms: Sequence[Optional[float]],
     """
     norm = total_norm(list(grads), 2.0, backend)
     if grad_scale is not None:
-        norm = norm / grad_scale.to(device=norm.device, dtype=norm.dtype, non_blocking=True)
+        norm = norm / to_device(grad_scale, norm.device, norm.dtype)
     out = StepScaling(norm=norm, found_inf=found_inf)
     for max_norm in set(max_grad_norms):
         if max_norm is None:
@@ -60,10 +60,10 @@ def fold(grads: Sequence[Tensor], max_grad_norms: Sequence[Optional[float]],
         if grad_scale is None:
             out.grad_scales[max_norm] = torch.reciprocal(coef)
         else:
-            out.grad_scales[max_norm] = grad_scale.to(device=norm.device, dtype=norm.dtype) / coef
+            out.grad_scales[max_norm] = to_device(grad_scale, norm.device, norm.dtype) / coef
     if skip_nonfinite:
         bad = torch.logical_not(torch.isfinite(norm)).to(torch.float32)
-        out.found_inf = bad if found_inf is None else found_inf.to(bad.device, non_blocking=True) + bad
+        out.found_inf = bad if found_inf is None else to_device(found_inf, bad.device) + bad
     return out
 
 

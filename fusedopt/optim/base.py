@@ -15,6 +15,7 @@ import torch
 from torch.optim.optimizer import Optimizer
 
 from .. import backends
+from ..clip import _norm as clip_norm
 from ..clip import _step as clip_step
 
 Tensor = torch.Tensor
@@ -160,7 +161,7 @@ class FusedOptimizer(Optimizer):
         for group, bucket, bucket_grads in work:
             scale = scaling.grad_scale_for(group.get("max_grad_norm"))
             if scale is not None and scale.device != bucket.device:
-                scale = scale.to(bucket.device, non_blocking=True)
+                scale = clip_norm.to_device(scale, bucket.device)
             self._apply(group, bucket, bucket_grads, scale, scaling.found_inf)
         return loss
 
