@@ -42,6 +42,28 @@ FINISH_BLOCK = 1024
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
+# Only builtins of triton.language here (tl.full, tl.reduce, ...), not the @jit helpers of its
+# standard library (tl.zeros, tl.sum, tl.max): those stay compiled-mode functions when triton was
+# imported before TRITON_INTERPRET was set, and then fail under the interpreter.
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _larger(a, b):
+    return tl.where(a > b, a, b)
+
+
+@triton.jit
+def _reduce(acc, KIND: tl.constexpr):
+    """Sum (KIND 0, 1) or max (KIND 2) of a 1-D block."""
+    if KIND == 2:
+        return tl.reduce(acc, 0, _larger)
+    else:
+        return tl.reduce(acc, 0, _add)
+
+
 @triton.jit
 def _tile_term(x, mask, KIND: tl.constexpr):
     """Contribution of a tile of fp32 values (masked lanes contribute 0)."""
@@ -60,8 +82,8 @@ def norm_partials_kernel(ptrs, numels, chunk_tensor, chunk_start, partials, slot
     tensor, start, numel = chunk_of(chunk_tensor, chunk_start, numels, BLOCK)
     x_ptr = tensor_at(ptrs, tensor, DTYPE, ALIGNED)
     lanes = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    nans = tl.zeros([BLOCK], dtype=tl.int32)
+    acc = tl.full([BLOCK], 0.0, tl.float32)
+    nans = tl.full([BLOCK], 0, tl.int32)
     for tile in range(TILES):
         offsets = start + tile * BLOCK + lanes
         mask = offsets < numel
@@ -72,11 +94,8 @@ def norm_partials_kernel(ptrs, numels, chunk_tensor, chunk_start, partials, slot
         else:
             acc += t
         nans += (x != x).to(tl.int32)
-    if KIND == 2:
-        partial = tl.max(acc, axis=0)
-    else:
-        partial = tl.sum(acc, axis=0)
-    partial = tl.where(tl.sum(nans, axis=0) > 0, float("nan"), partial)
+    partial = _reduce(acc, KIND)
+    partial = tl.where(tl.reduce(nans, 0, _add) > 0, float("nan"), partial)
     tl.store(partials + slot0 + tl.program_id(0), partial)
 
 
@@ -84,8 +103,8 @@ def norm_partials_kernel(ptrs, numels, chunk_tensor, chunk_start, partials, slot
 def norm_finish_kernel(partials, n, out, KIND: tl.constexpr, BLOCK: tl.constexpr):
     """out[0] = the norm from the ``n`` partials (one program)."""
     lanes = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    nans = tl.zeros([BLOCK], dtype=tl.int32)
+    acc = tl.full([BLOCK], 0.0, tl.float32)
+    nans = tl.full([BLOCK], 0, tl.int32)
     for begin in range(0, n, BLOCK):
         offsets = begin + lanes
         mask = offsets < n
@@ -95,13 +114,10 @@ def norm_finish_kernel(partials, n, out, KIND: tl.constexpr, BLOCK: tl.constexpr
         else:
             acc += v
         nans += (v != v).to(tl.int32)
-    if KIND == 2:
-        total = tl.max(acc, axis=0)
-    else:
-        total = tl.sum(acc, axis=0)
+    total = _reduce(acc, KIND)
     if KIND == 0:
         total = tl.sqrt(total)
-    total = tl.where(tl.sum(nans, axis=0) > 0, float("nan"), total)
+    total = tl.where(tl.reduce(nans, 0, _add) > 0, float("nan"), total)
     tl.store(out, total)
 
 
