@@ -506,6 +506,32 @@ def test_version_counters_bumped():
     assert all(x > y for x, y in zip(after, before))
 
 
+@pytest.mark.parametrize("amsgrad,weight_decay", [(False, 0.0), (True, 0.1)])
+def test_nan_and_inf_propagate_like_torch(amsgrad, weight_decay):
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-45, 3e38])
+    shapes = [(7,), (7,)]
+    params = [special.clone(), torch.randn(7)]
+    ref_params = [p.clone().requires_grad_() for p in params]
+    ours = OurAdam(params, amsgrad)
+    opt = torch_adam(ref_params, 1e-2, weight_decay, amsgrad, False, True)
+    sgd_params = [p.clone() for p in params]
+    sgd_ref = [p.clone().requires_grad_() for p in params]
+    sgd = OurSgd(sgd_params, 0.9)
+    sgd_opt = torch.optim.SGD(sgd_ref, lr=0.1, momentum=0.9, weight_decay=weight_decay,
+                              foreach=False)
+    for step in range(3):
+        grads = [torch.randn(7), special.roll(step)]
+        ours.step(grads, 1e-2, weight_decay, False, True)
+        sgd.step(grads, 0.1, 0.0, weight_decay, False, False)
+        for r, rs, g in zip(ref_params, sgd_ref, grads):
+            r.grad, rs.grad = g.clone(), g.clone()
+        opt.step()
+        sgd_opt.step()
+    check_adam_against_torch(ours, ref_params, opt, torch.float32)
+    for p, r in zip(sgd_params, sgd_ref):
+        assert_close(p, r.detach(), torch.float32, "sgd params")
+
+
 def test_empty_lists_and_empty_tensors():
     BACKEND.adam_([], [], [], [], [], [], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
                   weight_decay=0.0, amsgrad=False, maximize=False, decoupled_weight_decay=True)
