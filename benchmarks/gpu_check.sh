@@ -9,13 +9,16 @@
 #   install    pip install --no-build-isolation --no-deps .  (CUDA extension for this GPU's arch
 #              only; on failure or timeout, retried CPU-only, then the source tree is used)
 #   triton     tests/test_backends_triton.py on CUDA tensors, compiled kernels -> junit-triton.xml
+#   cuda       tests/test_backends_cuda.py -m "gpu and not slow": CUDA backend parity, launches,
+#              table cache, no-sync (fails if the CUDA backend is unavailable) -> junit-cuda.xml
+#   cuda_sanitizer  compute-sanitizer memcheck + racecheck over small CUDA-backend tests
 #   launches   kernel launches per optimizer.step(), counted with torch.profiler -> launches.json
 #   sanitizer  compute-sanitizer memcheck over triton Adam/SGD steps on awkward sizes (vs reference)
 #   sweep      Triton block/tiles/warps candidates vs torch fused, interleaved -> triton_config_sweep.jsonl
 #   cache      host cost of the table-cache check (1000 tensors) and of a whole step -> cache_check.json
 #   bench_adam benchmarks/bench_adam.py --device cuda                  -> bench_adam.jsonl
 #   bench_sgd  benchmarks/bench_sgd.py --device cuda                   -> bench_sgd.jsonl
-#   gpu_tests  pytest -m gpu over the other test files                 -> junit-gpu.xml
+#   gpu_tests  pytest -m gpu over the other test files (not triton, not cuda)                -> junit-gpu.xml
 # Stages are skipped (status "skipped: budget") when the time left is too short.
 #
 # Knobs: GPU_CHECK_BUDGET_S (default 570), GPU_CHECK_BUILD_CUDA (auto|0, default auto),
@@ -30,7 +33,7 @@ LOGS="$RESULTS/logs"
 SUMMARY="$RESULTS/summary.txt"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-570}"
 BENCH_DTYPES="${GPU_CHECK_BENCH_DTYPES:-fp32,bf16}"
-STAGES=",${GPU_CHECK_STAGES:-versions,install,triton,launches,sanitizer,sweep,cache,bench_adam,bench_sgd,gpu_tests},"
+STAGES=",${GPU_CHECK_STAGES:-versions,install,triton,cuda,cuda_sanitizer,launches,sanitizer,sweep,cache,bench_adam,bench_sgd,gpu_tests},"
 PYTHON="${PYTHON:-python}"
 START_S=$SECONDS
 WORK="$(mktemp -d)"   # tests run from here so that the installed package is the one imported
@@ -138,7 +141,41 @@ stage_triton_tests() {
 stage_gpu_tests() {
     cd "$WORK"
     "$PYTHON" -m pytest "$REPO/tests" -m gpu -q -rs -p no:cacheprovider \
-        --ignore="$REPO/tests/test_backends_triton.py" --junitxml="$RESULTS/junit-gpu.xml"
+        --ignore="$REPO/tests/test_backends_triton.py" --ignore="$REPO/tests/test_backends_cuda.py" \
+        --junitxml="$RESULTS/junit-gpu.xml"
+}
+
+cuda_backend_ready() {  # the CUDA stages test nothing when the backend is unavailable: say so
+    "$PYTHON" -c 'from fusedopt.backends import cuda; r = cuda.BACKEND.unavailable_reason(); print("cuda backend:", r or "available"); raise SystemExit(r is not None)'
+}
+
+stage_cuda_tests() {
+    cd "$WORK"
+    cuda_backend_ready
+    "$PYTHON" -m pytest "$REPO/tests/test_backends_cuda.py" -m "gpu and not slow" -q -rs \
+        -p no:cacheprovider --junitxml="$RESULTS/junit-cuda.xml" --durations=10
+}
+
+stage_cuda_sanitizer() {
+    cd "$WORK"
+    cuda_backend_ready
+    local sanitizer
+    sanitizer="$(command -v compute-sanitizer || true)"
+    if [[ -z "$sanitizer" && -x /usr/local/cuda/bin/compute-sanitizer ]]; then
+        sanitizer=/usr/local/cuda/bin/compute-sanitizer
+    fi
+    if [[ -z "$sanitizer" ]]; then
+        echo "compute-sanitizer not found: stage not run"
+        return 3
+    fi
+    # memcheck: odd sizes, chunk-straddling and empty tensors, 1000 tensors, non-dense layouts,
+    # mixed dtypes, found_inf; racecheck: the shared-memory scalars and step-counter handshake.
+    "$sanitizer" --tool memcheck --error-exitcode 7 --target-processes all \
+        "$PYTHON" -m pytest "$REPO/tests/test_backends_cuda.py" -m gpu -q -x -p no:cacheprovider \
+        -k "thousand or non_contiguous or empty or per_tensor or mixed or found_inf or (adam_matches_reference and amsgrad and bf16)"
+    "$sanitizer" --tool racecheck --error-exitcode 7 --target-processes all \
+        "$PYTHON" -m pytest "$REPO/tests/test_backends_cuda.py" -m gpu -q -x -p no:cacheprovider \
+        -k "per_tensor or thousand"
 }
 
 stage_launches() {
@@ -204,16 +241,16 @@ for k, v in cases.items():
     if "by_name_per_step" in v:
         for name, n in v["by_name_per_step"].items():
             print(f"{'':47s}{n:6.1f}  {name[:90]}")
-    if k.startswith("fusedopt-triton"):  # the claim under test: one launch per dtype present
+    if k.startswith(("fusedopt-triton", "fusedopt-cuda")) and "skipped" not in v:  # one launch per dtype present
         expected = 2 if "mixed" in k else 1
         got = v.get("per_step")
-        v["expected_triton_kernels_per_step"] = expected
+        v["expected_kernels_per_step"] = expected
         if got != expected:
             problems.append(f"{k}: {got} kernels per step, expected {expected}")
 with open(os.path.join(os.environ["RESULTS"], "launches.json"), "w") as f:
     json.dump({"workload": "GPT-2 small shapes, 148 tensors, one param group", "cases": cases,
                "problems": problems}, f, indent=2)
-print("\n".join(problems) if problems else "triton: one kernel launch per dtype per step: OK")
+print("\n".join(problems) if problems else "triton/cuda: one kernel launch per dtype per step: OK")
 raise SystemExit(1 if problems else 0)
 PY
 }
@@ -420,12 +457,15 @@ stage_bench() {
 # ---------------------------------------------------------------------------------------------
 export REPO RESULTS LOGS WORK PYTHON BENCH_DTYPES
 export -f stage_versions stage_install stage_triton_tests stage_gpu_tests stage_launches \
-    stage_sanitizer stage_cache stage_sweep stage_bench
+    stage_sanitizer stage_cache stage_sweep stage_bench cuda_backend_ready stage_cuda_tests \
+    stage_cuda_sanitizer
 log "results -> $RESULTS (budget ${BUDGET_S}s)"
 run_stage versions 60 10 stage_versions
 run_stage install 330 60 stage_install
 choose_import_path
 run_stage triton 240 60 stage_triton_tests
+run_stage cuda 150 40 stage_cuda_tests
+run_stage cuda_sanitizer 120 40 stage_cuda_sanitizer
 run_stage launches 90 30 stage_launches
 run_stage sanitizer 120 40 stage_sanitizer
 run_stage sweep 120 60 stage_sweep
