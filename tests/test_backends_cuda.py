@@ -28,7 +28,12 @@ from fusedopt.backends import cuda as cuda_backend
 
 CUDA = cuda_backend.BACKEND
 REASON = CUDA.unavailable_reason()
-needs_gpu = pytest.mark.skipif(REASON is not None, reason=f"cuda backend unavailable: {REASON}")
+_skip_without_gpu = pytest.mark.skipif(REASON is not None, reason=f"cuda backend unavailable: {REASON}")
+
+
+def needs_gpu(test):
+    """Marks a test that runs the CUDA kernels: ``gpu`` marker, skipped when the backend is unavailable."""
+    return pytest.mark.gpu(_skip_without_gpu(test))
 
 CHUNK = 16384  # kChunkElems in csrc/cuda/launch.h
 ODD_SIZES = [(1,), (3,), (17,), (4099,), (CHUNK,), (CHUNK + 1,), (3 * CHUNK + 5,), (7, 13), (0,), ()]
