@@ -41,6 +41,10 @@ static void check_writable(const at::Tensor& t, const char* op, const char* list
 }
 
 void check_param(const at::Tensor& param, const char* op, size_t i) {
+  if (is_plain_dense_cpu(param)) {  // fast path: contiguous, so writable
+    dtype_of(param, op, "params", i);
+    return;
+  }
   check_dense_cpu(param, op, "params", i);
   dtype_of(param, op, "params", i);
   check_writable(param, op, "params", i);
@@ -48,6 +52,11 @@ void check_param(const at::Tensor& param, const char* op, size_t i) {
 
 void check_like_param(const at::Tensor& t, const at::Tensor& param, const char* op,
                       const char* list, size_t i, bool written) {
+  // Fast path, same verdict as the checks below: contiguous excludes internal overlap.
+  if (is_plain_dense_cpu(t) && t.scalar_type() == param.scalar_type() &&
+      t.sizes().equals(param.sizes())) {
+    return;
+  }
   check_dense_cpu(t, op, list, i);
   TORCH_CHECK(t.scalar_type() == param.scalar_type(), "fusedopt::", op, ": ", list, "[", i,
               "] has dtype ", t.scalar_type(), " but params[", i, "] has dtype ",
