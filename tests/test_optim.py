@@ -499,6 +499,28 @@ def test_sparse_grad_raises(name):
         opt.step()
 
 
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_sparse_grad_after_first_step_raises_and_changes_nothing(name, backend):
+    # The group cache is built on the first step; a later step with a sparse grad must still
+    # be refused (by the optimizer or by the backend's own checks) before anything is written.
+    params = make_params([(4, 3), (5,)])
+    opt = PAIRS[name][0](params, lr=0.1, momentum=0.9, backend=backend) if name == "SGD" else \
+        PAIRS[name][0](params, lr=0.1, backend=backend)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    state_before = {k: v.clone() for k, v in opt.state[params[1]].items() if torch.is_tensor(v)}
+    params[1].grad = torch.ones(5).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+    for key, value in state_before.items():
+        assert torch.equal(opt.state[params[1]][key], value), key
+
+
 def test_functional_list_length_mismatch_raises():
     params = make_params([(3,), (4,)])
     grads = [torch.ones(3)]

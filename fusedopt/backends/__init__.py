@@ -15,6 +15,9 @@ eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale=None, f
 ``sgd_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov,
 maximize, is_first_step, grad_scale=None, found_inf=None)``
     one SGD step over the lists, in place.
+``rejects_sparse_grads`` (optional, default False)
+    True when the backend's own argument checks reject sparse gradients before anything is
+    written; the optimizers then skip their per-step Python check of every gradient's layout.
 
 Contract shared by all backends: every list holds real floating tensors (complex parameters
 arrive as real views), all on one device; dtypes may differ between tensors; ``lr`` is a Python

@@ -35,6 +35,8 @@ def _split_lr(lr: Union[float, torch.Tensor]):
 
 class CpuBackend:
     name = "cpu"
+    #: the kernels' own validation rejects sparse (non-strided) grads before writing anything
+    rejects_sparse_grads = True
 
     def unavailable_reason(self) -> Optional[str]:
         if not _ops.available():

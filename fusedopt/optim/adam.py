@@ -119,8 +119,8 @@ class Adam(FusedOptimizer):
             if key not in state:
                 raise RuntimeError(f"{self.DISPLAY_NAME}: state of a parameter lacks {key!r}")
 
-    def _apply(self, group, bucket: GroupBucket, grads: List[Tensor], grad_scale, found_inf) -> None:
-        backend = self._select_backend(group, bucket)
+    def _apply(self, group, bucket: GroupBucket, grads: List[Tensor], grad_scale, found_inf,
+               backend) -> None:
         beta1, beta2 = group["betas"]
         amsgrad = group["amsgrad"]
         backend.adam_(

@@ -9,6 +9,8 @@ The cache is dropped when the group's params, the set of params with gradients, 
 """
 from __future__ import annotations
 
+import itertools
+import operator
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -20,12 +22,22 @@ from ..clip import _step as clip_step
 
 Tensor = torch.Tensor
 
+# C-level helpers for the per-step loops over 1000s of tensors (a generator expression costs
+# ~2x more per element than map() with a C function).
+_get_grad = operator.attrgetter("grad")
+_is_sparse = operator.attrgetter("is_sparse")
+
+
+def _any_none(items: List[Any]) -> bool:
+    # (`None in items` would call Tensor.__eq__ on every tensor: ~25 us each)
+    return any(map(operator.is_, items, itertools.repeat(None)))
 
 
 class GroupBucket:
     """The tensors of one param group with one (device, dtype), in launch order."""
 
-    __slots__ = ("device", "dtype", "params", "owners", "state_lists", "complex_mask", "grad_index")
+    __slots__ = ("device", "dtype", "params", "owners", "state_lists", "complex_mask", "grad_index",
+                 "all_grads", "has_complex")
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -35,6 +47,8 @@ class GroupBucket:
         self.state_lists: Dict[str, List[Tensor]] = {}
         self.complex_mask: List[bool] = []      # grads of these entries need view_as_real
         self.grad_index: List[int] = []         # position of each entry in the group's params
+        self.all_grads = False                  # grad_index is every position, in order
+        self.has_complex = False                # True in complex_mask
 
 
 class GroupCache:
@@ -153,16 +167,17 @@ class FusedOptimizer(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         work = []
         for group in self.param_groups:
-            grads = [p.grad for p in group["params"]]
+            grads = list(map(_get_grad, group["params"]))
             cache = self._group_cache(group, grads)
             for bucket in cache.buckets:
-                work.append((group, bucket, self._bucket_grads(bucket, grads)))
+                backend = self._select_backend(group, bucket)
+                work.append((group, bucket, self._bucket_grads(bucket, grads, backend), backend))
         scaling = self._fold_clipping(work, grad_scale, found_inf)
-        for group, bucket, bucket_grads in work:
+        for group, bucket, bucket_grads, backend in work:
             scale = scaling.grad_scale_for(group.get("max_grad_norm"))
             if scale is not None and scale.device != bucket.device:
                 scale = clip_norm.to_device(scale, bucket.device)
-            self._apply(group, bucket, bucket_grads, scale, scaling.found_inf)
+            self._apply(group, bucket, bucket_grads, scale, scaling.found_inf, backend)
         return loss
 
     def _fold_clipping(self, work, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]):
@@ -172,7 +187,7 @@ class FusedOptimizer(Optimizer):
         max_norms = [g.get("max_grad_norm") for g in self.param_groups]
         skip = any(g.get("skip_nonfinite", False) for g in self.param_groups)
         if skip or any(m is not None for m in max_norms):
-            all_grads = [g for _, _, grads in work for g in grads]
+            all_grads = [g for _, _, grads, _ in work for g in grads]
             scaling = clip_step.fold(all_grads, max_norms, grad_scale, found_inf, skip,
                                      backend=self.param_groups[0].get("backend", "auto"))
             self.last_grad_norm = scaling.norm
@@ -184,20 +199,19 @@ class FusedOptimizer(Optimizer):
             self.skipped_steps = skipped if counter is None else counter + skipped.to(counter.device)
         return scaling
 
-    def _bucket_grads(self, bucket: GroupBucket, grads: List[Optional[Tensor]]) -> List[Tensor]:
-        out = [grads[i] for i in bucket.grad_index]
-        if any(g.is_sparse for g in out):
+    def _bucket_grads(self, bucket: GroupBucket, grads: List[Optional[Tensor]], backend) -> List[Tensor]:
+        out = grads if bucket.all_grads else [grads[i] for i in bucket.grad_index]
+        # Backends whose kernels reject non-strided grads themselves (before writing anything)
+        # spare the step this Python loop; the others rely on it.
+        if not getattr(backend, "rejects_sparse_grads", False) and any(map(_is_sparse, out)):
             raise RuntimeError(f"{self.DISPLAY_NAME} does not support sparse gradients")
-        if True in bucket.complex_mask:
+        if bucket.has_complex:
             out = [torch.view_as_real(g) if c else g for g, c in zip(out, bucket.complex_mask)]
         return out
 
     def _group_cache(self, group: Dict[str, Any], grads: List[Optional[Tensor]]) -> GroupCache:
         params = group["params"]
-        # (`None in grads` would call Tensor.__eq__ on every grad: ~25 us each)
-        present = tuple(g is not None for g in grads)
-        if all(present):
-            present = None
+        present = tuple(g is not None for g in grads) if _any_none(grads) else None
         cache = self._group_caches.get(id(group))
         if (cache is not None and cache.params_ref is params and cache.present == present
                 and cache.state_version == self._state_version and len(params) == len(grads)):
@@ -231,6 +245,9 @@ class FusedOptimizer(Optimizer):
                 value = state.get(name)
                 bucket.state_lists[name].append(None if value is None else (
                     value if name == "step" else as_real(value)))
+        for bucket in buckets.values():
+            bucket.all_grads = bucket.grad_index == list(range(len(grads)))
+            bucket.has_complex = True in bucket.complex_mask
         return GroupCache(group["params"], present, list(buckets.values()), self._state_version)
 
     def _check_param(self, p: Tensor, g: Tensor) -> None:
@@ -257,6 +274,8 @@ class FusedOptimizer(Optimizer):
     def _prepare_state(self, group: Dict[str, Any], p: Tensor, state: Dict[str, Any]) -> None:
         """Fix up loaded state before caching it (e.g. move ``step`` next to the param)."""
 
-    def _apply(self, group, bucket: GroupBucket, grads: List[Tensor], grad_scale, found_inf) -> None:
+    def _apply(self, group, bucket: GroupBucket, grads: List[Tensor], grad_scale, found_inf,
+               backend) -> None:
+        """One backend call (or a few) updating ``bucket`` with ``backend``."""
         raise NotImplementedError
 

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
-from .base import FusedOptimizer, GroupBucket, check_hyperparameter
+from .base import FusedOptimizer, GroupBucket, _any_none, check_hyperparameter
 
 Tensor = torch.Tensor
 
@@ -75,8 +75,8 @@ class SGD(FusedOptimizer):
     def _init_state(self, group, p: Tensor, state: Dict[str, Any]) -> None:
         """Nothing up front: like torch.optim, the buffer appears at the first step."""
 
-    def _apply(self, group, bucket: GroupBucket, grads: List[Tensor], grad_scale, found_inf) -> None:
-        backend = self._select_backend(group, bucket)
+    def _apply(self, group, bucket: GroupBucket, grads: List[Tensor], grad_scale, found_inf,
+               backend) -> None:
         momentum = float(group["momentum"])
         hyper = dict(lr=group["lr"], momentum=momentum, dampening=float(group["dampening"]),
                      weight_decay=float(group["weight_decay"]), nesterov=group["nesterov"],
@@ -85,10 +85,10 @@ class SGD(FusedOptimizer):
             backend.sgd_(bucket.params, grads, [], is_first_step=False, **hyper)
             return
         buffers = bucket.state_lists["momentum_buffer"]
-        fresh = [i for i, b in enumerate(buffers) if b is None]
-        if not fresh:
+        if not _any_none(buffers):
             backend.sgd_(bucket.params, grads, buffers, is_first_step=False, **hyper)
             return
+        fresh = [i for i, b in enumerate(buffers) if b is None]
         self._create_buffers(bucket, fresh)
         if len(fresh) < len(buffers):
             fresh_set = set(fresh)
