@@ -69,14 +69,7 @@ ClampChunkFn clamp_kernel(DType dtype) {
 }
 
 // Merges the partial results of two chunks (a NaN partial makes a max/min NaN, as in torch).
-double combine_runtime(Kind k, double a, double b) {
-  if (a != a || b != b) return std::numeric_limits<double>::quiet_NaN();
-  switch (k) {
-    case Kind::kInf: return norm::combine<Kind::kInf>(a, b);
-    case Kind::kNegInf: return norm::combine<Kind::kNegInf>(a, b);
-    default: return a + b;
-  }
-}
+double combine_runtime(Kind k, double a, double b) { return norm::merge(k, a, b); }
 
 // ---- work list ----------------------------------------------------------------------------
 
@@ -239,6 +232,21 @@ TORCH_LIBRARY_FRAGMENT(fusedopt, m) {
 }
 
 TORCH_LIBRARY_IMPL(fusedopt, CPU, m) {
+  m.impl("total_norm", &total_norm_cpu);
+  m.impl("scale_", &scale_cpu);
+  m.impl("clamp_", &clamp_cpu);
+}
+
+// Sparse tensors reach the kernels only to be refused with a clear error (check_tensor), instead
+// of the dispatcher's "Could not run 'fusedopt::total_norm' with arguments from the 'SparseCPU'
+// backend" (the optimizer ops do the same).
+TORCH_LIBRARY_IMPL(fusedopt, SparseCPU, m) {
+  m.impl("total_norm", &total_norm_cpu);
+  m.impl("scale_", &scale_cpu);
+  m.impl("clamp_", &clamp_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fusedopt, SparseCsrCPU, m) {
   m.impl("total_norm", &total_norm_cpu);
   m.impl("scale_", &scale_cpu);
   m.impl("clamp_", &clamp_cpu);

@@ -78,9 +78,7 @@ void chunk_clamp(void* data, int64_t n, double lo_double, double hi_double) {
   R* __restrict x = static_cast<R*>(data);
   const T lo = static_cast<T>(lo_double), hi = static_cast<T>(hi_double);
   for (int64_t i = 0; i < n; ++i) {
-    const T v = S::load(x[i]);
-    const T c = v < lo ? lo : (v > hi ? hi : v);  // NaN compares false: stays NaN
-    x[i] = S::store(c);
+    x[i] = S::store(norm::clamp(S::load(x[i]), lo, hi));  // NaN stays NaN
   }
 }
 

@@ -10,10 +10,12 @@
 //                per-tensor norms; for p = 0 that counts tensors, not elements)
 //   other p      (sum |x_i|^p)^(1/p)
 //
-// A kernel reduces with three steps: term() maps one element to its contribution, combine()
-// merges two partial results (sum, or max/min that propagates NaN like torch), and finish()
+// A kernel reduces with these steps: term() maps one element to its contribution, combine()
+// adds it to an accumulator (sum, or a max/min compare-select that skips NaN: kernels count
+// NaNs on the side), merge() merges partial results (NaN-propagating, as torch), and finish()
 // turns the total into the norm. Partial results of fp16/bf16/fp32 data are accumulated in
 // float over short runs and in double across runs; fp64 data in double throughout.
+// clamp() is the element operation of the clamp_ op (clip_grad_value_).
 #pragma once
 
 #include <cstdint>
@@ -43,6 +45,12 @@ inline Kind kind_of(double p) {
 template <typename T>
 FUSEDOPT_HD T identity(Kind k) {
   return k == Kind::kNegInf ? T(1) / T(0) : T(0);
+}
+
+// A quiet NaN (0 / 0 gives the default one; no <limits> in device code).
+template <typename T>
+FUSEDOPT_HD T quiet_nan() {
+  return T(0) / T(0);
 }
 
 template <typename T>
@@ -78,12 +86,32 @@ FUSEDOPT_HD T combine(T acc, T v) {
   return acc + v;
 }
 
+// Merges two partial results of a kernel's reduction (chunk partials, per-thread or per-block
+// results): like combine(), except that a NaN on either side makes a max/min NaN, as a NaN
+// anywhere makes torch's inf-norm NaN. Sums propagate NaN by themselves. For kL0 the partials
+// are counts and add up.
+template <typename T>
+FUSEDOPT_HD T merge(Kind k, T a, T b) {
+  if (k == Kind::kInf || k == Kind::kNegInf) {
+    if (a != a) return a;
+    if (b != b) return b;
+    return k == Kind::kInf ? combine<Kind::kInf>(a, b) : combine<Kind::kNegInf>(a, b);
+  }
+  return a + b;
+}
+
 // The norm from the combined total.
 template <typename T>
 FUSEDOPT_HD T finish(Kind k, T total, T p) {
   if (k == Kind::kL2) return rules::sqrt_(total);
   if (k == Kind::kLp) return pow_(total, T(1) / p);
   return total;
+}
+
+// clip_grad_value_'s clamp of one element (clamp_ op): NaN compares false and stays NaN.
+template <typename T>
+FUSEDOPT_HD T clamp(T v, T lo, T hi) {
+  return v < lo ? lo : (v > hi ? hi : v);
 }
 
 }  // namespace norm
