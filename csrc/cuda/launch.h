@@ -1,5 +1,5 @@
-// The plain interface between the host side of the CUDA backend (tables.cpp, ops_cuda.cpp:
-// at::Tensor, the dispatcher) and its kernels (adam.cu, sgd.cu).
+// The plain interface between the host side of the CUDA backend (tables.cpp, ops_cuda.cpp,
+// norm_ops.cpp: at::Tensor, the dispatcher) and its kernels (adam.cu, sgd.cu, norm.cu).
 //
 // No torch header is included here, so the .cu files compile in seconds rather than minutes.
 //
@@ -97,6 +97,46 @@ cudaError_t launch_adam(DType dtype, bool amsgrad, const WorkTable& table, const
 // args.momentum != 0.
 cudaError_t launch_sgd(DType dtype, const WorkTable& table, const SgdArgs& args, int num_sms,
                        cudaStream_t stream);
+
+// ---- the clipping ops (norm.cu): total_norm, scale_, clamp_ ----------------------------------
+// Their tables have one list: the tensors (of one dtype; empty tensors are left out).
+constexpr int kClipLists = 1;
+
+// One partials launch of total_norm: every chunk c of `table` is reduced by one block (its
+// threads in a fixed order, then a fixed tree), and the result is stored at
+// partials[slot0 + c]: one slot per chunk, written once, no atomics.
+struct NormPartialsArgs {
+  int32_t kind;            // norm::Kind (csrc/include/fusedopt/norm.h)
+  double p;                // the norm order (used by kind kLp)
+  double* partials;        // [slots of the call]: this launch writes [slot0, slot0 + num_chunks)
+  double* tensor_starts;   // kL0 only, else nullptr: 1 at the slot of a tensor's first chunk, else 0
+  int64_t slot0;           // first slot of this launch
+};
+
+// The finishing launch of total_norm: one block merges the partials of every dtype's launch
+// (in a fixed order: deterministic), applies norm::finish and writes the 0-dim result.
+struct NormFinishArgs {
+  int32_t kind;                 // norm::Kind
+  double p;                     // the norm order
+  const double* partials;       // [num_partials]
+  const double* tensor_starts;  // kL0 only: which slots start a tensor (see NormPartialsArgs)
+  int64_t num_partials;         // slots written by the partials launches (0: no element at all)
+  void* out;                    // device address of the 0-dim result
+  bool out_is_double;           // *out is a double (else a float)
+};
+
+// Partials of one dtype's tensors (a table of kClipLists lists).
+cudaError_t launch_norm_partials(DType dtype, const WorkTable& table, const NormPartialsArgs& args,
+                                 int num_sms, cudaStream_t stream);
+// The finishing launch (always one block; also when num_partials == 0).
+cudaError_t launch_norm_finish(const NormFinishArgs& args, cudaStream_t stream);
+// x *= scale for every tensor of `table`; when `scale` lives in device memory and equals 1 the
+// threads return at once (x * 1 == x bit for bit).
+cudaError_t launch_scale(DType dtype, const WorkTable& table, const ScalarArg& scale, int num_sms,
+                         cudaStream_t stream);
+// x = clamp(x, lo, hi) for every tensor of `table` (NaN stays NaN).
+cudaError_t launch_clamp(DType dtype, const WorkTable& table, double lo, double hi, int num_sms,
+                         cudaStream_t stream);
 
 // Threads per block and grid blocks per SM of every kernel (the register budget follows).
 constexpr int kBlockThreads = 256;

@@ -10,9 +10,7 @@
 
 namespace fusedopt {
 namespace cuda {
-namespace {
-
-std::optional<DType> dtype_of(at::ScalarType t) {
+std::optional<DType> storage_dtype(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return DType::kFloat32;
     case at::kDouble: return DType::kFloat64;
@@ -21,6 +19,8 @@ std::optional<DType> dtype_of(at::ScalarType t) {
     default: return std::nullopt;
   }
 }
+
+namespace {
 
 // True when `t` can be walked as a flat array of numel elements element-for-element with `ref`:
 // both dense without overlap, same strides wherever the size is not 1.
@@ -52,7 +52,7 @@ std::vector<DTypeGroup> group_by_dtype(const char* op, const std::vector<ListArg
     TORCH_CHECK(p.defined(), op, ": params[", i, "] is undefined");
     TORCH_CHECK(p.device() == device, op, ": params[", i, "] is on ", p.device(),
                 " but params[0] is on ", device, "; one call takes one device");
-    const std::optional<DType> dtype = dtype_of(p.scalar_type());
+    const std::optional<DType> dtype = storage_dtype(p.scalar_type());
     TORCH_CHECK(dtype.has_value(), op, ": params[", i, "] has dtype ", p.scalar_type(),
                 "; the CUDA backend supports float32, float64, float16 and bfloat16");
     int& gi = group_of[static_cast<int>(*dtype)];

@@ -30,6 +30,9 @@ struct DTypeGroup {
   std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;
 };
 
+// The kernel storage type of a torch dtype; nullopt when the CUDA kernels do not support it.
+std::optional<DType> storage_dtype(at::ScalarType t);
+
 // Checks the lists (lengths, device, dtypes, shapes) and splits them by param dtype, in order of
 // first appearance. lists[0] must be the params. `op` names the op in error messages.
 std::vector<DTypeGroup> group_by_dtype(const char* op, const std::vector<ListArg>& lists);

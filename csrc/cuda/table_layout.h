@@ -67,5 +67,39 @@ inline WorkTable table_view(int64_t* base, const TableLayout& layout) {
   return t;
 }
 
+// The launches of one clipping-op call (total_norm, scale_, clamp_): its tensors grouped by
+// storage dtype in order of first appearance, empty tensors left out (they have nothing to
+// read or write, and no step counter), with total_norm's partial slots: group g owns slots
+// [slot0, slot0 + chunks), one per chunk of its table, in table order.
+struct ClipGroup {
+  DType dtype;
+  std::vector<int64_t> tensors;  // indices into the op's list
+  int64_t slot0;                 // first partial slot of this group
+  int64_t chunks;                // its table's chunk count
+};
+
+inline std::vector<ClipGroup> plan_clip_groups(int64_t n, const DType* dtypes,
+                                               const int64_t* numels, int64_t* total_slots) {
+  std::vector<ClipGroup> groups;
+  int index_of[4] = {-1, -1, -1, -1};  // DType -> position in groups
+  for (int64_t i = 0; i < n; ++i) {
+    if (numels[i] == 0) continue;
+    int& g = index_of[static_cast<int>(dtypes[i])];
+    if (g < 0) {
+      g = static_cast<int>(groups.size());
+      groups.push_back(ClipGroup{dtypes[i], {}, 0, 0});
+    }
+    groups[g].tensors.push_back(i);
+    groups[g].chunks += table_chunks_of(numels[i]);
+  }
+  int64_t slot = 0;
+  for (ClipGroup& g : groups) {
+    g.slot0 = slot;
+    slot += g.chunks;
+  }
+  *total_slots = slot;
+  return groups;
+}
+
 }  // namespace cuda
 }  // namespace fusedopt

@@ -19,11 +19,15 @@
 namespace fusedopt {
 namespace cuda {
 
-// lists[l][i]: tensor i of list l, lists in the order of launch.h's AdamList / SgdList. Every
-// tensor is dense with the same layout as its param (steps: one element), on one device.
+// lists[l][i]: tensor i of list l, lists in the order of launch.h's AdamList / SgdList (one list
+// for the clipping ops). Every tensor is dense with the same layout as its param (steps: one
+// element), on one device.
 using TensorLists = std::vector<std::vector<at::Tensor>>;
 
-enum class OpKind : int32_t { kAdam = 0, kSgd = 1 };
+// Which op a table belongs to (part of the cache key). The clipping ops total_norm, scale_ and
+// clamp_ share kClip: their tables are the same single list (kClipLists), so clip_grad_norm_'s
+// norm and scale of the same gradients hit one cached table.
+enum class OpKind : int32_t { kAdam = 0, kSgd = 1, kClip = 2 };
 
 // The device table of `lists`, from the cache when nothing changed. `grad_list` is the index
 // of the gradient list (uploaded on its own when only it changed). The table stays valid

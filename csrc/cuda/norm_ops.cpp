@@ -1,0 +1,251 @@
+// CUDA implementations of the clipping ops (schemas in csrc/cpu/norm.cpp, CPU kernels there):
+//
+//   fusedopt::total_norm(Tensor[] tensors, float norm_type) -> Tensor
+//       one partials launch per dtype present plus one finishing launch; deterministic (every
+//       chunk's partial has its own slot, merged in a fixed order), no atomics, no host sync.
+//       The 0-dim result is float64 if any input is float64, else float32, on the tensors' device.
+//   fusedopt::scale_(Tensor(a!)[] tensors, Tensor scale) -> ()
+//       one launch per dtype. A CUDA `scale` is read by the kernel (whose threads return at once
+//       when it is 1); a CPU `scale` is read here (no device sync) and 1 launches nothing.
+//   fusedopt::clamp_(Tensor(a!)[] tensors, float min, float max) -> ()
+//       one launch per dtype.
+//
+// Per call: validate every tensor (the CPU op's checks and messages), group by dtype in order of
+// first appearance without the empty tensors (table_layout.h's plan_clip_groups), take each
+// group's device table from the cache (tables.cpp, OpKind::kClip: shared by the three ops) and
+// queue the launches of norm.cu on the current stream. A tensor that is not one dense block
+// (a slice with gaps) is read from a contiguous copy; written ones are copied back after the
+// launch: correct, two extra copy kernels for such tensors.
+#include <algorithm>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include <ATen/MemoryOverlap.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include "fusedopt/norm.h"
+#include "launch.h"
+#include "prepare.h"
+#include "table_layout.h"
+#include "tables.h"
+
+namespace fusedopt {
+namespace cuda {
+namespace {
+
+using norm::Kind;
+
+void check_launch(const char* op, cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, "fusedopt::", op, " (CUDA): kernel launch failed: ",
+              cudaGetErrorString(err));
+}
+
+// The CPU op's checks (csrc/cpu/norm.cpp), for one device: defined, strided (not sparse), on
+// `device` (tensors[0]'s, a CUDA device), a supported dtype, and for written tensors no
+// elements sharing memory.
+DType check_tensor(const at::Tensor& t, const char* op, size_t i, const at::Device& device,
+                   bool written) {
+  TORCH_CHECK(t.defined(), "fusedopt::", op, ": tensors[", i, "] is undefined (None)");
+  TORCH_CHECK(t.layout() == at::kStrided, "fusedopt::", op, ": tensors[", i, "] is ", t.layout(),
+              "; sparse tensors are not supported");
+  TORCH_CHECK(t.device().is_cuda(), "fusedopt::", op, ": tensors[", i, "] is on ", t.device(),
+              "; this implementation needs CUDA tensors");
+  TORCH_CHECK(t.device() == device, "fusedopt::", op, ": tensors[", i, "] is on ", t.device(),
+              " but tensors[0] is on ", device, "; one call takes tensors of one device");
+  const std::optional<DType> dtype = storage_dtype(t.scalar_type());
+  TORCH_CHECK(dtype.has_value(), "fusedopt::", op, ": tensors[", i, "] has dtype ",
+              t.scalar_type(),
+              ", which is not supported (supported: float32, float64, bfloat16, float16)");
+  if (written) {
+    TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, "fusedopt::", op,
+                ": tensors[", i, "] has elements that share memory and cannot be updated in place");
+  }
+  return *dtype;
+}
+
+// A validated call: its groups (one launch each) and the tensors they walk.
+struct Call {
+  at::Device device{at::kCUDA};
+  std::vector<DType> dtypes;   // per tensor of the op's list
+  std::vector<int64_t> numels; // per tensor
+  bool any_double = false;     // some tensor (empty ones included) is float64
+};
+
+Call validate(const char* op, at::TensorList tensors, bool written) {
+  Call call;
+  TORCH_CHECK(tensors[0].defined(), "fusedopt::", op, ": tensors[0] is undefined (None)");
+  call.device = tensors[0].device();
+  call.dtypes.reserve(tensors.size());
+  call.numels.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const DType dtype = check_tensor(tensors[i], op, i, call.device, written);
+    call.dtypes.push_back(dtype);
+    call.numels.push_back(tensors[i].numel());
+    call.any_double = call.any_double || dtype == DType::kFloat64;
+  }
+  return call;
+}
+
+// The tensors of each group as the kernels walk them: the tensor itself when it is one dense
+// block, else a contiguous copy (recorded in copy_back when the op writes it).
+struct Groups {
+  std::vector<ClipGroup> plan;
+  std::vector<TensorLists> lists;                             // per group: one list
+  std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;   // (original, working copy)
+  int64_t slots = 0;                                          // chunks of all groups
+};
+
+Groups make_groups(at::TensorList tensors, const Call& call, bool written) {
+  Groups g;
+  g.plan = plan_clip_groups(static_cast<int64_t>(tensors.size()), call.dtypes.data(),
+                            call.numels.data(), &g.slots);
+  g.lists.resize(g.plan.size());
+  for (size_t k = 0; k < g.plan.size(); ++k) {
+    std::vector<at::Tensor> list;
+    list.reserve(g.plan[k].tensors.size());
+    for (int64_t i : g.plan[k].tensors) {
+      const at::Tensor& t = tensors[i];
+      if (t.is_non_overlapping_and_dense()) {
+        list.push_back(t);
+      } else {
+        at::Tensor work = t.contiguous();
+        if (written) g.copy_back.emplace_back(t, work);
+        list.push_back(std::move(work));
+      }
+    }
+    g.lists[k].push_back(std::move(list));
+  }
+  return g;
+}
+
+void finish_writes(Groups& g, at::TensorList tensors) {
+  for (auto& [original, work] : g.copy_back) original.copy_(work);
+  // In-place torch ops bump the autograd version counter of what they write; the dispatcher
+  // does not do it for custom ops (the CPU op does the same).
+  for (const at::Tensor& t : tensors) {
+    if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+  }
+}
+
+// ---- ops ------------------------------------------------------------------------------------
+
+at::Tensor total_norm_cuda(at::TensorList tensors, double norm_type) {
+  static constexpr const char* op = "total_norm";
+  const Kind kind = norm::kind_of(norm_type);
+  if (tensors.empty()) {  // not reached through the dispatcher (no tensor to dispatch on)
+    return at::scalar_tensor(norm::finish(kind, norm::identity<double>(kind), norm_type),
+                             at::TensorOptions().dtype(at::kFloat));
+  }
+  const Call call = validate(op, tensors, /*written=*/false);
+  const c10::cuda::CUDAGuard guard(call.device);
+  const Groups groups = make_groups(tensors, call, /*written=*/false);
+  const int device = call.device.index();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  const at::TensorOptions on_device = at::TensorOptions().device(call.device);
+
+  // Slots [0, slots): the partials; for p = 0 also [slots, 2 slots): the tensor-start marks.
+  const int64_t words = std::max<int64_t>(1, kind == Kind::kL0 ? 2 * groups.slots : groups.slots);
+  at::Tensor partials = at::empty({words}, on_device.dtype(at::kDouble));
+  at::Tensor out = at::empty({}, on_device.dtype(call.any_double ? at::kDouble : at::kFloat));
+  double* partials_ptr = partials.data_ptr<double>();
+  double* starts_ptr = kind == Kind::kL0 ? partials_ptr + groups.slots : nullptr;
+
+  const int sms = groups.plan.empty() ? 0 : sm_count(device);
+  for (size_t k = 0; k < groups.plan.size(); ++k) {
+    const ClipGroup& group = groups.plan[k];
+    const WorkTable table = acquire_table(OpKind::kClip, group.dtype, groups.lists[k], 0);
+    TORCH_CHECK(table.num_chunks == group.chunks, "fusedopt::total_norm (CUDA): table has ",
+                table.num_chunks, " chunks, expected ", group.chunks);
+    const NormPartialsArgs args{static_cast<int32_t>(kind), norm_type, partials_ptr, starts_ptr,
+                                group.slot0};
+    check_launch(op, launch_norm_partials(group.dtype, table, args, sms, stream));
+  }
+  const NormFinishArgs finish{static_cast<int32_t>(kind), norm_type, partials_ptr, starts_ptr,
+                              groups.slots, out.data_ptr(), call.any_double};
+  check_launch(op, launch_norm_finish(finish, stream));
+  return out;
+}
+
+void scale_cuda(at::TensorList tensors, const at::Tensor& scale) {
+  static constexpr const char* op = "scale_";
+  TORCH_CHECK(scale.defined() && scale.numel() == 1,
+              "fusedopt::scale_: scale must have one element, got shape ",
+              scale.defined() ? scale.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(!scale.is_complex(), "fusedopt::scale_: scale must be real, got ", scale.scalar_type());
+  if (tensors.empty()) return;
+  const Call call = validate(op, tensors, /*written=*/true);
+  const c10::cuda::CUDAGuard guard(call.device);
+
+  ScalarArg factor{nullptr, false, 0.0};
+  at::Tensor on_device;  // keeps a converted device scale alive until the launches are queued
+  if (scale.device().is_cpu()) {
+    factor.value = scale.item<double>();  // host memory: no device sync
+    if (factor.value == 1.0) return;      // exact no-op (as the CPU op: no version bump)
+  } else {
+    TORCH_CHECK(scale.device() == call.device, "fusedopt::scale_: scale is on ", scale.device(),
+                " but the tensors are on ", call.device);
+    on_device = scale;
+    if (scale.scalar_type() != at::kFloat && scale.scalar_type() != at::kDouble) {
+      on_device = scale.to(at::kDouble);  // one small conversion kernel (fp16/bf16/integer scale)
+    }
+    factor.ptr = on_device.data_ptr();
+    factor.is_double = on_device.scalar_type() == at::kDouble;
+  }
+
+  Groups groups = make_groups(tensors, call, /*written=*/true);
+  const int device = call.device.index();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  const int sms = groups.plan.empty() ? 0 : sm_count(device);
+  for (size_t k = 0; k < groups.plan.size(); ++k) {
+    const WorkTable table = acquire_table(OpKind::kClip, groups.plan[k].dtype, groups.lists[k], 0);
+    check_launch(op, launch_scale(groups.plan[k].dtype, table, factor, sms, stream));
+  }
+  finish_writes(groups, tensors);
+}
+
+void clamp_cuda(at::TensorList tensors, double min, double max) {
+  static constexpr const char* op = "clamp_";
+  if (tensors.empty()) return;
+  const Call call = validate(op, tensors, /*written=*/true);
+  const c10::cuda::CUDAGuard guard(call.device);
+  Groups groups = make_groups(tensors, call, /*written=*/true);
+  const int device = call.device.index();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  const int sms = groups.plan.empty() ? 0 : sm_count(device);
+  for (size_t k = 0; k < groups.plan.size(); ++k) {
+    const WorkTable table = acquire_table(OpKind::kClip, groups.plan[k].dtype, groups.lists[k], 0);
+    check_launch(op, launch_clamp(groups.plan[k].dtype, table, min, max, sms, stream));
+  }
+  finish_writes(groups, tensors);
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fusedopt
+
+TORCH_LIBRARY_IMPL(fusedopt, CUDA, m) {
+  m.impl("total_norm", &fusedopt::cuda::total_norm_cuda);
+  m.impl("scale_", &fusedopt::cuda::scale_cuda);
+  m.impl("clamp_", &fusedopt::cuda::clamp_cuda);
+}
+
+// Sparse CUDA tensors reach the ops only to be refused with a clear error (check_tensor), instead
+// of the dispatcher's "Could not run ... with arguments from the 'SparseCUDA' backend".
+TORCH_LIBRARY_IMPL(fusedopt, SparseCUDA, m) {
+  m.impl("total_norm", &fusedopt::cuda::total_norm_cuda);
+  m.impl("scale_", &fusedopt::cuda::scale_cuda);
+  m.impl("clamp_", &fusedopt::cuda::clamp_cuda);
+}
+
+TORCH_LIBRARY_IMPL(fusedopt, SparseCsrCUDA, m) {
+  m.impl("total_norm", &fusedopt::cuda::total_norm_cuda);
+  m.impl("scale_", &fusedopt::cuda::scale_cuda);
+  m.impl("clamp_", &fusedopt::cuda::clamp_cuda);
+}
