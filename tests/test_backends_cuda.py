@@ -1,13 +1,17 @@
 """The ``cuda`` backend (csrc/cuda, fusedopt/backends/cuda.py).
 
 Without a GPU: whenever ``fusedopt._C.build_info()`` says CUDA was built, the CUDA kernels must be
-registered for every op, otherwise the backend must say why it is unavailable; and the kernels
-themselves (adam_kernel.cuh, sgd_kernel.cuh) run on the CPU through a small emulator
-(csrc/cuda/emu, built with g++ when the CUDA headers are found) against the reference backend,
-with several block orders, so their logic is tested without a GPU. With a GPU: parity with the reference backend and torch.optim on every flag and
-dtype, odd sizes and chunk-straddling sizes, 1000 tiny tensors, a >2^31-element tensor (slow),
-found_inf / grad_scale / lr tensor, per-tensor steps, non-contiguous and empty tensors, mixed
-dtypes, exactly one kernel launch per dtype per step, and reuse of the device work tables.
+registered for every op (the clipping ops total_norm / scale_ / clamp_ included), otherwise the
+backend must say why it is unavailable; and the kernels themselves (adam_kernel.cuh,
+sgd_kernel.cuh, norm_kernel.cuh) run on the CPU through a small emulator (csrc/cuda/emu, built
+with g++ when the CUDA headers are found) against the reference backend, torch and the CPU
+clipping ops, with several block orders, so their logic is tested without a GPU. With a GPU:
+parity with the reference backend and torch.optim on every flag and dtype, odd sizes and
+chunk-straddling sizes, 1000 tiny tensors, a >2^31-element tensor (slow), found_inf /
+grad_scale / lr tensor, per-tensor steps, non-contiguous and empty tensors, mixed dtypes,
+exactly one kernel launch per dtype per step, and reuse of the device work tables; the clipping
+ops against the CPU ops (every norm order and dtype, NaN/inf, layouts), their launch counts,
+determinism and absence of host syncs.
 """
 from __future__ import annotations
 
@@ -23,8 +27,9 @@ import pytest
 import torch
 
 import fusedopt
-from fusedopt import _ops, backends
+from fusedopt import _norm_ops, _ops, backends
 from fusedopt.backends import cuda as cuda_backend
+from fusedopt.clip import _clip, _norm
 
 CUDA = cuda_backend.BACKEND
 REASON = CUDA.unavailable_reason()
@@ -62,6 +67,8 @@ def test_cuda_kernels_registered_whenever_built():
     info = _ops.build_info()
     if info.get("with_cuda"):
         assert cuda_backend.kernels_registered(), "build_info says CUDA but no CUDA kernels"
+        missing = [op for op in _norm_ops.OP_NAMES if not _norm_ops.has_kernel(op, "cuda")]
+        assert not missing, f"no CUDA kernels for the clipping ops {missing}"
         for name in ("_cuda_table_stats", "_cuda_clear_table_cache"):
             assert hasattr(torch.ops.fusedopt, name)
         assert info.get("cuda_arch_list"), info
@@ -515,6 +522,209 @@ def test_bad_input_raises_clear_errors():
                                 maximize=False, is_first_step=False)
 
 
+# ---- the clipping ops on the GPU (total_norm, scale_, clamp_; norm.cu) ------------------------
+
+CLIP_NORMS = [2.0, 1.0, float("inf"), float("-inf"), 0.0, 3.5]
+
+
+def _clip_norm_rtol(dtype):
+    return 1e-12 if dtype == torch.float64 else 1e-5
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_clip_ops_match_cpu_op(dtype):
+    tensors = [randn(s, dtype, i) for i, s in enumerate(ODD_SIZES)] + [torch.zeros(40, device="cuda", dtype=dtype)]
+    tensors[5][3] = float("nan")
+    clean = tensors[:5] + tensors[6:]
+    for norm_type in CLIP_NORMS:
+        for case in (tensors, clean):
+            ours = torch.ops.fusedopt.total_norm(case, norm_type)
+            cpu = torch.ops.fusedopt.total_norm([t.cpu() for t in case], norm_type)
+            assert ours.device == case[0].device and ours.dtype == cpu.dtype and ours.shape == ()
+            torch.testing.assert_close(ours.cpu(), cpu, rtol=_clip_norm_rtol(dtype), atol=0, equal_nan=True)
+    for scale in (torch.tensor(0.37, device="cuda"), torch.tensor(0.37, dtype=torch.float64, device="cuda"),
+                  torch.tensor(0.37), torch.tensor(0.37, device="cuda", dtype=torch.bfloat16)):
+        ours = [t.clone() for t in tensors]
+        theirs = [t.cpu() for t in tensors]
+        torch.ops.fusedopt.scale_(ours, scale)
+        torch.ops.fusedopt.scale_(theirs, scale.cpu())
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a.cpu(), b, rtol=0, atol=0, equal_nan=True)
+    ours = [t.clone() for t in tensors]
+    theirs = [t.cpu() for t in tensors]
+    torch.ops.fusedopt.clamp_(ours, -0.5, 0.25)
+    torch.ops.fusedopt.clamp_(theirs, -0.5, 0.25)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.cpu(), b, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_gpu
+def test_clip_ops_mixed_dtypes_and_non_contiguous():
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+    base = randn((64, 40), torch.float32, 0)
+    tensors = [randn((3 * CHUNK + 7 + i,), d, i) for i, d in enumerate(dtypes)]
+    tensors += [base[:, ::2],                                             # not dense: a copy
+                randn((33, 65), torch.bfloat16, 9).t(),                   # dense, permuted: in place
+                randn((2, 3, 5, 7), torch.float32, 10).to(memory_format=torch.channels_last),
+                randn((CHUNK + 5,), torch.float32, 11)[1:]]               # unaligned: scalar path
+    for norm_type in CLIP_NORMS:
+        ours = torch.ops.fusedopt.total_norm(tensors, norm_type)
+        cpu = torch.ops.fusedopt.total_norm([t.cpu() for t in tensors], norm_type)
+        assert ours.dtype == torch.float64
+        torch.testing.assert_close(ours.cpu(), cpu, rtol=1e-6, atol=0)
+    gaps = base[:, 1::2].clone()
+    theirs = [t.cpu() for t in tensors]
+    torch.ops.fusedopt.scale_(tensors, torch.tensor(0.5, device="cuda"))
+    torch.ops.fusedopt.clamp_(tensors, -0.3, 0.2)
+    torch.ops.fusedopt.scale_(theirs, torch.tensor(0.5))
+    torch.ops.fusedopt.clamp_(theirs, -0.3, 0.2)
+    for a, b in zip(tensors, theirs):
+        torch.testing.assert_close(a.cpu(), b, rtol=0, atol=0)
+    assert torch.equal(base[:, 1::2], gaps)  # the copy of the strided view went back into it only
+
+
+@needs_gpu
+def test_clip_ops_thousand_tiny_tensors():
+    g = torch.Generator().manual_seed(0)
+    sizes = [int(n) for n in torch.randint(0, 300, (1000,), generator=g)]
+    tensors = [randn((n,), torch.bfloat16 if i % 3 == 0 else torch.float32, i) for i, n in enumerate(sizes)]
+    for norm_type in (2.0, float("inf"), 0.0):
+        ours = torch.ops.fusedopt.total_norm(tensors, norm_type)
+        cpu = torch.ops.fusedopt.total_norm([t.cpu() for t in tensors], norm_type)
+        torch.testing.assert_close(ours.cpu(), cpu, rtol=1e-5, atol=0)
+    theirs = [t.cpu() for t in tensors]
+    torch.ops.fusedopt.scale_(tensors, torch.tensor(0.75, device="cuda"))
+    torch.ops.fusedopt.clamp_(tensors, -1.0, 1.0)
+    torch.ops.fusedopt.scale_(theirs, torch.tensor(0.75))
+    torch.ops.fusedopt.clamp_(theirs, -1.0, 1.0)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(tensors, theirs))
+
+
+@needs_gpu
+def test_clip_ops_empty_and_zero_dim_tensors():
+    for norm_type in CLIP_NORMS:
+        expected = torch.ops.fusedopt.total_norm([torch.empty(0)], norm_type)
+        for case in ([torch.empty(0, device="cuda")], [torch.empty(0, 5, device="cuda", dtype=torch.bfloat16)] * 2):
+            ours = torch.ops.fusedopt.total_norm(case, norm_type)
+            assert ours.is_cuda and ours.item() == expected.item()
+        zero_dim = [torch.tensor(-3.0, device="cuda"), torch.empty(0, device="cuda", dtype=torch.float64)]
+        ours = torch.ops.fusedopt.total_norm(zero_dim, norm_type)
+        assert ours.dtype == torch.float64
+        assert ours.item() == pytest.approx(1.0 if norm_type == 0.0 else 3.0, rel=1e-6)
+    t = [torch.tensor(2.0, device="cuda"), torch.empty(0, device="cuda")]
+    torch.ops.fusedopt.scale_(t, torch.tensor(0.5, device="cuda"))
+    torch.ops.fusedopt.clamp_(t, -0.25, 0.25)
+    assert t[0].item() == 0.25
+
+
+@needs_gpu
+def test_clip_ops_nonfinite():
+    t = [randn((3 * CHUNK + 5,), torch.float32, 0), randn((17,), torch.float32, 1)]
+    t[0][2 * CHUNK + 7] = float("nan")
+    for norm_type in CLIP_NORMS:
+        ours = torch.ops.fusedopt.total_norm(t, norm_type)
+        cpu = torch.ops.fusedopt.total_norm([x.cpu() for x in t], norm_type)
+        torch.testing.assert_close(ours.cpu(), cpu, rtol=1e-5, atol=0, equal_nan=True)
+        assert torch.isnan(ours).item() == (norm_type != 0.0)
+    t[0][2 * CHUNK + 7] = float("inf")
+    assert torch.isinf(torch.ops.fusedopt.total_norm(t, float("inf"))).item()
+    assert torch.isinf(torch.ops.fusedopt.total_norm(t, 2.0)).item()
+
+
+@needs_gpu
+def test_clip_ops_launches_per_dtype():
+    fp32 = [torch.randn(4096, device="cuda") for _ in range(500)] + [torch.randn(5 * CHUNK + 1, device="cuda")]
+    bf16 = [torch.randn(3000, device="cuda", dtype=torch.bfloat16) for _ in range(100)]
+    scale = torch.tensor(0.5, device="cuda")
+    for tensors, dtypes in ((fp32, 1), (fp32 + bf16, 2)):
+        torch.ops.fusedopt.total_norm(tensors, 2.0)  # first call: tables uploaded (copies only)
+        kernels = _kernels_in(lambda: torch.ops.fusedopt.total_norm(tensors, 2.0))
+        assert len(kernels) == dtypes + 1, kernels  # partials per dtype, one finish
+        assert sum("norm_finish_kernel" in k for k in kernels) == 1, kernels
+        kernels = _kernels_in(lambda: torch.ops.fusedopt.scale_(tensors, scale))
+        assert len(kernels) == dtypes and all("scale_kernel" in k for k in kernels), kernels
+        kernels = _kernels_in(lambda: torch.ops.fusedopt.clamp_(tensors, -1.0, 1.0))
+        assert len(kernels) == dtypes and all("clamp_kernel" in k for k in kernels), kernels
+    assert _kernels_in(lambda: torch.ops.fusedopt.scale_(fp32, torch.tensor(1.0))) == []  # CPU 1: no launch
+
+
+@needs_gpu
+def test_clip_ops_share_one_cached_table():
+    grads = [torch.randn(s, device="cuda") for s in (10, CHUNK + 7, 300)]
+    torch.ops.fusedopt.total_norm(grads, 2.0)
+    s1 = cuda_backend.table_stats()
+    torch.ops.fusedopt.scale_(grads, torch.tensor(0.5, device="cuda"))  # same single-list table
+    torch.ops.fusedopt.clamp_(grads, -1.0, 1.0)
+    torch.ops.fusedopt.total_norm(grads, 1.0)
+    s2 = cuda_backend.table_stats()
+    assert (s2["full_uploads"], s2["hits"]) == (s1["full_uploads"], s1["hits"] + 3)
+
+
+@needs_gpu
+def test_clip_ops_deterministic_without_sync():
+    params = [torch.randn(s, device="cuda", requires_grad=True) for s in (7 * CHUNK + 3, 5, 40000)]
+    for p in params:
+        p.grad = torch.randn_like(p) * 10
+    first = bits(torch.ops.fusedopt.total_norm([p.grad for p in params], 2.0))
+    one = torch.tensor(1.0, device="cuda")  # made before: a copy from pageable memory syncs
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        again = [torch.ops.fusedopt.total_norm([p.grad for p in params], 2.0) for _ in range(5)]
+        norm = fusedopt.clip_grad_norm_(params, 1.0, backend="cuda")
+        fusedopt.clip_grad_value_(params, 0.01)
+        torch.ops.fusedopt.scale_([p.grad for p in params], one)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.equal(bits(n), first) for n in again)
+    assert torch.equal(bits(norm), first)
+    assert all(p.grad.abs().max().item() <= 0.01 for p in params)
+
+
+@needs_gpu
+def test_clip_scale_one_on_device_changes_nothing():
+    t = [randn((CHUNK + 3,), torch.bfloat16, 0), randn((5,), torch.float32, 1)]
+    t[0][0] = float("nan")
+    before = [bits(x) for x in t]
+    for one in (torch.tensor(1.0, device="cuda"), torch.tensor([1.0], dtype=torch.float64, device="cuda")):
+        torch.ops.fusedopt.scale_(t, one)
+    assert all(torch.equal(bits(x), b) for x, b in zip(t, before))
+
+
+@needs_gpu
+def test_clip_ops_pick_the_cuda_kernels():
+    for op in _norm_ops.OP_NAMES:
+        assert _norm_ops.has_kernel(op, "cuda"), op
+    t = [torch.zeros(3, device="cuda")]
+    for backend in ("auto", "cuda"):
+        assert _norm.choose(backend, torch.device("cuda"), t, 2.0) == "native"
+        assert _norm.choose(backend, torch.device("cuda"), t, 0.5) == "native"  # not a triton order
+        assert _clip._native(torch.device("cuda"), t, "scale_", backend)
+    assert _clip._native(torch.device("cuda"), t, "clamp_")
+
+
+@needs_gpu
+def test_clip_ops_bad_input_raises_clear_errors():
+    x = torch.zeros(4, device="cuda")
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] is on cpu"):
+        torch.ops.fusedopt.total_norm([x, torch.zeros(3)], 2.0)
+    with pytest.raises(RuntimeError, match=r"tensors\[0\] has dtype Int"):
+        torch.ops.fusedopt.total_norm([torch.zeros(3, device="cuda", dtype=torch.int32)], 2.0)
+    sparse = torch.sparse_coo_tensor([[0]], [1.0], (3,), device="cuda")
+    with pytest.raises(RuntimeError, match="sparse tensors are not supported"):
+        torch.ops.fusedopt.total_norm([x, sparse], 2.0)
+    with pytest.raises(RuntimeError, match="sparse tensors are not supported"):
+        torch.ops.fusedopt.clamp_([sparse], -1.0, 1.0)
+    with pytest.raises(RuntimeError, match="share memory"):
+        torch.ops.fusedopt.clamp_([torch.zeros(1, device="cuda").expand(4)], -1.0, 1.0)
+    with pytest.raises(RuntimeError, match="one element"):
+        torch.ops.fusedopt.scale_([x], torch.ones(2, device="cuda"))
+    if torch.cuda.device_count() > 1:
+        with pytest.raises(RuntimeError, match="one device"):
+            torch.ops.fusedopt.total_norm([x, torch.zeros(3, device="cuda:1")], 2.0)
+
+
 # ---- the kernels on the CPU emulator (no GPU needed) -----------------------------------------
 
 REPO = Path(__file__).resolve().parents[1]
@@ -758,3 +968,204 @@ def test_emulated_thousand_tiny_tensors(emu):
               decoupled_weight_decay=True)
     adam_call(REFERENCE, theirs, steps_count=2, weight_decay=0.1, decoupled_weight_decay=True)
     assert_lists_close(ours, theirs, torch.bfloat16)
+
+
+# ---- the clipping ops' kernels on the emulator (norm_kernel.cuh) -----------------------------
+
+INF = float("inf")
+NORM_TYPES = [2.0, 1.0, INF, -INF, 0.0, 3.5]
+# Relative distance to the exact norm: fp32 accumulation over a thread's elements, double after.
+NORM_RTOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 1e-5, torch.bfloat16: 1e-5}
+
+
+def _clip_lib(lib):
+    if not getattr(lib, "_clip_argtypes", False):
+        p, i64, d, dbl = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+        lib.fusedopt_emu_total_norm.argtypes = [i64, p, p, p, dbl, p, d, d, d, d]
+        lib.fusedopt_emu_scale.argtypes = [i64, p, p, p, p, d, dbl, d, d, d]
+        lib.fusedopt_emu_clamp.argtypes = [i64, p, p, p, dbl, dbl, d, d, d]
+        lib._clip_argtypes = True
+    return lib
+
+
+def _clip_args(tensors):
+    """(n, dtypes, ptrs, numels) of a clipping-op call; the tensors must be dense (the host op
+    hands the kernels contiguous copies of the others)."""
+    assert all(t.numel() == 0 or t.is_contiguous() for t in tensors)
+    return (len(tensors), _addr_array(None, ctypes.c_int, [DTYPE_CODE[t.dtype] for t in tensors]),
+            _addr_array(tensors), _addr_array(None, ctypes.c_int64, [t.numel() for t in tensors]))
+
+
+def emu_total_norm(lib, tensors, norm_type, grid=3, block=32, order=0):
+    """The CUDA op's launches (partials per dtype, then finish) on the emulator; the result has
+    the op's dtype (float64 if any tensor is float64, else float32)."""
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    out = torch.full((), -7.0, dtype=dtype)
+    rc = _clip_lib(lib).fusedopt_emu_total_norm(*_clip_args(tensors), float(norm_type), out.data_ptr(),
+                                                int(dtype == torch.float64), grid, block, order)
+    assert rc == 0, f"emulated total_norm failed ({rc}: -2 = a partial slot was not written)"
+    return out
+
+
+def emu_scale(lib, tensors, scale, grid=3, block=32, order=0):
+    """scale: a float (read on the host) or a one-element float32/float64 tensor (read by the kernel)."""
+    if isinstance(scale, torch.Tensor):
+        ptr, is_double, value = scale.data_ptr(), int(scale.dtype == torch.float64), 0.0
+    else:
+        ptr, is_double, value = None, 0, float(scale)
+    assert _clip_lib(lib).fusedopt_emu_scale(*_clip_args(tensors), ptr, is_double, value, grid,
+                                             block, order) == 0
+
+
+def emu_clamp(lib, tensors, lo, hi, grid=3, block=32, order=0):
+    assert _clip_lib(lib).fusedopt_emu_clamp(*_clip_args(tensors), float(lo), float(hi), grid,
+                                             block, order) == 0
+
+
+def exact_norm(tensors, norm_type):
+    """torch's value in float64: the norm of all elements (p = 0: the tensors with a nonzero)."""
+    if norm_type == 0.0:
+        return torch.tensor(float(sum(bool(t.count_nonzero()) for t in tensors)), dtype=torch.float64)
+    flat = [t.double().flatten() for t in tensors if t.numel()]
+    return torch.linalg.vector_norm(torch.cat(flat), norm_type)
+
+
+def cpu_op_norm(tensors, norm_type):
+    return torch.ops.fusedopt.total_norm([t.cpu() for t in tensors], norm_type)
+
+
+_needs_cpu_op = pytest.mark.skipif(not _norm_ops.has_kernel("total_norm", "cpu"),
+                                   reason="fusedopt._C has no CPU clipping ops to compare with")
+
+
+@_needs_cpu_op
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("norm_type", NORM_TYPES, ids=str)
+def test_emulated_total_norm_matches_torch_and_cpu_op(emu, norm_type, dtype):
+    tensors = [cpu_randn(s, dtype, i) for i, s in enumerate(ODD_SIZES)]  # chunk-straddling, empty, 0-dim
+    tensors.append(torch.zeros(40, dtype=dtype))  # p = 0: a tensor without a nonzero does not count
+    ours = emu_total_norm(emu, tensors, norm_type)
+    cpu = cpu_op_norm(tensors, norm_type)
+    assert ours.dtype == cpu.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(ours.double(), exact_norm(tensors, norm_type), rtol=NORM_RTOL[dtype], atol=0)
+    torch.testing.assert_close(ours, cpu, rtol=NORM_RTOL[dtype], atol=0)
+    if norm_type in (INF, -INF, 0.0):  # no rounding at all: max/min are elements, p = 0 a count
+        assert ours.item() == cpu.item()
+
+
+@pytest.mark.parametrize("block", [32, 64])
+def test_emulated_total_norm_is_deterministic(emu, block):
+    """A chunk's partial depends only on its elements and the block size: any grid and any block
+    order give the same bits."""
+    tensors = [cpu_randn((7 * CHUNK + 3,), torch.float32, 0), cpu_randn((5,), torch.bfloat16, 1),
+               cpu_randn((2 * CHUNK,), torch.float32, 2), cpu_randn((CHUNK + 1,), torch.float16, 3)]
+    for norm_type in (2.0, 3.5, 0.0, -INF):
+        results = {(grid, order): bits(emu_total_norm(emu, tensors, norm_type, grid, block, order))
+                   for grid in (1, 3, 64) for order in (0, 1, 2)}
+        first = next(iter(results.values()))
+        assert all(torch.equal(b, first) for b in results.values()), norm_type
+
+
+@_needs_cpu_op
+def test_emulated_total_norm_mixed_dtypes_and_empty_lists(emu):
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float32, torch.bfloat16]
+    tensors = [cpu_randn((100 + 37 * i,), d, i) for i, d in enumerate(dtypes)]
+    tensors.insert(2, torch.empty(0, dtype=torch.float16))
+    for norm_type in NORM_TYPES:
+        ours = emu_total_norm(emu, tensors, norm_type)
+        assert ours.dtype == torch.float64
+        torch.testing.assert_close(ours, cpu_op_norm(tensors, norm_type), rtol=1e-6, atol=0)
+        torch.testing.assert_close(ours, exact_norm(tensors, norm_type), rtol=1e-6, atol=0)
+        # no tensor, or only empty ones: the identity's norm (0; +inf for -inf), as the CPU op
+        empty = cpu_op_norm([torch.empty(0)], norm_type)
+        for case in ([], [torch.empty(0), torch.empty(0, 3, dtype=torch.bfloat16)]):
+            assert emu_total_norm(emu, case, norm_type).item() == empty.item()
+        assert emu_total_norm(emu, [torch.empty(0, dtype=torch.float64)], norm_type).dtype == torch.float64
+
+
+@_needs_cpu_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize("bad", [float("nan"), INF, -INF], ids=["nan", "inf", "-inf"])
+def test_emulated_total_norm_nonfinite(emu, bad, dtype):
+    """A NaN makes every norm NaN (p = 0: it counts as nonzero), also a max/min over several chunks
+    and blocks; an inf makes the sums and the max inf."""
+    tensors = [cpu_randn((3 * CHUNK + 5,), dtype, 0), cpu_randn((17,), dtype, 1), torch.zeros(9, dtype=dtype)]
+    tensors[0][2 * CHUNK + 7] = bad
+    for norm_type in NORM_TYPES:
+        ours = emu_total_norm(emu, tensors, norm_type, grid=2)
+        torch.testing.assert_close(ours, cpu_op_norm(tensors, norm_type), rtol=NORM_RTOL[dtype],
+                                   atol=0, equal_nan=True)
+        with torch.no_grad():
+            theirs = torch.linalg.vector_norm(torch.cat([t.double() for t in tensors]), norm_type)
+        if norm_type != 0.0:
+            assert ours.isnan().item() == theirs.isnan().item()
+            assert ours.isinf().item() == theirs.isinf().item()
+    nan_only = [torch.full((4,), float("nan"), dtype=dtype)]
+    assert emu_total_norm(emu, nan_only, 0.0).item() == 1.0
+    assert emu_total_norm(emu, nan_only, -INF).isnan()
+
+
+@_needs_cpu_op
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_emulated_scale_and_clamp_match_cpu_op(emu, dtype):
+    tensors = [cpu_randn(s, dtype, i) for i, s in enumerate(ODD_SIZES)]
+    tensors[5][3] = float("nan")  # NaN stays NaN through both
+    for scale in (0.37, torch.tensor(0.37), torch.tensor(0.37, dtype=torch.float64)):
+        ours = [t.clone() for t in tensors]
+        theirs = [t.clone() for t in tensors]
+        emu_scale(emu, ours, scale)
+        torch.ops.fusedopt.scale_(theirs, scale if isinstance(scale, torch.Tensor) else torch.tensor(scale, dtype=torch.float64))
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    ours = [t.clone() for t in tensors]
+    for one in (torch.tensor(1.0), torch.tensor(1.0, dtype=torch.float64)):  # read by the kernel
+        emu_scale(emu, ours, one)
+        assert all(torch.equal(bits(a), bits(b)) for a, b in zip(ours, tensors))
+    theirs = [t.clone() for t in tensors]
+    emu_clamp(emu, ours, -0.5, 0.25)
+    torch.ops.fusedopt.clamp_(theirs, -0.5, 0.25)
+    for a, b, t in zip(ours, theirs, tensors):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(a, t.clamp(-0.5, 0.25), rtol=0, atol=0, equal_nan=True)
+
+
+@_needs_cpu_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+def test_emulated_clip_ops_unaligned_views(emu, dtype):
+    """Views that start off a 16-byte boundary take the scalar path; elements around them stay."""
+    base = cpu_randn((2 * CHUNK + 40,), dtype, 0)
+    views = [base[1:CHUNK + 30], base[CHUNK + 33:]]
+    assert all(v.data_ptr() % 16 != 0 for v in views)
+    for norm_type in (2.0, INF, 1.0, 0.0):
+        torch.testing.assert_close(emu_total_norm(emu, views, norm_type), cpu_op_norm(views, norm_type),
+                                   rtol=1e-5, atol=0)
+    before = base.clone()
+    theirs = [v.clone() for v in views]
+    emu_scale(emu, views, 0.5)
+    emu_clamp(emu, views, -0.3, 0.3)
+    torch.ops.fusedopt.scale_(theirs, torch.tensor(0.5))
+    torch.ops.fusedopt.clamp_(theirs, -0.3, 0.3)
+    for a, b in zip(views, theirs):
+        assert torch.equal(a, b)
+    for i in (0, CHUNK + 30, CHUNK + 31, CHUNK + 32):  # between and before the views
+        assert torch.equal(bits(base[i]), bits(before[i]))
+
+
+@_needs_cpu_op
+def test_emulated_clip_ops_thousand_tiny_tensors(emu):
+    g = torch.Generator().manual_seed(0)
+    sizes = [int(n) for n in torch.randint(0, 300, (1000,), generator=g)]
+    tensors = [cpu_randn((n,), torch.bfloat16 if i % 3 == 0 else torch.float32, i) for i, n in enumerate(sizes)]
+    for t in tensors[::7]:
+        t.zero_()
+    for norm_type in (2.0, INF, 0.0, 3.5):
+        ours = emu_total_norm(emu, tensors, norm_type, grid=7)
+        torch.testing.assert_close(ours, cpu_op_norm(tensors, norm_type), rtol=1e-5, atol=0)
+        torch.testing.assert_close(ours.double(), exact_norm(tensors, norm_type), rtol=1e-5, atol=0)
+    ours = [t.clone() for t in tensors]
+    theirs = [t.clone() for t in tensors]
+    emu_scale(emu, ours, torch.tensor(0.75), grid=7)
+    emu_clamp(emu, ours, -1.0, 1.0, grid=7, order=1)
+    torch.ops.fusedopt.scale_(theirs, torch.tensor(0.75))
+    torch.ops.fusedopt.clamp_(theirs, -1.0, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))

@@ -1,4 +1,4 @@
-// Runs the CUDA kernels (adam_kernel.cuh, sgd_kernel.cuh) on the CPU, for tests on machines
+// Runs the CUDA kernels (adam_kernel.cuh, sgd_kernel.cuh, norm_kernel.cuh) on the CPU, for tests on machines
 // without a GPU (tests/test_backends_cuda.py builds this file into a small shared library and
 // calls it through ctypes on CPU tensors). See cuda_shim.h for what is and is not emulated.
 //
@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "adam_kernel.cuh"
+#include "norm_kernel.cuh"
 #include "sgd_kernel.cuh"
 #include "table_layout.h"
 
@@ -111,6 +112,47 @@ bool by_dtype(int dtype, Args&&... args) {
   return false;
 }
 
+// Calls f(S{}) with the storage type of `dtype`; false for a bad dtype.
+template <typename F>
+bool with_storage(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: f(float{}); return true;
+    case DType::kFloat64: f(double{}); return true;
+    case DType::kFloat16: f(__half{}); return true;
+    case DType::kBFloat16: f(__nv_bfloat16{}); return true;
+  }
+  return false;
+}
+
+// The groups of a clipping-op call, as the host op (csrc/cuda/norm_ops.cpp) makes them, each
+// with its host table. Returns false for a bad dtype code.
+struct ClipCall {
+  std::vector<ClipGroup> plan;
+  std::vector<HostTable> tables;
+  int64_t slots = 0;
+};
+
+bool clip_call(int64_t n, const int* dtype_codes, void* const* ptrs, const int64_t* numels,
+               ClipCall& call) {
+  std::vector<DType> dtypes(n);
+  for (int64_t i = 0; i < n; ++i) {
+    if (dtype_codes[i] < 0 || dtype_codes[i] > 3) return false;
+    dtypes[i] = static_cast<DType>(dtype_codes[i]);
+  }
+  call.plan = plan_clip_groups(n, dtypes.data(), numels, &call.slots);
+  for (const ClipGroup& g : call.plan) {
+    std::vector<void*> group_ptrs;
+    std::vector<int64_t> group_numels;
+    for (int64_t i : g.tensors) {
+      group_ptrs.push_back(ptrs[i]);
+      group_numels.push_back(numels[i]);
+    }
+    call.tables.emplace_back(kClipLists, static_cast<int64_t>(g.tensors.size()), group_ptrs.data(),
+                             group_numels.data());
+  }
+  return true;
+}
+
 template <typename S> struct AdamRun {
   template <typename... A> void operator()(A&&... a) const { adam_typed<S>(a...); }
 };
@@ -183,6 +225,80 @@ int fusedopt_emu_sgd(int dtype, int64_t n, void* const* ptrs, const int64_t* num
   if (!by_dtype<SgdRun>(dtype, momentum, table.view(), a, table.grid(grid),
                         static_cast<unsigned>(block), order)) {
     return -1;
+  }
+  return 0;
+}
+
+// total_norm on host memory, as the CUDA op does it: the tensors grouped by dtype, one partials
+// launch per group (grid x block, block order `order`), then the one-block finishing launch.
+//   n tensors with dtypes[i] (DType codes), ptrs[i], numels[i]; norm_type: the order;
+//   out: a float (out_is_double == 0) or double the result is written to.
+// Returns 0; -1 for a bad dtype or norm kind.
+int fusedopt_emu_total_norm(int64_t n, const int* dtypes, void* const* ptrs, const int64_t* numels,
+                            double norm_type, void* out, int out_is_double, int grid, int block,
+                            int order) {
+  using namespace emu;
+  ClipCall call;
+  if (!clip_call(n, dtypes, ptrs, numels, call)) return -1;
+  const int32_t kind = static_cast<int32_t>(fusedopt::norm::kind_of(norm_type));
+  const bool l0 = kind == static_cast<int32_t>(fusedopt::norm::Kind::kL0);
+  // Poisoned: every slot must be written by the partials launches.
+  std::vector<double> partials(std::max<int64_t>(1, call.slots), -12345.0);
+  std::vector<double> starts(std::max<int64_t>(1, call.slots), -12345.0);
+  for (size_t g = 0; g < call.plan.size(); ++g) {
+    HostTable& table = call.tables[g];
+    const NormPartialsArgs args{kind, norm_type, partials.data(), l0 ? starts.data() : nullptr,
+                                call.plan[g].slot0};
+    bool ok = false;
+    with_storage(call.plan[g].dtype, [&](auto s) {
+      const kernels::NormPartialsKernel k = kernels::norm_partials_kernel_for<decltype(s)>(kind);
+      if (k == nullptr) return;
+      launch(k, table.grid(grid), static_cast<unsigned>(block), order, table.view(), args);
+      ok = true;
+    });
+    if (!ok) return -1;
+  }
+  for (int64_t s = 0; s < call.slots; ++s) {
+    if (partials[s] == -12345.0 || (l0 && starts[s] == -12345.0)) return -2;
+  }
+  const NormFinishArgs finish{kind, norm_type, partials.data(), l0 ? starts.data() : nullptr,
+                              call.slots, out, out_is_double != 0};
+  launch(kernels::norm_finish_kernel, 1u, static_cast<unsigned>(block), 0, finish);
+  return 0;
+}
+
+// scale_ on host memory: one launch per dtype group; the factor is read "on the device" from
+// scale_ptr (a float, or a double when scale_is_double) or, when scale_ptr is null, is
+// scale_value (the host op skips the launches when that is 1). Returns 0; -1 for a bad dtype.
+int fusedopt_emu_scale(int64_t n, const int* dtypes, void* const* ptrs, const int64_t* numels,
+                       const void* scale_ptr, int scale_is_double, double scale_value, int grid,
+                       int block, int order) {
+  using namespace emu;
+  ClipCall call;
+  if (!clip_call(n, dtypes, ptrs, numels, call)) return -1;
+  const ScalarArg factor = scalar(scale_ptr, scale_is_double != 0, scale_value);
+  for (size_t g = 0; g < call.plan.size(); ++g) {
+    HostTable& table = call.tables[g];
+    with_storage(call.plan[g].dtype, [&](auto s) {
+      launch(kernels::scale_kernel<decltype(s)>, table.grid(grid), static_cast<unsigned>(block),
+             order, table.view(), factor);
+    });
+  }
+  return 0;
+}
+
+// clamp_ on host memory: one launch per dtype group. Returns 0; -1 for a bad dtype.
+int fusedopt_emu_clamp(int64_t n, const int* dtypes, void* const* ptrs, const int64_t* numels,
+                       double lo, double hi, int grid, int block, int order) {
+  using namespace emu;
+  ClipCall call;
+  if (!clip_call(n, dtypes, ptrs, numels, call)) return -1;
+  for (size_t g = 0; g < call.plan.size(); ++g) {
+    HostTable& table = call.tables[g];
+    with_storage(call.plan[g].dtype, [&](auto s) {
+      launch(kernels::clamp_kernel<decltype(s)>, table.grid(grid), static_cast<unsigned>(block),
+             order, table.view(), lo, hi);
+    });
   }
   return 0;
 }
