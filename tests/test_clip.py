@@ -2,7 +2,8 @@
 non-finite skipping, and the absence of host syncs.
 
 Norm implementations tested on CPU tensors: ``cpu`` (the native op, when built) and ``reference``
-(torch's foreach method). The Triton kernels have their own file (test_clip_triton.py).
+(torch's foreach method); on CUDA tensors, when a GPU is present: ``cuda`` (the native op's CUDA
+kernels, csrc/cuda/norm.cu). The Triton kernels have their own file (test_clip_triton.py).
 """
 from __future__ import annotations
 
@@ -25,20 +26,48 @@ DTYPE_IDS = ["fp32", "fp64", "bf16", "fp16"]
 NORMS = [2.0, INF, 1.0, 3.5]
 
 
+def _cuda_param(why_not):
+    """The ``cuda`` parameter: GPU tests (marker ``gpu``), skipped saying ``why_not`` when set."""
+    marks = [pytest.mark.gpu] + ([pytest.mark.skip(reason=why_not)] if why_not else [])
+    return pytest.param("cuda", id="cuda", marks=marks)
+
+
+def _cuda_clip_unavailable():
+    if not torch.cuda.is_available():
+        return "needs a GPU"
+    if not _norm_ops.has_kernel("total_norm", "cuda"):
+        return "fusedopt._C has no CUDA total_norm kernel"
+    return None
+
+
 def norm_impls():
     native = _norm_ops.has_kernel("total_norm", "cpu")
     return [pytest.param("reference", id="reference"),
             pytest.param("cpu", id="cpu", marks=[] if native else [
-                pytest.mark.skip(reason="fusedopt._C has no CPU total_norm kernel")])]
+                pytest.mark.skip(reason="fusedopt._C has no CPU total_norm kernel")]),
+            _cuda_param(_cuda_clip_unavailable())]
 
 
-def opt_backends():
+def opt_backends(cuda=False):
+    """Optimizer backends; ``cuda=True`` adds ``cuda`` (tests then put their params on dev())."""
     reasons = backends.available()
     out = [pytest.param("reference", id="reference")]
     cpu_ok = reasons.get("cpu") is None and _norm_ops.has_kernel("total_norm", "cpu")
     out.append(pytest.param("cpu", id="cpu", marks=[] if cpu_ok else [
         pytest.mark.skip(reason=f"cpu backend or its norm op unavailable: {reasons.get('cpu')}")]))
+    if cuda:
+        out.append(_cuda_param(reasons.get("cuda") or _cuda_clip_unavailable()))
     return out
+
+
+def dev(impl):
+    """The device of a test's tensors: CUDA for the ``cuda`` implementation, else the CPU."""
+    return "cuda" if impl == "cuda" else "cpu"
+
+
+def on(impl, params):
+    """Leaf params on dev(impl)."""
+    return [p.detach().to(dev(impl)).requires_grad_() for p in params]
 
 
 def rtol_of(dtype):
@@ -69,7 +98,7 @@ def test_total_norm_matches_torch(case, norm_type, dtype, impl):
     shapes = CASES[case]
     if math.isinf(norm_type):  # torch cannot take the inf-norm of an empty tensor
         shapes = [s for s in shapes if s != (0,)]
-    tensors = grads_for(shapes, dtype)
+    tensors = [t.to(dev(impl)) for t in grads_for(shapes, dtype)]
     ours = fusedopt.get_total_norm(tensors, norm_type, backend=impl)
     theirs = torch.nn.utils.get_total_norm(tensors, norm_type)
     exact = torch.nn.utils.get_total_norm([t.double() for t in tensors], norm_type)
@@ -84,6 +113,7 @@ def test_total_norm_matches_torch(case, norm_type, dtype, impl):
 def test_total_norm_other_orders_and_mixed_dtypes(impl, norm_type):
     tensors = grads_for([(7,), (300,)], torch.float32) + grads_for([(9,)], torch.float64, seed=1)
     tensors += grads_for([(33,)], torch.bfloat16, seed=2) + [torch.zeros(5)]
+    tensors = [t.to(dev(impl)) for t in tensors]
     ours = fusedopt.get_total_norm(tensors, norm_type, backend=impl)
     theirs = torch.nn.utils.get_total_norm(tensors, norm_type)
     exact = torch.nn.utils.get_total_norm([t.double() for t in tensors], norm_type)
@@ -96,37 +126,37 @@ def test_total_norm_other_orders_and_mixed_dtypes(impl, norm_type):
 @pytest.mark.parametrize("impl", norm_impls())
 def test_total_norm_empty_and_scalar_inputs(impl):
     assert torch.equal(fusedopt.get_total_norm([], backend=impl), torch.nn.utils.get_total_norm([]))
-    t = torch.tensor([3.0, 4.0])
+    t = torch.tensor([3.0, 4.0], device=dev(impl))
     assert fusedopt.get_total_norm(t, backend=impl).item() == pytest.approx(5.0)
-    assert fusedopt.get_total_norm([torch.empty(0)], backend=impl).item() == 0.0
+    assert fusedopt.get_total_norm([torch.empty(0, device=dev(impl))], backend=impl).item() == 0.0
 
 
 @pytest.mark.parametrize("impl", norm_impls())
 def test_total_norm_fp16_squares_overflow_but_norm_does_not(impl):
     """300^2 overflows fp16; the norm (~950) does not: accumulation must be fp32."""
-    g = torch.full((10,), 300.0, dtype=torch.float16)
+    g = torch.full((10,), 300.0, dtype=torch.float16, device=dev(impl))
     ours = fusedopt.get_total_norm([g], backend=impl)
     assert ours.dtype == torch.float16
-    torch.testing.assert_close(ours.float(), torch.tensor(300.0 * math.sqrt(10)), rtol=1e-3, atol=0)
+    torch.testing.assert_close(ours.float().cpu(), torch.tensor(300.0 * math.sqrt(10)), rtol=1e-3, atol=0)
     torch.testing.assert_close(ours, torch.nn.utils.get_total_norm([g]))
 
 
 @pytest.mark.parametrize("impl", norm_impls())
 def test_clip_fp16_norm_beyond_fp16_range_still_clips(impl):
     """A norm of ~9.5e5 is inf in fp16: torch then zeroes the gradients; fusedopt clips them."""
-    p = torch.zeros(1000, dtype=torch.float16, requires_grad=True)
-    p.grad = torch.full((1000,), 30000.0, dtype=torch.float16)
+    p = torch.zeros(1000, dtype=torch.float16, device=dev(impl), requires_grad=True)
+    p.grad = torch.full((1000,), 30000.0, dtype=torch.float16, device=dev(impl))
     norm = fusedopt.clip_grad_norm_([p], max_norm=1.0, backend=impl)
     assert norm.dtype == torch.float16 and torch.isinf(norm)  # the returned value is torch's dtype
     expected = 30000.0 / (30000.0 * math.sqrt(1000))
-    torch.testing.assert_close(p.grad.float(), torch.full((1000,), expected), rtol=2e-3, atol=0)
+    torch.testing.assert_close(p.grad.float().cpu(), torch.full((1000,), expected), rtol=2e-3, atol=0)
 
 
 @pytest.mark.parametrize("impl", norm_impls())
 @pytest.mark.parametrize("bad", [float("nan"), INF])
 @pytest.mark.parametrize("norm_type", [2.0, INF])
 def test_nonfinite_gradients(impl, bad, norm_type):
-    params = make_params([(5,), (40000,)])
+    params = on(impl, make_params([(5,), (40000,)]))
     theirs = clone_params(params)
     set_grads([params, theirs], 0)
     params[1].grad[123] = bad
@@ -150,7 +180,7 @@ def test_nonfinite_gradients(impl, bad, norm_type):
 @pytest.mark.parametrize("norm_type", NORMS, ids=str)
 @pytest.mark.parametrize("max_norm", [0.5, 1e6], ids=["clips", "no-clip"])
 def test_clip_grad_norm_matches_torch(max_norm, norm_type, dtype, impl):
-    params = make_params([(5, 3), (17,), (40000,), (2, 3, 4)], dtype)
+    params = on(impl, make_params([(5, 3), (17,), (40000,), (2, 3, 4)], dtype))
     theirs = clone_params(params)
     set_grads([params, theirs], 0)
     params[1].grad = None  # params without a gradient are skipped
@@ -171,7 +201,7 @@ def test_clip_grad_norm_matches_torch(max_norm, norm_type, dtype, impl):
 
 @pytest.mark.parametrize("impl", norm_impls())
 def test_clip_grads_with_norm_matches_torch(impl, monkeypatch):
-    params = make_params([(7, 5), (300,)])
+    params = on(impl, make_params([(7, 5), (300,)]))
     theirs = clone_params(params)
     set_grads([params, theirs], 0)
     norm = fusedopt.get_total_norm([p.grad for p in params], backend=impl)
@@ -188,13 +218,13 @@ def test_clip_grads_with_norm_matches_torch(impl, monkeypatch):
 def test_clip_grad_value_matches_torch(impl, dtype, monkeypatch):
     if impl == "reference":
         monkeypatch.setenv(backends.ENV_VAR, "reference")
-    params = make_params([(5, 3), (40000,), (0,)], dtype)
+    params = on(impl, make_params([(5, 3), (40000,), (0,)], dtype))
     theirs = clone_params(params)
     set_grads([params, theirs], 0)
     for ps in (params, theirs):
         ps[0].grad[0, 0] = float("nan")
         ps[0].grad = ps[0].grad.t().contiguous().t()  # a transposed (non-contiguous) layout
-        ps[1].grad = torch.zeros(80000, dtype=dtype)[::2].copy_(ps[1].grad)  # a strided one
+        ps[1].grad = torch.zeros(80000, dtype=dtype, device=dev(impl))[::2].copy_(ps[1].grad)  # a strided one
     fusedopt.clip_grad_value_(params, 0.5)
     torch.nn.utils.clip_grad_value_(theirs, 0.5)
     for p, q in zip(params, theirs):
@@ -332,12 +362,12 @@ def _groups(params, lrs=(1e-2, 3e-2)):
     return [{"params": params[:half], "lr": lrs[0]}, {"params": params[half:], "lr": lrs[1]}]
 
 
-@pytest.mark.parametrize("backend", opt_backends())
+@pytest.mark.parametrize("backend", opt_backends(cuda=True))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("name", list(PAIRS))
 def test_max_grad_norm_equals_torch_clip_then_step(name, dtype, backend):
     ours_cls, torch_cls, flags = PAIRS[name]
-    params = make_params(SHAPES, dtype)
+    params = on(backend, make_params(SHAPES, dtype))
     theirs = clone_params(params)
     ours = ours_cls(_groups(params), lr=1e-2, max_grad_norm=1.5, backend=backend, **flags)
     ref = torch_cls(_groups(theirs), lr=1e-2, foreach=False, **flags)
@@ -352,10 +382,10 @@ def test_max_grad_norm_equals_torch_clip_then_step(name, dtype, backend):
     assert_state_equal(ours, params, ref, theirs, **tol)
 
 
-@pytest.mark.parametrize("backend", opt_backends())
+@pytest.mark.parametrize("backend", opt_backends(cuda=True))
 def test_max_grad_norm_per_group_and_large_threshold(backend):
     """The norm is global; each group clips with its own threshold (None: no clipping)."""
-    params = make_params(SHAPES)
+    params = on(backend, make_params(SHAPES))
     theirs = clone_params(params)
     groups = _groups(params)
     groups[1]["max_grad_norm"] = None
@@ -426,12 +456,12 @@ def assert_unchanged(before, opt, params):
             assert torch.equal(opt.state[p][key], value), key
 
 
-@pytest.mark.parametrize("backend", opt_backends())
+@pytest.mark.parametrize("backend", opt_backends(cuda=True))
 @pytest.mark.parametrize("name", list(PAIRS))
 @pytest.mark.parametrize("bad", [float("nan"), INF])
 def test_skip_nonfinite_makes_the_step_a_no_op(name, backend, bad):
     ours_cls, torch_cls, flags = PAIRS[name]
-    params = make_params(SHAPES)
+    params = on(backend, make_params(SHAPES))
     theirs = clone_params(params)
     ours = ours_cls(params, lr=1e-2, skip_nonfinite=True, max_grad_norm=2.0, backend=backend, **flags)
     ref = torch_cls(theirs, lr=1e-2, foreach=False, **flags)
@@ -573,6 +603,20 @@ def test_norm_dispatch_choices():
     expected = "native" if _norm_ops.has_kernel("total_norm", "cpu") else "reference"
     assert _norm.choose("auto", torch.device("cpu"), t, 2.0) == expected
     assert _norm.choose("auto", torch.device("cpu"), [torch.zeros(2, dtype=torch.complex64)], 2.0) == "reference"
+
+
+def test_native_ops_refuse_sparse_tensors_clearly():
+    """Sparse tensors reach the native ops (registered for the sparse dispatch keys too) and are
+    refused with a message saying so, not with the dispatcher's 'Could not run ...'."""
+    if not _norm_ops.has_kernel("total_norm", "cpu"):
+        pytest.skip("fusedopt._C has no CPU total_norm kernel")
+    sparse = torch.eye(3).to_sparse()
+    for call in (lambda: torch.ops.fusedopt.total_norm([torch.ones(2), sparse], 2.0),
+                 lambda: torch.ops.fusedopt.scale_([sparse], torch.tensor(0.5)),
+                 lambda: torch.ops.fusedopt.clamp_([sparse], -1.0, 1.0),
+                 lambda: torch.ops.fusedopt.total_norm([torch.eye(3).to_sparse_csr()], 2.0)):
+        with pytest.raises(RuntimeError, match="sparse tensors are not supported"):
+            call()
 
 
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])

@@ -51,7 +51,7 @@ def set_grads(param_lists, step, seed=100):
     for params in zip(*param_lists):
         grad = torch.randn(params[0].shape, generator=g, dtype=torch.float64)
         for p in params:
-            p.grad = grad.to(p.dtype).clone()
+            p.grad = grad.to(device=p.device, dtype=p.dtype).clone()
 
 
 def assert_low_precision_close(a, b, max_ulps=4, max_fraction=0.05):
