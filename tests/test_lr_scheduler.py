@@ -709,6 +709,8 @@ BAD_ARGUMENTS = [
     (lambda o: fls.SequentialLR(o, [], milestones=[]), "schedulers"),
     (lambda o: fls.SequentialLR(o, [fls.ReduceLROnPlateau(o)], milestones=[]), "ReduceLROnPlateau"),
     (lambda o: fls.ChainedScheduler([fls.StepLR(o, 3), fls.StepLR(make_optimizer(), 3)]), "different optimizer"),
+    (lambda o: fls.ChainedScheduler([]), "schedulers"),
+    (lambda o: fls.ChainedScheduler([3]), "schedulers\\[0\\] is not a scheduler"),
     (lambda o: fls.WarmupCosineLR(o, warmup_steps=100, total_steps=100), "warmup_steps"),
     (lambda o: fls.WarmupCosineLR(o, 10, 100, min_lr=0.1, min_lr_ratio=0.1), "min_lr"),
     (lambda o: fls.WarmupCosineLR(o, 10, 100, min_lr_ratio=2.0), "min_lr_ratio"),

@@ -51,7 +51,8 @@ class ChainedScheduler(_CompositeState, LRScheduler):
     def __init__(self, schedulers: Sequence[Any], optimizer: Any = None) -> None:  # noqa: D107
         schedulers = list(schedulers)
         if optimizer is None and schedulers:
-            optimizer = schedulers[0].optimizer
+            # a non-scheduler here is reported by _check_members (ValueError), not as AttributeError
+            optimizer = getattr(schedulers[0], "optimizer", None)
         _check_members("ChainedScheduler", schedulers, optimizer)
         self._schedulers = schedulers
         self.optimizer = optimizer
