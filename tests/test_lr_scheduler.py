@@ -335,7 +335,10 @@ def test_closed_form_matches_torch_and_the_recursion(name, data):
         for scheduler, _ in pair:
             scheduler.step(epoch)
         assert_close(snapshot(pair[1][1]), snapshot(pair[0][1]), f"step({epoch})")
-    # and the closed form agrees with where step-by-step stepping gets to
+    # and the closed form agrees with where step-by-step stepping gets to. The recursion drifts by
+    # rounding: relative to the value (StepLR with gamma > 1 grows to 1e70 in 900 steps) or, near
+    # a zero of the cosine, to the base lr. Measured worst case over 500 random CosineAnnealingLR
+    # examples: 5e-13 (torch's own two paths differ by up to ~2e-12 relative there).
     optimizer = make_optimizer()
     recursive = run(build(fls, optimizer), optimizer, 900)
     optimizer = make_optimizer()
@@ -343,7 +346,8 @@ def test_closed_form_matches_torch_and_the_recursion(name, data):
     for epoch in sorted(set(epochs)):
         jumper.step(epoch)
         for closed, stepped, base in zip(snapshot(optimizer), recursive[epoch], (0.1, 0.03, 0.5)):
-            assert abs(closed - stepped) <= 1e-9 * base, f"epoch {epoch}: closed {closed} vs recursive {stepped}"
+            assert abs(closed - stepped) <= 1e-11 * max(base, abs(stepped)), \
+                f"epoch {epoch}: closed {closed} vs recursive {stepped}"
 
 
 @pytest.mark.parametrize("build", [
