@@ -869,6 +869,30 @@ def test_works_with_an_optimizer_that_only_has_param_groups():
         assert_close(snapshot(duck), snapshot(reference))
 
 
+@pytest.mark.parametrize("kind", ["AdamW", "SGD"])
+def test_drives_fusedopt_optimizers_like_torch(kind):
+    """Our OneCycleLR (lr and beta1 / momentum cycling) on fusedopt.optim trains exactly like
+    torch's OneCycleLR on torch.optim."""
+    fused = pytest.importorskip("fusedopt.optim")
+    extra = {"momentum": 0.9} if kind == "SGD" else {}
+    runs = []
+    for optim_module, sched_module, kwargs in ((fused, fls, {"backend": "reference"}), (torch.optim, tls, {})):
+        params = [torch.nn.Parameter(torch.linspace(-1, 1, 7) * (i + 1)) for i in range(2)]
+        optimizer = getattr(optim_module, kind)([{"params": [params[0]]}, {"params": [params[1]], "lr": 0.02}],
+                                                lr=0.01, **extra, **kwargs)
+        scheduler = sched_module.OneCycleLR(optimizer, max_lr=[0.1, 0.2], total_steps=25)
+        for i in range(25):
+            for p in params:
+                p.grad = torch.cos(p.detach() * (i + 1))
+            optimizer.step()
+            scheduler.step() if i < 24 else None
+        runs.append(([p.detach().clone() for p in params], snapshot(optimizer)))
+    (ours, ours_groups), (theirs, theirs_groups) = runs
+    assert_close(ours_groups, theirs_groups)  # the schedule: exact
+    for a, b in zip(ours, theirs):  # the training: up to the optimizers' own rounding differences
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # GradScaler: step the scheduler only when the optimizer stepped
 # --------------------------------------------------------------------------------------------
