@@ -4,14 +4,16 @@
 # Run inside an activated venv that has torch (a CUDA build, e.g. 2.14.1+cu130) and with nvcc on
 # PATH. It copies the source tree (git's tracked + untracked-but-not-ignored files) to a temp
 # dir, builds fusedopt._C there with the CUDA kernels forced on and one GPU architecture, imports
-# that copy and checks that the CUDA kernels of every op are registered. A .cu/.cpp file that
-# does not compile, a link error or a missing registration fails the check. Nothing in the repo
-# is written: the in-place fusedopt/_C*.so and build/ stay as they were.
+# that copy and checks that the CPU and CUDA kernels of every op (adam_, sgd_, total_norm, scale_,
+# clamp_) are registered. A .cu/.cpp file that does not compile, a link error or a missing
+# registration fails the check. Nothing in the repo is written: the in-place fusedopt/_C*.so and
+# build/ stay as they were.
 #
 # Environment: FUSEDOPT_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default 2), KEEP_BUILD=1 keeps
 # the temp dir. Runtime on the shared 2-core box: ~3 min of CPU; 10 min wall measured with
 # MAX_JOBS=1 under a load average of ~9. Most of it is the host C++ that includes torch headers
-# (csrc/ops.cpp alone ~1.5 min); the two .cu files take ~15 s.
+# (csrc/ops.cpp alone ~1.5 min); the three .cu files take ~20 s. With the clipping ops
+# (norm.cu, norm_ops.cpp): 6 min wall measured with MAX_JOBS=2 under a load average of ~4.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 
@@ -58,7 +60,7 @@ import torch
 work = sys.argv[1]
 sys.path.insert(0, work)
 import fusedopt  # noqa: E402
-from fusedopt import _ops  # noqa: E402
+from fusedopt import _norm_ops, _ops  # noqa: E402
 from fusedopt.backends import cuda  # noqa: E402
 
 assert os.path.realpath(fusedopt.__file__).startswith(os.path.realpath(work)), fusedopt.__file__
@@ -66,12 +68,15 @@ assert _ops.available(), f"fusedopt._C does not load: {_ops.LOAD_ERROR}"
 info = _ops.build_info()
 assert info.get("with_cuda"), f"build_info says CUDA was not built: {info.get('cuda_reason')}"
 has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
-missing = [f"fusedopt::{op} [{key}]" for op in _ops.OP_NAMES for key in ("CPU", "CUDA")
+# The optimizer ops (csrc/ops.cpp) and the clipping ops (csrc/cpu/norm.cpp, csrc/cuda/norm_ops.cpp).
+ops = list(_ops.OP_NAMES) + list(_norm_ops.OP_NAMES)
+missing = [f"fusedopt::{op} [{key}]" for op in ops for key in ("CPU", "CUDA")
            if not has_kernel(f"fusedopt::{op}", key)]
 assert not missing, f"kernels not registered: {missing}"
 assert cuda.kernels_registered()
+assert all(_norm_ops.has_kernel(op, "cuda") for op in _norm_ops.OP_NAMES)
 reason = cuda.BACKEND.unavailable_reason()
 assert reason is None or "no CUDA device" in reason, reason
-print(f"cuda_compile_check: OK: CUDA kernels registered for {list(_ops.OP_NAMES)} "
+print(f"cuda_compile_check: OK: CUDA kernels registered for {ops} "
       f"(arch {info.get('cuda_arch_list')}); backend here: {reason or 'available'}")
 PY
