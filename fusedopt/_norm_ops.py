@@ -1,4 +1,5 @@
-"""The native clipping ops (``csrc/cpu/norm.cpp``, ``csrc/cuda/norm.cu``) and their fake kernels.
+"""The native clipping ops and their fake kernels (``csrc/cpu/norm.cpp``; ``csrc/cuda/norm.cu``,
+``norm_ops.cpp``).
 
 ``fusedopt._C`` registers, next to the optimizer ops:
 

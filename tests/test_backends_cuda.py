@@ -683,7 +683,7 @@ def test_clip_ops_deterministic_without_sync():
 
 
 @needs_gpu
-def test_clip_scale_one_on_device_changes_nothing():
+def test_clip_ops_scale_one_on_device_changes_nothing():
     t = [randn((CHUNK + 3,), torch.bfloat16, 0), randn((5,), torch.float32, 1)]
     t[0][0] = float("nan")
     before = [bits(x) for x in t]

@@ -8,10 +8,11 @@ Clipping by norm scales every gradient by
 
 computed on the device from the norm tensor (no ``if norm > max_norm`` on the host). It costs one
 read of the gradients for the norm and, when ``c < 1``, one read-modify-write to scale them.
-On CPU tensors the scale kernel skips its pass when ``c == 1`` exactly (multiplying by one
-changes no bit), which on the host costs nothing to find out; on the GPU the multiply always
-runs, to stay sync-free. To pay for one read only, clip inside the step instead:
-``fusedopt.optim.AdamW(..., max_grad_norm=1.0)``.
+The native scale op skips its pass when ``c == 1`` exactly (multiplying by one changes no bit):
+on CPU tensors the host reads ``c`` (no sync there); the CUDA kernel reads it on the device and
+its threads return at once, so nothing waits for the GPU (``torch._foreach_mul_``, the fallback
+without native kernels, always multiplies). To pay for one read only, clip inside the step
+instead: ``fusedopt.optim.AdamW(..., max_grad_norm=1.0)``.
 """
 from __future__ import annotations
 
@@ -98,8 +99,9 @@ def clip_grad_norm_(parameters: TensorOrTensors, max_norm: float, norm_type: flo
 def clip_grad_value_(parameters: TensorOrTensors, clip_value: float,
                      foreach: Optional[bool] = None) -> None:
     """Drop-in for :func:`torch.nn.utils.clip_grad_value_`: clamp every gradient element to
-    ``[-clip_value, clip_value]`` in place (NaN stays NaN). CPU: one pass in one parallel region
-    (torch's foreach path makes two, clamp_min then clamp_max); CUDA: torch's foreach ops."""
+    ``[-clip_value, clip_value]`` in place (NaN stays NaN), in one pass: the native clamp op (CPU:
+    one parallel region; CUDA: one launch per dtype), where torch's foreach path makes two
+    (clamp_min then clamp_max). Without native kernels: torch's foreach ops."""
     with torch.no_grad():
         clip_value = float(clip_value)
         for device, group in by_device(_grads(parameters)).items():
