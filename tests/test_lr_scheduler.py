@@ -429,9 +429,14 @@ def test_reduce_on_plateau_matches_torch(mode, threshold_mode, factor, patience,
 
 @pytest.mark.parametrize("source, target", [(tls, fls), (fls, tls)])
 @pytest.mark.parametrize("name", ["StepLR", "CosineAnnealingLR", "OneCycleLR", "CosineAnnealingWarmRestarts",
-                                  "LinearLR", "CyclicLR"])
+                                  "LinearLR", "CyclicLR", "MultiStepLR", "SequentialLR", "ChainedScheduler"])
 def test_state_dict_loads_across_implementations(source, target, name):
     builders = {
+        "MultiStepLR": lambda m, o: m.MultiStepLR(o, milestones=[10, 50, 50, 130], gamma=0.5),
+        "SequentialLR": lambda m, o: m.SequentialLR(o, [m.LinearLR(o, 0.1, total_iters=20),
+                                                        m.CosineAnnealingLR(o, T_max=80)], milestones=[20]),
+        "ChainedScheduler": lambda m, o: m.ChainedScheduler([m.ConstantLR(o, factor=0.5, total_iters=130),
+                                                            m.ExponentialLR(o, gamma=0.99)]),
         "StepLR": lambda m, o: m.StepLR(o, step_size=7, gamma=0.5),
         "CosineAnnealingLR": lambda m, o: m.CosineAnnealingLR(o, T_max=50, eta_min=1e-3),
         "OneCycleLR": lambda m, o: m.OneCycleLR(o, max_lr=0.4, total_steps=300, three_phase=True),
