@@ -605,6 +605,7 @@ def test_norm_dispatch_choices():
     assert _norm.choose("auto", torch.device("cpu"), [torch.zeros(2, dtype=torch.complex64)], 2.0) == "reference"
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 def test_native_ops_refuse_sparse_tensors_clearly():
     """Sparse tensors reach the native ops (registered for the sparse dispatch keys too) and are
     refused with a message saying so, not with the dispatcher's 'Could not run ...'."""
