@@ -264,6 +264,17 @@ def test_checkpoints_keep_last_k_and_writes_are_atomic(tmp_path):
                                                                           "step_00000006.pt"]
 
 
+def test_resuming_a_finished_run_trains_nothing_and_reports_no_timings(tmp_path):
+    import math
+
+    cfg = tiny_cfg(tmp_path, max_steps=3)
+    train(cfg)
+    again = train(cfg.replace(resume="auto"))
+    assert again["steps"] == 3 and again["final_train_loss"] == [r["loss"] for r in curve(tmp_path) if "loss" in r][-1]
+    for key in ("mean_step_ms", "mean_optimizer_ms", "optimizer_share", "tokens_per_s"):
+        assert math.isnan(again[key]), key
+
+
 # --------------------------------------------------------------- the embedded default
 def test_embedded_default_runs_and_loss_falls(tmp_path, capsys):
     assert embedded_text_files(), "the package ships text files to train on"

@@ -91,12 +91,14 @@ class RunStats:
         self.tokens += tokens
 
     def summary(self) -> Dict[str, float]:
-        st = self.step_time or float("nan")
+        """Timing means; all NaN when no step was timed (e.g. resuming a finished run)."""
+        st = self.step_time if self.timed_steps else float("nan")
+        n = self.timed_steps or float("nan")
         return {
             "timed_steps": self.timed_steps,
-            "mean_step_ms": 1000.0 * st / max(self.timed_steps, 1),
+            "mean_step_ms": 1000.0 * st / n,
             "optimizer_share": self.opt_time / st,
-            "mean_optimizer_ms": 1000.0 * self.opt_time / max(self.timed_steps, 1),
+            "mean_optimizer_ms": 1000.0 * self.opt_time / n,
             "tokens_per_s": self.tokens / st,
             "wall_s": time.perf_counter() - self.start,
         }
