@@ -436,6 +436,10 @@ def test_config_precedence_defaults_file_cli(tmp_path):
     ym.write_text("batch-size: 12\namp: bf16\nprogress: false\n")
     cfg = parse_config(["--config", str(ym), "--batch-size", "4"])
     assert (cfg.batch_size, cfg.amp, cfg.progress) == (4, "bf16", False)
+    # PyYAML reads 3e-4 (no dot) as the string '3e-4'; float options accept it
+    ym.write_text("lr: 3e-4\neps: 1e-10\nmin_lr_ratio: 1\n")
+    cfg = parse_config(["--config", str(ym)])
+    assert (cfg.lr, cfg.eps, cfg.min_lr_ratio) == (3e-4, 1e-10, 1.0)
 
 
 def test_help_documents_every_option():

@@ -290,6 +290,12 @@ def config_from_mapping(values: Mapping[str, Any], base: Optional[TrainConfig] =
         expected = type(getattr(base, key))
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if expected is float and isinstance(value, str):
+            # PyYAML (YAML 1.1) reads `lr: 3e-4` (no dot in the mantissa) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass  # reported as a type error below
         if expected is bool and not isinstance(value, bool):
             raise ConfigError(f"option {key!r} in {source} must be true/false, got {value!r}")
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
