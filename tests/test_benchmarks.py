@@ -380,3 +380,50 @@ def test_run_group_statuses_for_broken_and_wrong_providers():
     assert all(r["bandwidth_gbps"] > 0 for r in records)
     table = common.format_table(workload, records)
     assert "rejected: wrong" in table and "good" in table
+
+
+# ----------------------------------------------------------------------------- summarize.py
+
+import summarize  # noqa: E402
+
+
+def _record(run_id, workload, provider, ms, speedup, status="ok", benchmark="adam", numel=10):
+    ok = status == "ok"
+    return {"benchmark": benchmark, "workload": workload, "provider": provider, "algo": "adamw",
+            "dtype": "fp32", "numel": numel, "tensors": 1, "status": status,
+            "ms_min": ms if ok else None, "frac_bw": 0.5 if ok else None,
+            "speedup_vs_torch_fused": speedup if ok else None, "bandwidth_gbps": 40.0,
+            "bandwidth_ref": "x.mul_", "load_avg": 1.0, "device": "CPU X", "device_type": "cpu",
+            "num_threads": 2, "torch_version": "2.x", "git_commit": "abc", "run_id": run_id,
+            "note": None if ok else "not importable"}
+
+
+def test_summarize_latest_run_table(tmp_path, capsys):
+    path = tmp_path / "r.jsonl"
+    records = [_record("2026-01-01", "gpt2", "torch-fused", 10.0, 1.0),
+               _record("2026-01-01", "gpt2", "fusedopt-cpu", 9.0, 1.11),
+               _record("2026-02-01", "gpt2", "torch-fused", 12.0, 1.0),
+               _record("2026-02-01", "gpt2", "fusedopt-cpu", 4.0, 3.0),
+               _record("2026-02-01", "sweep", "fusedopt-cpu", 1.0, 2.0),
+               _record("2026-02-01", "gpt2", "deepspeed-cpuadam", None, None, status="skipped")]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert summarize.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "run 2026-02-01" in out and "2026-01-01" not in out
+    row = [line for line in out.splitlines() if line.startswith("| GPT-2")]
+    assert row == ["| GPT-2 small (148 tensors, 124.4M params) | adamw | fp32 | 12.00 ms, 50% BW "
+                   "| 4.00 ms, 50% BW, **3.00x** |"]
+    assert "sweep" not in out  # sweeps only on request
+    assert "`deepspeed-cpuadam` not timed: skipped: not importable" in out
+    assert summarize.main([str(path), "--run", "all", "--workloads", "sweep"]) == 0
+    assert "sweep n=10" in capsys.readouterr().out
+
+
+def test_summarize_bad_input(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text("{not json}\n")
+    with pytest.raises(SystemExit, match="r.jsonl:1: not a JSON record"):
+        summarize.main([str(path)])
+    path.write_text(json.dumps(_record("a", "gpt2", "torch-fused", 1.0, 1.0)) + "\n")
+    with pytest.raises(SystemExit, match="no records with run_id 'b'"):
+        summarize.main([str(path), "--run", "b"])

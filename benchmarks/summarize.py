@@ -1,0 +1,140 @@
+"""Markdown tables of benchmark result files, for the README's results section.
+
+    python benchmarks/summarize.py benchmarks/results/adam-intel-xeon-2026-12-01.jsonl
+    python benchmarks/summarize.py FILE... --run latest|all|RUN_ID --workloads gpt2,1000x4096
+
+One table per run (``run_id``) and benchmark: a row per (workload, algo, dtype), a column group
+per provider with the minimum time, the fraction of the bandwidth reference measured in the
+same run and the speedup over ``torch-fused`` (both from minimum times, as the benchmarks print
+them). Sweep records are left out unless ``--workloads`` names ``sweep``. Skipped and rejected
+providers are listed under the table with their reason. Nothing is recomputed: every number is
+a field of the records (``common.RECORD_FIELDS``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import OrderedDict
+from typing import Dict, Iterable, List, Optional, Sequence
+
+WORKLOAD_LABELS = {"gpt2": "GPT-2 small (148 tensors, 124.4M params)",
+                   "1000x4096": "1000 x 4096", "10x4M": "10 x 4M", "tiny": "tiny"}
+
+
+def read_records(paths: Sequence[str]) -> List[dict]:
+    records = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise SystemExit(f"{path}:{number}: not a JSON record ({exc})") from None
+    return records
+
+
+def select_runs(records: List[dict], run: str) -> "OrderedDict[tuple, List[dict]]":
+    """Group records by (benchmark, run_id); keep the latest run per benchmark, all, or one."""
+    runs: "OrderedDict[tuple, List[dict]]" = OrderedDict()
+    for r in records:
+        runs.setdefault((r.get("benchmark"), r.get("run_id")), []).append(r)
+    if run == "all":
+        return runs
+    if run != "latest":
+        chosen = OrderedDict((k, v) for k, v in runs.items() if k[1] == run)
+        if not chosen:
+            raise SystemExit(f"no records with run_id {run!r}")
+        return chosen
+    latest: Dict[str, tuple] = {}
+    for key in runs:
+        bench, run_id = key
+        if bench not in latest or str(run_id) > str(latest[bench][1]):
+            latest[bench] = key
+    return OrderedDict((k, runs[k]) for k in runs if latest.get(k[0]) == k)
+
+
+def _fmt_ms(ms: Optional[float]) -> str:
+    if ms is None:
+        return "-"
+    return f"{ms:.3g}" if ms < 1 else f"{ms:.2f}" if ms < 100 else f"{ms:.0f}"
+
+
+def table(records: List[dict], workloads: Optional[Iterable[str]] = None) -> str:
+    wanted = set(workloads) if workloads else None
+    rows: "OrderedDict[tuple, Dict[str, dict]]" = OrderedDict()
+    providers: List[str] = []
+    notes: "OrderedDict[str, str]" = OrderedDict()
+    for r in records:
+        workload = r.get("workload")
+        if wanted is not None and workload not in wanted:
+            continue
+        if wanted is None and workload == "sweep":
+            continue
+        name = r["provider"]
+        if r.get("status") != "ok":
+            notes.setdefault(name, f"{r.get('status')}: {r.get('note')}")
+            continue
+        if name not in providers:
+            providers.append(name)
+        size = f" n={r['numel']}" if workload == "sweep" else ""
+        rows.setdefault((workload + size, r.get("algo"), r.get("dtype")), {})[name] = r
+    if not rows:
+        return "(no ok records)\n"
+    head = "| workload | algo | dtype | " + " | ".join(providers) + " |"
+    sep = "|---|---|---|" + "---|" * len(providers)
+    lines = [head, sep]
+    for (workload, algo, dtype), by_provider in rows.items():
+        cells = []
+        for name in providers:
+            r = by_provider.get(name)
+            if r is None:
+                cells.append("")
+                continue
+            cell = f"{_fmt_ms(r.get('ms_min'))} ms"
+            if r.get("frac_bw") is not None:
+                cell += f", {100 * r['frac_bw']:.0f}% BW"
+            if r.get("speedup_vs_torch_fused") is not None and name != "torch-fused":
+                cell += f", **{r['speedup_vs_torch_fused']:.2f}x**"
+            cells.append(cell)
+        label = WORKLOAD_LABELS.get(workload, workload)
+        lines.append(f"| {label} | {algo} | {dtype} | " + " | ".join(cells) + " |")
+    out = "\n".join(lines) + "\n"
+    for name, note in notes.items():
+        out += f"\n- `{name}` not timed: {note}"
+    return out + ("\n" if notes else "")
+
+
+def header(records: List[dict]) -> str:
+    r = records[0]
+    loads = [x["load_avg"] for x in records if x.get("load_avg") is not None]
+    bws = [x["bandwidth_gbps"] for x in records
+           if x.get("bandwidth_gbps") and x.get("workload") != "sweep"]
+    load = f"{min(loads):.1f} to {max(loads):.1f}" if loads else "?"
+    bw = f"{min(bws):.1f} to {max(bws):.1f}" if bws else "?"
+    return (f"**{r.get('benchmark')}** run {r.get('run_id')} on {r.get('device')} "
+            f"({r.get('device_type')}, {r.get('num_threads')} threads), torch "
+            f"{r.get('torch_version')}, commit {r.get('git_commit')}, load average {load}; "
+            f"bandwidth reference {r.get('bandwidth_ref')}: "
+            f"{bw} GB/s. Cells: min time, % of that bandwidth, "
+            "speedup over torch-fused (min times, same run).\n")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="+", help="JSON-lines result files")
+    parser.add_argument("--run", default="latest", help="latest (per benchmark), all, or a run_id")
+    parser.add_argument("--workloads", default=None,
+                        help="comma list (default: every workload but sweep)")
+    args = parser.parse_args(argv)
+    workloads = args.workloads.split(",") if args.workloads else None
+    for (_, _), records in select_runs(read_records(args.files), args.run).items():
+        sys.stdout.write(header(records) + "\n" + table(records, workloads) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
