@@ -154,24 +154,32 @@ def cyclic_lr(draw):
     base, top = draw(st.floats(1e-4, 0.05)), draw(st.floats(0.06, 1.0))
     up = draw(st.integers(1, 150))
     down = draw(st.one_of(st.none(), st.integers(1, 150)))
-    mode = draw(st.sampled_from(["triangular", "triangular2", "exp_range"]))
+    mode = draw(st.sampled_from(["triangular", "triangular2", "exp_range", "custom cycle", "custom iterations"]))
     gamma = draw(st.floats(0.99, 1.0))
     momentum = draw(st.booleans())
+    if draw(st.booleans()):  # one value per group
+        base, top = [base, base / 2, base * 1.5], [top, top / 3, top * 0.9]
+    if mode.startswith("custom"):
+        rate = draw(st.floats(0.0, 0.5))
+        extra = dict(scale_fn=lambda x: 1.0 / (1.0 + rate * x), scale_mode=mode.split()[1])
+    else:
+        extra = dict(mode=mode, gamma=gamma)
     return lambda m, o: m.CyclicLR(o, base_lr=base, max_lr=top, step_size_up=up, step_size_down=down,
-                                   mode=mode, gamma=gamma, cycle_momentum=momentum,
-                                   base_momentum=0.8, max_momentum=0.95)
+                                   cycle_momentum=momentum, base_momentum=[0.8, 0.85, 0.7],
+                                   max_momentum=0.95, **extra)
 
 
 @st.composite
 def one_cycle(draw):
     total = draw(st.integers(20, 1200))
+    steps_args = draw(st.sampled_from([dict(total_steps=total), dict(epochs=total // 20, steps_per_epoch=20)]))
     three = draw(st.booleans())
     pct = draw(st.floats(0.1, 0.45 if three else 0.9))
     strategy = draw(st.sampled_from(["cos", "linear"]))
     div, final_div = draw(st.floats(2.0, 50.0)), draw(st.floats(10.0, 1e5))
     max_lr = draw(st.one_of(lr_values, st.just([0.2, 0.05, 1.0])))
     momentum = draw(st.booleans())
-    return lambda m, o: m.OneCycleLR(o, max_lr=max_lr, total_steps=total, pct_start=pct, anneal_strategy=strategy,
+    return lambda m, o: m.OneCycleLR(o, max_lr=max_lr, **steps_args, pct_start=pct, anneal_strategy=strategy,
                                      div_factor=div, final_div_factor=final_div, three_phase=three,
                                      cycle_momentum=momentum)
 
