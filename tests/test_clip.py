@@ -647,3 +647,41 @@ def test_every_cpu_kernel_variant(isa):
                                            rtol=0, atol=0, equal_nan=True)
     finally:
         _ops._C._set_cpu_isa(previous)
+
+
+# ----------------------------------------------------------------------------- one-pass metadata
+
+
+def test_summary_reads_devices_dtypes_and_layouts():
+    tensors = [torch.zeros(2), torch.zeros(3, dtype=torch.float16), torch.zeros(1, dtype=torch.complex64)]
+    s = _norm.Summary(tensors)
+    assert s.devices == [torch.device("cpu")]
+    assert s.dtypes == {torch.float32, torch.float16, torch.complex64}
+    assert s.any_complex and not s.any_sparse
+    assert s.result_dtype() == torch.float32 and s.accumulate_dtype() == torch.float32
+    assert _norm.Summary([torch.zeros(2, dtype=torch.float64), torch.zeros(2)]).accumulate_dtype() == torch.float64
+    assert _norm.Summary([torch.eye(2).to_sparse()]).any_sparse
+    # several devices keep their order of first appearance
+    s = _norm.Summary([torch.zeros(1, device="meta"), torch.zeros(1), torch.zeros(1, device="meta")])
+    assert s.devices == [torch.device("meta"), torch.device("cpu")]
+    assert list(_norm.by_device([torch.zeros(1, device="meta"), torch.zeros(1)], s)) == s.devices
+    parts = _norm.Summary.from_parts([torch.device("cpu")] * 3, [torch.bfloat16, torch.float32])
+    assert parts.devices == [torch.device("cpu")] and parts.result_dtype() == torch.float32
+    assert not parts.any_complex and not parts.any_sparse
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_step_with_clipping_refuses_a_sparse_grad_given_after_the_first_step(backend):
+    if backends.available()[backend] is not None:
+        pytest.skip(f"{backend} backend unavailable")
+    params = make_params([(4, 3), (5,)])
+    opt = fusedopt.optim.AdamW(params, lr=0.1, max_grad_norm=1.0, backend=backend)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    params[1].grad = torch.ones(5).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert all(float(opt.state[p]["step"]) == 1.0 for p in params)

@@ -16,6 +16,8 @@ instead: ``fusedopt.optim.AdamW(..., max_grad_norm=1.0)``.
 """
 from __future__ import annotations
 
+import itertools
+import operator
 import types
 import warnings
 from typing import List, Optional, Sequence, Union
@@ -23,8 +25,8 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from .. import _norm_ops, backends
-from ._norm import (TensorOrTensors, as_list, by_device, check_finite, get_total_norm, result_dtype,
-                    to_device, total_norm)
+from ._norm import (Summary, TensorOrTensors, as_list, by_device, check_finite, get_total_norm,
+                    result_dtype, to_device, total_norm)
 
 Tensor = torch.Tensor
 
@@ -37,25 +39,38 @@ def clip_coefficient(max_norm: Union[float, Tensor], norm: Tensor) -> Tensor:
     return torch.clamp(max_norm / (norm + EPS), max=1.0)
 
 
+_get_grad = operator.attrgetter("grad")
+
+
 def _grads(parameters: TensorOrTensors) -> List[Tensor]:
-    return [p.grad for p in as_list(parameters) if p.grad is not None]
+    grads = list(map(_get_grad, as_list(parameters)))  # one C-level pass (p.grad: ~0.1 us each)
+    if any(map(operator.is_, grads, itertools.repeat(None))):
+        grads = [g for g in grads if g is not None]
+    return grads
 
 
-def scale_(tensors: Sequence[Tensor], scale: Tensor, backend: str = "auto") -> None:
-    """``t *= scale`` for every tensor (``scale``: a 0-dim tensor), one multi-tensor pass per device."""
-    for device, group in by_device(tensors).items():
+def scale_(tensors: Sequence[Tensor], scale: Tensor, backend: str = "auto",
+           summary: Optional[Summary] = None) -> None:
+    """``t *= scale`` for every tensor (``scale``: a 0-dim tensor), one multi-tensor pass per device.
+    ``summary``: the :class:`Summary` of ``tensors`` when the caller has it already."""
+    summary = Summary.of(tensors, summary)
+    groups = by_device(tensors, summary)
+    for device, group in groups.items():
         factor = to_device(scale, device)
-        if _native(device, group, "scale_", backend):
+        if _native(device, group, "scale_", backend, summary if len(groups) == 1 else None):
             torch.ops.fusedopt.scale_(group, factor)
         else:
             torch._foreach_mul_(group, factor)
 
 
-def _native(device: torch.device, group: Sequence[Tensor], op: str, backend: str = "auto") -> bool:
+def _native(device: torch.device, group: Sequence[Tensor], op: str, backend: str = "auto",
+            summary: Optional[Summary] = None) -> bool:
     """Whether the native op ``op`` runs ``group`` (``backend="reference"`` means torch ops)."""
     if backends.requested(backend) == "reference":
         return False
-    return _norm_ops.has_kernel(op, device.type) and not any(t.is_complex() for t in group)
+    if not _norm_ops.has_kernel(op, device.type):
+        return False
+    return not Summary.of(group, summary).any_complex
 
 
 def clip_grads_with_norm_(parameters: TensorOrTensors, max_norm: float, total_norm: Tensor,
@@ -87,13 +102,17 @@ def clip_grad_norm_(parameters: TensorOrTensors, max_norm: float, norm_type: flo
                 warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.",
                               stacklevel=2)
         grads = _grads(parameters)
-        norm = total_norm(grads, norm_type, backend)
+        if not grads:
+            norm = total_norm(grads, norm_type, backend)
+            if error_if_nonfinite:
+                check_finite(norm, norm_type)
+            return norm
+        summary = Summary(grads)
+        norm = total_norm(grads, norm_type, backend, summary)
         if error_if_nonfinite:
             check_finite(norm, norm_type)
-        if not grads:
-            return norm
-        scale_(grads, clip_coefficient(float(max_norm), norm), backend)
-        return norm.to(result_dtype(grads))
+        scale_(grads, clip_coefficient(float(max_norm), norm), backend, summary)
+        return norm.to(summary.result_dtype())
 
 
 def clip_grad_value_(parameters: TensorOrTensors, clip_value: float,
@@ -104,8 +123,11 @@ def clip_grad_value_(parameters: TensorOrTensors, clip_value: float,
     (clamp_min then clamp_max). Without native kernels: torch's foreach ops."""
     with torch.no_grad():
         clip_value = float(clip_value)
-        for device, group in by_device(_grads(parameters)).items():
-            if _native(device, group, "clamp_"):
+        grads = _grads(parameters)
+        summary = Summary(grads)
+        groups = by_device(grads, summary)
+        for device, group in groups.items():
+            if _native(device, group, "clamp_", summary=summary if len(groups) == 1 else None):
                 torch.ops.fusedopt.clamp_(group, -clip_value, clip_value)
             elif device.type == "cuda":  # two multi-tensor launches rather than one per tensor
                 torch._foreach_clamp_min_(group, -clip_value)

@@ -23,7 +23,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from ._clip import clip_coefficient
-from ._norm import to_device, total_norm
+from ._norm import Summary, to_device, total_norm
 
 Tensor = torch.Tensor
 
@@ -42,13 +42,14 @@ class StepScaling:
 
 def fold(grads: Sequence[Tensor], max_grad_norms: Sequence[Optional[float]],
          grad_scale: Optional[Tensor], found_inf: Optional[Tensor], skip_nonfinite: bool,
-         backend: str = "auto") -> StepScaling:
+         backend: str = "auto", summary: Optional[Summary] = None) -> StepScaling:
     """Compute the global 2-norm of ``grads`` once and the per-threshold effective scales.
 
     ``max_grad_norms``: the thresholds in use (one per param group; ``None``: no clipping for
-    that group, which then gets ``grad_scale`` unchanged).
+    that group, which then gets ``grad_scale`` unchanged). ``summary``: devices and dtypes of
+    ``grads`` as the optimizer knows them (spares a pass over the tensors).
     """
-    norm = total_norm(list(grads), 2.0, backend)
+    norm = total_norm(list(grads), 2.0, backend, summary)
     if grad_scale is not None:
         norm = norm / to_device(grad_scale, norm.device, norm.dtype)
     out = StepScaling(norm=norm, found_inf=found_inf)

@@ -188,8 +188,13 @@ class FusedOptimizer(Optimizer):
         skip = any(g.get("skip_nonfinite", False) for g in self.param_groups)
         if skip or any(m is not None for m in max_norms):
             all_grads = [g for _, _, grads, _ in work for g in grads]
+            # Buckets know their device and (real) dtype; sparse grads were refused by
+            # _bucket_grads or are refused by the native norm op before anything is written.
+            summary = clip_norm.Summary.from_parts([b.device for _, b, _, _ in work],
+                                                   [b.dtype for _, b, _, _ in work])
             scaling = clip_step.fold(all_grads, max_norms, grad_scale, found_inf, skip,
-                                     backend=self.param_groups[0].get("backend", "auto"))
+                                     backend=self.param_groups[0].get("backend", "auto"),
+                                     summary=summary)
             self.last_grad_norm = scaling.norm
         else:
             scaling = clip_step.StepScaling(grad_scales={None: grad_scale}, found_inf=found_inf)
