@@ -494,7 +494,7 @@ def test_bad_backend_name_and_unsupported_flags():
 def test_sparse_grad_raises(name):
     p = torch.zeros(4, 3, requires_grad=True)
     opt = PAIRS[name][0]([p], lr=0.1)
-    p.grad = torch.sparse_coo_tensor([[0, 2], [1, 1]], [1.0, 2.0], (4, 3))
+    p.grad = torch.sparse_coo_tensor([[0, 2], [1, 1]], [1.0, 2.0], (4, 3), check_invariants=True)
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
 
