@@ -427,3 +427,14 @@ def test_summarize_bad_input(tmp_path):
     path.write_text(json.dumps(_record("a", "gpt2", "torch-fused", 1.0, 1.0)) + "\n")
     with pytest.raises(SystemExit, match="no records with run_id 'b'"):
         summarize.main([str(path), "--run", "b"])
+
+
+# ----------------------------------------------------------------------------- ab_deepspeed.py
+
+def test_ab_deepspeed_without_deepspeed_says_how_to_install(monkeypatch):
+    import ab_deepspeed
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed -> ImportError
+    monkeypatch.setitem(sys.modules, "deepspeed.ops", None)
+    monkeypatch.setitem(sys.modules, "deepspeed.ops.adam", None)
+    with pytest.raises(SystemExit, match="DeepSpeedCPUAdam is not importable.*pip install deepspeed"):
+        ab_deepspeed.main(["--workload", "tiny", "--out", "none"])
