@@ -366,6 +366,26 @@ def test_found_inf_changes_nothing_bit_for_bit(algo):
 
 
 @needs_gpu
+@pytest.mark.parametrize("name", ["SGD", "AdamW"])
+def test_step_bumps_version_counters_like_torch(name):
+    """The CUDA ops bump the version counters of every tensor they write (params and state), so a
+    param saved for a backward that runs after the step raises autograd's in-place error."""
+    w = torch.nn.Parameter(torch.randn(5, device="cuda"))
+    x = torch.randn(5, device="cuda", requires_grad=True)
+    y = (w * x).sum()
+    w.grad = torch.ones_like(w)
+    kwargs = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.1)
+    opt = getattr(fusedopt.optim, name)([w], backend="cuda", **kwargs)
+    opt.step()
+    state = opt.state[w]
+    versions = {k: v._version for k, v in state.items() if torch.is_tensor(v)}
+    opt.step()
+    assert all(state[k]._version > v for k, v in versions.items()), versions
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+@needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_grad_scale_divides_on_the_fly(dtype):
     scale = 1024.0

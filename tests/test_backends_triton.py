@@ -317,6 +317,24 @@ def test_default_config_straddling_chunks(triton_backend, device, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["AdamW", "SGD"])
+def test_param_saved_for_backward_then_stepped_raises_like_torch(triton_backend, device, name):
+    """The kernels write behind autograd's back; the launcher bumps the params' version counters,
+    so a backward through a param updated since the forward raises instead of using new values."""
+    w = torch.nn.Parameter(torch.randn(5, device=device))
+    x = torch.randn(5, device=device, requires_grad=True)
+    y = (w * x).sum()  # saves w to compute x's gradient
+    w.grad = torch.ones_like(w)
+    kwargs = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.1)
+    opt = getattr(fusedopt.optim, name)([w], backend="triton", **kwargs)
+    version = w._version
+    opt.step()
+    assert w._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_empty_inputs(triton_backend, device):
     triton_backend.adam_([], [], [], [], [], [], **ADAM_DEFAULTS)
     triton_backend.sgd_([], [], [], lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0,

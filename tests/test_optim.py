@@ -521,6 +521,21 @@ def test_sparse_grad_after_first_step_raises_and_changes_nothing(name, backend):
         assert torch.equal(opt.state[params[1]][key], value), key
 
 
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_param_saved_for_backward_then_stepped_raises_like_torch(name, backend):
+    """Like torch.optim: the step bumps the params' version counters, so a backward through a
+    param updated since the forward raises autograd's in-place error (no silently stale graph)."""
+    w = torch.nn.Parameter(torch.randn(5))
+    x = torch.randn(5, requires_grad=True)
+    y = (w * x).sum()  # saves w to compute x's gradient
+    w.grad = torch.ones_like(w)
+    opt = PAIRS[name][0]([w], lr=0.1, backend=backend)
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
 def test_functional_list_length_mismatch_raises():
     params = make_params([(3,), (4,)])
     grads = [torch.ones(3)]

@@ -48,6 +48,19 @@ ScalarArg lr_arg(const char* op, double lr, const std::optional<at::Tensor>& lr_
 
 bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// In-place torch ops bump the autograd version counter of what they write, and torch's fused
+// optimizers do too; the dispatcher does not do it for custom ops. Without it, a param saved
+// for a backward that runs after the step would give wrong gradients instead of autograd's
+// "modified by an inplace operation" error. Host-side field increments, no device work.
+void bump_written_versions(const std::vector<ListArg>& lists) {
+  for (const ListArg& list : lists) {
+    if (!list.written) continue;
+    for (const at::Tensor& t : list.tensors) {
+      if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+    }
+  }
+}
+
 void check_launch(const char* op, cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
 }
@@ -95,6 +108,7 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
     check_launch(op, launch_adam(group.dtype, amsgrad, table, args, sms, stream));
   }
   copy_back(groups);
+  bump_written_versions(lists);
 }
 
 void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -133,6 +147,7 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
     check_launch(op, launch_sgd(group.dtype, table, args, sms, stream));
   }
   copy_back(groups);
+  bump_written_versions(lists);
 }
 
 // [full uploads, gradient-only uploads, reuses, tables cached]
