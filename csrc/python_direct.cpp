@@ -61,6 +61,19 @@ class BorrowedTensors {
     return true;
   }
 
+  // The .grad of each of `params` (already loaded), borrowed from the autograd metadata: what
+  // `[p.grad for p in params]` gives, without a Python attribute read per tensor (~0.1 us each).
+  // False when some param has no grad or a grad that needs the dispatcher.
+  bool load_grads_of(const BorrowedTensors& params) {
+    tensors_.reserve(params.tensors_.size());
+    for (const at::Tensor& p : params.tensors_) {
+      const at::Tensor& g = p.grad();
+      if (!g.defined() || g.key_set().has_any(kNeedsDispatcher)) return false;
+      tensors_.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(g));
+    }
+    return true;
+  }
+
   at::TensorList list() const { return tensors_; }
 
  private:
@@ -80,8 +93,9 @@ bool adam_direct(py::handle params, py::handle grads, py::handle exp_avgs,
                  const OptTensor& found_inf) {
   if (dispatch_modes_active()) return false;
   BorrowedTensors p, g, m, v, vmax, steps;
-  if (!p.load(params) || !g.load(grads) || !m.load(exp_avgs) || !v.load(exp_avg_sqs) ||
-      !vmax.load(max_exp_avg_sqs) || !steps.load(state_steps)) {
+  if (!p.load(params) || !(grads.is_none() ? g.load_grads_of(p) : g.load(grads)) ||
+      !m.load(exp_avgs) || !v.load(exp_avg_sqs) || !vmax.load(max_exp_avg_sqs) ||
+      !steps.load(state_steps)) {
     return false;
   }
   py::gil_scoped_release no_gil;
@@ -98,7 +112,10 @@ bool sgd_direct(py::handle params, py::handle grads, py::handle momentum_buffers
                 const OptTensor& grad_scale, const OptTensor& found_inf) {
   if (dispatch_modes_active()) return false;
   BorrowedTensors p, g, buf;
-  if (!p.load(params) || !g.load(grads) || !buf.load(momentum_buffers)) return false;
+  if (!p.load(params) || !(grads.is_none() ? g.load_grads_of(p) : g.load(grads)) ||
+      !buf.load(momentum_buffers)) {
+    return false;
+  }
   py::gil_scoped_release no_gil;
   RECORD_FUNCTION("fusedopt::sgd_", std::vector<c10::IValue>());
   cpu::sgd_cpu(p.list(), g.list(), buf.list(), lr, momentum, dampening, weight_decay, nesterov,
@@ -111,12 +128,14 @@ bool sgd_direct(py::handle params, py::handle grads, py::handle momentum_buffers
 void bind_direct_calls(py::module& m) {
   m.def("_adam_cpu", &adam_direct,
         "Eager fast path of torch.ops.fusedopt.adam_ for plain CPU tensors (positional "
-        "arguments in schema order). Returns False, doing nothing, when the call must go "
-        "through the dispatcher instead.");
+        "arguments in schema order; grads=None reads each param's .grad). Returns False, "
+        "doing nothing, when the call must go through the dispatcher instead (or, with "
+        "grads=None, when a param has no plain grad).");
   m.def("_sgd_cpu", &sgd_direct,
         "Eager fast path of torch.ops.fusedopt.sgd_ for plain CPU tensors (positional "
-        "arguments in schema order). Returns False, doing nothing, when the call must go "
-        "through the dispatcher instead.");
+        "arguments in schema order; grads=None reads each param's .grad). Returns False, "
+        "doing nothing, when the call must go through the dispatcher instead (or, with "
+        "grads=None, when a param has no plain grad).");
 }
 
 }  // namespace fusedopt

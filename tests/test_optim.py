@@ -575,3 +575,66 @@ def test_sgd_property(shapes, lr, momentum, dampening, weight_decay, nesterov, m
                  maximize=maximize)
     ours, params, ref, theirs = run_both("SGD", flags, backend, shapes=shapes, steps=5, lr=lr)
     assert_state_equal(ours, params, ref, theirs, rtol=1e-5, atol=1e-5)
+
+
+# ---- the fast path that lets the backend read each param's .grad --------------------------------
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+def _cpu_backend_or_skip():
+    reason = backends.available()["cpu"]
+    if reason is not None:
+        pytest.skip(f"cpu backend unavailable: {reason}")
+    return backends.get("cpu")
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_step_reading_grads_is_taken_and_matches_torch(name, monkeypatch):
+    """After the first step (which builds the cache), steps go through the backend's
+    *_reading_grads entry point, and the numbers stay torch's as grads change every step."""
+    cpu = type(_cpu_backend_or_skip())
+    method = "sgd_reading_grads" if name == "SGD" else "adam_reading_grads"
+    calls = []
+    original = getattr(cpu, method)
+    monkeypatch.setattr(cpu, method, lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    ours = make_params(SHAPES)
+    ref = clone_params(ours)
+    kwargs = dict(lr=0.05, momentum=0.9, nesterov=True) if name == "SGD" else dict(lr=0.05)
+    opt = PAIRS[name][0](ours, backend="cpu", **kwargs)
+    topt = PAIRS[name][1](ref, foreach=False, **kwargs)
+    for step in range(6):
+        set_grads([ours, ref], step)  # new grad tensors every step, as zero_grad(set_to_none) does
+        opt.step()
+        topt.step()
+    assert len(calls) == 5  # every step after the first
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert_state_equal(opt, ours, topt, ref)
+
+
+@pytest.mark.parametrize("change", ["grad_removed", "subclass_grad", "non_contiguous_grad"])
+def test_step_reading_grads_declines_and_general_path_handles_it(change):
+    """A grad that goes missing, becomes a tensor subclass or a non-contiguous view after the
+    cache was built: the fast path declines (changing nothing) and the step equals torch's."""
+    _cpu_backend_or_skip()
+    ours = make_params([(4, 6), (5,), (3, 3)])
+    ref = clone_params(ours)
+    opt = fusedopt.optim.AdamW(ours, lr=0.1, backend="cpu")
+    topt = torch.optim.AdamW(ref, lr=0.1, foreach=False)
+    for step in range(3):
+        set_grads([ours, ref], step)
+        if step == 2:
+            if change == "grad_removed":
+                ours[1].grad = ref[1].grad = None
+            elif change == "subclass_grad":
+                ours[0].grad = ours[0].grad.clone().as_subclass(_Subclass)
+            else:
+                g = torch.randn(6, 4)
+                ours[0].grad, ref[0].grad = g.t(), g.t().clone()
+        opt.step()
+        topt.step()
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert_state_equal(opt, ours, topt, ref)

@@ -15,6 +15,10 @@ eps, weight_decay, amsgrad, maximize, decoupled_weight_decay, grad_scale=None, f
 ``sgd_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov,
 maximize, is_first_step, grad_scale=None, found_inf=None)``
     one SGD step over the lists, in place.
+``adam_reading_grads(params, exp_avgs, ...)`` / ``sgd_reading_grads(params, momentum_buffers, ...)`` (optional)
+    the same steps reading every param's own ``.grad`` (no grads list): return True when done,
+    False having changed nothing when the general call must be made instead. The optimizers use
+    them when every param of a bucket has a grad and no clipping is folded into the step.
 ``rejects_sparse_grads`` (optional, default False)
     True when the backend's own argument checks reject sparse gradients before anything is
     written; the optimizers then skip their per-step Python check of every gradient's layout.

@@ -73,6 +73,39 @@ class CpuBackend:
             decoupled_weight_decay=hyper[7], lr_tensor=lr_tensor, grad_scale=grad_scale,
             found_inf=found_inf)
 
+    # ---- steps that read each param's own .grad (the optimizers' fast path) ------------------
+    # Same arguments as adam_/sgd_ without the grads: the native entry point reads `p.grad` of
+    # every param itself, sparing the step a Python attribute read per tensor (~0.1 us each).
+    # True when the step is done; False, having changed nothing, when it must take the general
+    # path (a param without a plain dense grad, a tensor subclass, a dispatch mode, compiling).
+
+    def adam_reading_grads(self, params: List[torch.Tensor], exp_avgs: List[torch.Tensor],
+                           exp_avg_sqs: List[torch.Tensor], max_exp_avg_sqs: List[torch.Tensor],
+                           state_steps: List[torch.Tensor], *, lr, beta1: float, beta2: float,
+                           eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
+                           decoupled_weight_decay: bool, grad_scale: Optional[torch.Tensor] = None,
+                           found_inf: Optional[torch.Tensor] = None) -> bool:
+        if not params or _is_compiling():
+            return False
+        lr_float, lr_tensor = _split_lr(lr)
+        return bool(_ops._C._adam_cpu(
+            params, None, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr_float,
+            float(beta1), float(beta2), float(eps), float(weight_decay), bool(amsgrad),
+            bool(maximize), bool(decoupled_weight_decay), lr_tensor, grad_scale, found_inf))
+
+    def sgd_reading_grads(self, params: List[torch.Tensor], momentum_buffers: List[torch.Tensor],
+                          *, lr, momentum: float, dampening: float, weight_decay: float,
+                          nesterov: bool, maximize: bool, is_first_step: bool,
+                          grad_scale: Optional[torch.Tensor] = None,
+                          found_inf: Optional[torch.Tensor] = None) -> bool:
+        if not params or _is_compiling():
+            return False
+        lr_float, lr_tensor = _split_lr(lr)
+        return bool(_ops._C._sgd_cpu(
+            params, None, momentum_buffers, lr_float, float(momentum), float(dampening),
+            float(weight_decay), bool(nesterov), bool(maximize), bool(is_first_step), lr_tensor,
+            grad_scale, found_inf))
+
     def sgd_(self, params: List[torch.Tensor], grads: List[torch.Tensor],
              momentum_buffers: List[torch.Tensor], *, lr, momentum: float, dampening: float,
              weight_decay: float, nesterov: bool, maximize: bool, is_first_step: bool,

@@ -119,17 +119,29 @@ class Adam(FusedOptimizer):
             if key not in state:
                 raise RuntimeError(f"{self.DISPLAY_NAME}: state of a parameter lacks {key!r}")
 
+    def _hyper(self, group, grad_scale, found_inf) -> Dict[str, Any]:
+        beta1, beta2 = group["betas"]
+        return dict(lr=group["lr"], beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
+                    weight_decay=float(group["weight_decay"]), amsgrad=group["amsgrad"],
+                    maximize=group["maximize"],
+                    decoupled_weight_decay=group["decoupled_weight_decay"],
+                    grad_scale=grad_scale, found_inf=found_inf)
+
+    def _state_args(self, group, bucket: GroupBucket) -> List[List[Tensor]]:
+        lists = bucket.state_lists
+        return [lists["exp_avg"], lists["exp_avg_sq"],
+                lists["max_exp_avg_sq"] if group["amsgrad"] else [], lists["step"]]
+
     def _apply(self, group, bucket: GroupBucket, grads: List[Tensor], grad_scale, found_inf,
                backend) -> None:
-        beta1, beta2 = group["betas"]
-        amsgrad = group["amsgrad"]
-        backend.adam_(
-            bucket.params, grads, bucket.state_lists["exp_avg"], bucket.state_lists["exp_avg_sq"],
-            bucket.state_lists["max_exp_avg_sq"] if amsgrad else [], bucket.state_lists["step"],
-            lr=group["lr"], beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
-            weight_decay=float(group["weight_decay"]), amsgrad=amsgrad, maximize=group["maximize"],
-            decoupled_weight_decay=group["decoupled_weight_decay"],
-            grad_scale=grad_scale, found_inf=found_inf)
+        backend.adam_(bucket.params, grads, *self._state_args(group, bucket),
+                      **self._hyper(group, grad_scale, found_inf))
+
+    def _apply_reading_grads(self, group, bucket: GroupBucket, grad_scale, found_inf,
+                             backend) -> bool:
+        step = getattr(backend, "adam_reading_grads", None)
+        return step is not None and step(bucket.params, *self._state_args(group, bucket),
+                                         **self._hyper(group, grad_scale, found_inf))
 
 
 class AdamW(Adam):

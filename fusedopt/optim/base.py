@@ -165,8 +165,12 @@ class FusedOptimizer(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        clipping = any(g.get("max_grad_norm") is not None or g.get("skip_nonfinite", False)
+                       for g in self.param_groups)
         work = []
         for group in self.param_groups:
+            if not clipping and self._step_reading_grads(group, grad_scale, found_inf):
+                continue
             grads = list(map(_get_grad, group["params"]))
             cache = self._group_cache(group, grads)
             for bucket in cache.buckets:
@@ -179,6 +183,31 @@ class FusedOptimizer(Optimizer):
                 scale = clip_norm.to_device(scale, bucket.device)
             self._apply(group, bucket, bucket_grads, scale, scaling.found_inf, backend)
         return loss
+
+    def _step_reading_grads(self, group: Dict[str, Any], grad_scale: Optional[Tensor],
+                            found_inf: Optional[Tensor]) -> bool:
+        """Fast path: step ``group`` with a backend that reads each param's ``.grad`` itself, when
+        the group's cache was built with every param having a grad, holds one bucket of real
+        params, and nothing needs the grads in Python (no clipping). The backend declines
+        (nothing changed) when a grad is now missing or unusual; the caller then takes the
+        general path, which sees the new situation and rebuilds the cache."""
+        cache = self._group_caches.get(id(group))
+        params = group["params"]
+        if (cache is None or cache.present is not None or cache.params_ref is not params
+                or cache.state_version != self._state_version or len(cache.buckets) != 1):
+            return False
+        bucket = cache.buckets[0]
+        if not bucket.all_grads or bucket.has_complex or len(bucket.params) != len(params):
+            return False
+        backend = self._select_backend(group, bucket)
+        # (skipped steps are counted once per step, by _fold_clipping)
+        return self._apply_reading_grads(group, bucket, grad_scale, found_inf, backend)
+
+    def _count_skipped(self, found_inf: Optional[Tensor]) -> None:
+        if found_inf is not None:
+            skipped = (found_inf != 0).to(torch.int64)
+            counter = getattr(self, "skipped_steps", None)
+            self.skipped_steps = skipped if counter is None else counter + skipped.to(counter.device)
 
     def _fold_clipping(self, work, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]):
         """``max_grad_norm`` / ``skip_nonfinite``: fold the global-norm clip coefficient into the
@@ -198,10 +227,7 @@ class FusedOptimizer(Optimizer):
             self.last_grad_norm = scaling.norm
         else:
             scaling = clip_step.StepScaling(grad_scales={None: grad_scale}, found_inf=found_inf)
-        if scaling.found_inf is not None:
-            skipped = (scaling.found_inf != 0).to(torch.int64)
-            counter = getattr(self, "skipped_steps", None)
-            self.skipped_steps = skipped if counter is None else counter + skipped.to(counter.device)
+        self._count_skipped(scaling.found_inf)
         return scaling
 
     def _bucket_grads(self, bucket: GroupBucket, grads: List[Optional[Tensor]], backend) -> List[Tensor]:
@@ -283,4 +309,10 @@ class FusedOptimizer(Optimizer):
                backend) -> None:
         """One backend call (or a few) updating ``bucket`` with ``backend``."""
         raise NotImplementedError
+
+    def _apply_reading_grads(self, group, bucket: GroupBucket, grad_scale, found_inf,
+                             backend) -> bool:
+        """Like :meth:`_apply` with a backend that reads the params' grads itself; False (nothing
+        done) when the backend or the state does not allow it."""
+        return False
 

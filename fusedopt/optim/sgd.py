@@ -75,12 +75,30 @@ class SGD(FusedOptimizer):
     def _init_state(self, group, p: Tensor, state: Dict[str, Any]) -> None:
         """Nothing up front: like torch.optim, the buffer appears at the first step."""
 
+    @staticmethod
+    def _hyper(group, grad_scale, found_inf) -> Dict[str, Any]:
+        return dict(lr=group["lr"], momentum=float(group["momentum"]),
+                    dampening=float(group["dampening"]),
+                    weight_decay=float(group["weight_decay"]), nesterov=group["nesterov"],
+                    maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf)
+
+    def _apply_reading_grads(self, group, bucket: GroupBucket, grad_scale, found_inf,
+                             backend) -> bool:
+        step = getattr(backend, "sgd_reading_grads", None)
+        if step is None:
+            return False
+        hyper = self._hyper(group, grad_scale, found_inf)
+        if hyper["momentum"] == 0:
+            return step(bucket.params, [], is_first_step=False, **hyper)
+        buffers = bucket.state_lists["momentum_buffer"]
+        if _any_none(buffers):  # first step of some params: the general path creates buffers
+            return False
+        return step(bucket.params, buffers, is_first_step=False, **hyper)
+
     def _apply(self, group, bucket: GroupBucket, grads: List[Tensor], grad_scale, found_inf,
                backend) -> None:
-        momentum = float(group["momentum"])
-        hyper = dict(lr=group["lr"], momentum=momentum, dampening=float(group["dampening"]),
-                     weight_decay=float(group["weight_decay"]), nesterov=group["nesterov"],
-                     maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf)
+        hyper = self._hyper(group, grad_scale, found_inf)
+        momentum = hyper["momentum"]
         if momentum == 0:
             backend.sgd_(bucket.params, grads, [], is_first_step=False, **hyper)
             return
