@@ -436,6 +436,26 @@ def test_grad_scaler_unscale_then_clip_does_not_unscale_twice(backend):
 
 # ---- dispatch ---------------------------------------------------------------------------------------
 
+def test_backend_choice_follows_env_var_after_steps(monkeypatch):
+    """The bucket remembers its backend per request: setting FUSEDOPT_BACKEND between steps
+    switches it, unsetting it switches back."""
+    if backends.available()["cpu"] is not None:
+        pytest.skip("cpu backend unavailable")
+    params = make_params([(3,)])
+    params[0].grad = torch.ones(3)
+    opt = fusedopt.optim.AdamW(params, backend="cpu")
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    opt.step()
+    bucket = _bucket(opt, params)
+    assert opt._select_backend(opt.param_groups[0], bucket).name == "cpu"
+    monkeypatch.setenv(backends.ENV_VAR, "reference")
+    opt.step()
+    assert bucket.backend.name == "reference"
+    monkeypatch.delenv(backends.ENV_VAR)
+    opt.step()
+    assert bucket.backend.name == "cpu"
+
+
 def test_env_var_overrides_backend(monkeypatch):
     params = make_params([(3,)])
     opt = fusedopt.optim.AdamW(params, backend="cpu")

@@ -167,9 +167,16 @@ def _select_auto(device: torch.device, dtype: torch.dtype):
     return backend
 
 
+#: Bumped by :func:`clear_cache`; callers that remember a selection (the optimizers' buckets)
+#: compare it to know their choice is stale.
+generation = 0
+
+
 def clear_cache() -> None:
     """Forget cached selections (tests that change the environment use this)."""
+    global generation
     _select_cache.clear()
+    generation += 1
 
 
 __all__ = [
