@@ -51,6 +51,26 @@ class CpuBackend:
             return f"dtype {dtype} not supported (float32, float64, bfloat16, float16 are)"
         return None
 
+    # Each algorithm's arguments are converted once (_adam_hyper / _sgd_hyper) for the native
+    # direct entry point (grads=None: it reads every param's own .grad); adam_/sgd_ add the
+    # dispatcher fallback, while the *_reading_grads methods report a refusal
+    # (*_reading_grads, the optimizers' fast path: True when done, False having changed nothing
+    # when the general path must run: a param without a plain dense grad, a tensor subclass, a
+    # dispatch mode, compiling).
+
+    @staticmethod
+    def _adam_hyper(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                    decoupled_weight_decay):
+        lr_float, lr_tensor = _split_lr(lr)
+        return (lr_float, float(beta1), float(beta2), float(eps), float(weight_decay),
+                bool(amsgrad), bool(maximize), bool(decoupled_weight_decay)), lr_tensor
+
+    @staticmethod
+    def _sgd_hyper(lr, momentum, dampening, weight_decay, nesterov, maximize, is_first_step):
+        lr_float, lr_tensor = _split_lr(lr)
+        return (lr_float, float(momentum), float(dampening), float(weight_decay),
+                bool(nesterov), bool(maximize), bool(is_first_step)), lr_tensor
+
     def adam_(self, params: List[torch.Tensor], grads: List[torch.Tensor],
               exp_avgs: List[torch.Tensor], exp_avg_sqs: List[torch.Tensor],
               max_exp_avg_sqs: List[torch.Tensor], state_steps: List[torch.Tensor], *,
@@ -60,24 +80,17 @@ class CpuBackend:
               found_inf: Optional[torch.Tensor] = None) -> None:
         if not params:
             return  # the dispatcher needs at least one tensor to pick a kernel
-        lr_float, lr_tensor = _split_lr(lr)
-        args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
-        hyper = (lr_float, float(beta1), float(beta2), float(eps), float(weight_decay),
-                 bool(amsgrad), bool(maximize), bool(decoupled_weight_decay))
-        if not _is_compiling() and _ops._C._adam_cpu(*args, *hyper, lr_tensor, grad_scale,
+        lists = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+        hyper, lr_tensor = self._adam_hyper(lr, beta1, beta2, eps, weight_decay, amsgrad,
+                                            maximize, decoupled_weight_decay)
+        if not _is_compiling() and _ops._C._adam_cpu(*lists, *hyper, lr_tensor, grad_scale,
                                                       found_inf):
             return
         torch.ops.fusedopt.adam_(
-            *args, lr=hyper[0], beta1=hyper[1], beta2=hyper[2], eps=hyper[3],
+            *lists, lr=hyper[0], beta1=hyper[1], beta2=hyper[2], eps=hyper[3],
             weight_decay=hyper[4], amsgrad=hyper[5], maximize=hyper[6],
             decoupled_weight_decay=hyper[7], lr_tensor=lr_tensor, grad_scale=grad_scale,
             found_inf=found_inf)
-
-    # ---- steps that read each param's own .grad (the optimizers' fast path) ------------------
-    # Same arguments as adam_/sgd_ without the grads: the native entry point reads `p.grad` of
-    # every param itself, sparing the step a Python attribute read per tensor (~0.1 us each).
-    # True when the step is done; False, having changed nothing, when it must take the general
-    # path (a param without a plain dense grad, a tensor subclass, a dispatch mode, compiling).
 
     def adam_reading_grads(self, params: List[torch.Tensor], exp_avgs: List[torch.Tensor],
                            exp_avg_sqs: List[torch.Tensor], max_exp_avg_sqs: List[torch.Tensor],
@@ -87,24 +100,10 @@ class CpuBackend:
                            found_inf: Optional[torch.Tensor] = None) -> bool:
         if not params or _is_compiling():
             return False
-        lr_float, lr_tensor = _split_lr(lr)
-        return bool(_ops._C._adam_cpu(
-            params, None, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr_float,
-            float(beta1), float(beta2), float(eps), float(weight_decay), bool(amsgrad),
-            bool(maximize), bool(decoupled_weight_decay), lr_tensor, grad_scale, found_inf))
-
-    def sgd_reading_grads(self, params: List[torch.Tensor], momentum_buffers: List[torch.Tensor],
-                          *, lr, momentum: float, dampening: float, weight_decay: float,
-                          nesterov: bool, maximize: bool, is_first_step: bool,
-                          grad_scale: Optional[torch.Tensor] = None,
-                          found_inf: Optional[torch.Tensor] = None) -> bool:
-        if not params or _is_compiling():
-            return False
-        lr_float, lr_tensor = _split_lr(lr)
-        return bool(_ops._C._sgd_cpu(
-            params, None, momentum_buffers, lr_float, float(momentum), float(dampening),
-            float(weight_decay), bool(nesterov), bool(maximize), bool(is_first_step), lr_tensor,
-            grad_scale, found_inf))
+        hyper, lr_tensor = self._adam_hyper(lr, beta1, beta2, eps, weight_decay, amsgrad,
+                                            maximize, decoupled_weight_decay)
+        return bool(_ops._C._adam_cpu(params, None, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                      state_steps, *hyper, lr_tensor, grad_scale, found_inf))
 
     def sgd_(self, params: List[torch.Tensor], grads: List[torch.Tensor],
              momentum_buffers: List[torch.Tensor], *, lr, momentum: float, dampening: float,
@@ -113,9 +112,8 @@ class CpuBackend:
              found_inf: Optional[torch.Tensor] = None) -> None:
         if not params:
             return
-        lr_float, lr_tensor = _split_lr(lr)
-        hyper = (lr_float, float(momentum), float(dampening), float(weight_decay),
-                 bool(nesterov), bool(maximize), bool(is_first_step))
+        hyper, lr_tensor = self._sgd_hyper(lr, momentum, dampening, weight_decay, nesterov,
+                                           maximize, is_first_step)
         if not _is_compiling() and _ops._C._sgd_cpu(params, grads, momentum_buffers, *hyper,
                                                      lr_tensor, grad_scale, found_inf):
             return
@@ -124,6 +122,18 @@ class CpuBackend:
             dampening=hyper[2], weight_decay=hyper[3], nesterov=hyper[4], maximize=hyper[5],
             is_first_step=hyper[6], lr_tensor=lr_tensor, grad_scale=grad_scale,
             found_inf=found_inf)
+
+    def sgd_reading_grads(self, params: List[torch.Tensor], momentum_buffers: List[torch.Tensor],
+                          *, lr, momentum: float, dampening: float, weight_decay: float,
+                          nesterov: bool, maximize: bool, is_first_step: bool,
+                          grad_scale: Optional[torch.Tensor] = None,
+                          found_inf: Optional[torch.Tensor] = None) -> bool:
+        if not params or _is_compiling():
+            return False
+        hyper, lr_tensor = self._sgd_hyper(lr, momentum, dampening, weight_decay, nesterov,
+                                           maximize, is_first_step)
+        return bool(_ops._C._sgd_cpu(params, None, momentum_buffers, *hyper, lr_tensor,
+                                     grad_scale, found_inf))
 
 
 BACKEND = CpuBackend()

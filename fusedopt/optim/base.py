@@ -9,7 +9,6 @@ The cache is dropped when the group's params, the set of params with gradients, 
 """
 from __future__ import annotations
 
-import itertools
 import operator
 import os
 from typing import Any, Dict, List, Optional, Sequence
@@ -18,20 +17,14 @@ import torch
 from torch.optim.optimizer import Optimizer
 
 from .. import backends
+from .._lists import any_none as _any_none
+from .._lists import get_grad as _get_grad
 from ..clip import _norm as clip_norm
 from ..clip import _step as clip_step
 
 Tensor = torch.Tensor
 
-# C-level helpers for the per-step loops over 1000s of tensors (a generator expression costs
-# ~2x more per element than map() with a C function).
-_get_grad = operator.attrgetter("grad")
 _is_sparse = operator.attrgetter("is_sparse")
-
-
-def _any_none(items: List[Any]) -> bool:
-    # (`None in items` would call Tensor.__eq__ on every tensor: ~25 us each)
-    return any(map(operator.is_, items, itertools.repeat(None)))
 
 
 class GroupBucket:
@@ -168,8 +161,9 @@ class FusedOptimizer(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        clipping = any(g.get("max_grad_norm") is not None or g.get("skip_nonfinite", False)
-                       for g in self.param_groups)
+        max_norms = [g.get("max_grad_norm") for g in self.param_groups]
+        skip = any(g.get("skip_nonfinite", False) for g in self.param_groups)
+        clipping = skip or any(m is not None for m in max_norms)
         work = []
         for group in self.param_groups:
             if not clipping and self._step_reading_grads(group, grad_scale, found_inf):
@@ -182,7 +176,7 @@ class FusedOptimizer(Optimizer):
         if not work:  # every group took the fast path (no clipping)
             self._count_skipped(found_inf)
             return loss
-        scaling = self._fold_clipping(work, grad_scale, found_inf)
+        scaling = self._fold_clipping(work, grad_scale, found_inf, max_norms, skip)
         for group, bucket, bucket_grads, backend in work:
             scale = scaling.grad_scale_for(group.get("max_grad_norm"))
             if scale is not None and scale.device != bucket.device:
@@ -215,12 +209,11 @@ class FusedOptimizer(Optimizer):
             counter = getattr(self, "skipped_steps", None)
             self.skipped_steps = skipped if counter is None else counter + skipped.to(counter.device)
 
-    def _fold_clipping(self, work, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]):
+    def _fold_clipping(self, work, grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
+                       max_norms: List[Optional[float]], skip: bool):
         """``max_grad_norm`` / ``skip_nonfinite``: fold the global-norm clip coefficient into the
         grad scale each kernel divides by, and non-finite gradients into ``found_inf``, all on the
         device (see :mod:`fusedopt.clip._step`). Sets ``last_grad_norm`` and ``skipped_steps``."""
-        max_norms = [g.get("max_grad_norm") for g in self.param_groups]
-        skip = any(g.get("skip_nonfinite", False) for g in self.param_groups)
         if skip or any(m is not None for m in max_norms):
             all_grads = [g for _, _, grads, _ in work for g in grads]
             # Buckets know their device and (real) dtype; sparse grads were refused by

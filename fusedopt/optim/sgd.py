@@ -21,7 +21,8 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
-from .base import FusedOptimizer, GroupBucket, _any_none, check_hyperparameter
+from .._lists import any_none as _any_none
+from .base import FusedOptimizer, GroupBucket, check_hyperparameter
 
 Tensor = torch.Tensor
 
