@@ -23,6 +23,8 @@
 // at once, since x * 1 == x bit for bit.
 #pragma once
 
+#include <type_traits>
+
 #include "fusedopt/norm.h"
 #include "multi_tensor.cuh"
 
@@ -72,16 +74,20 @@ struct NormElements {
   }
 };
 
-// One partial per chunk of `table` (all of storage type S): see the file comment.
-template <typename S, Kind K>
-__global__ void __launch_bounds__(kBlockThreads, kBlocksPerSm)
-norm_partials_kernel(const WorkTable table, const NormPartialsArgs args) {
-  using M = math_t<S>;
-  __shared__ double scratch[kBlockThreads];
+// Walks the chunks this block owns (block_chunk_range), in order: points `op.x` at the chunk's
+// tensor (list 0 of the table; `op.x` may be `const S*`), calls before(c, chunk), folds the
+// chunk's elements with for_each_element (16-byte packs when the tensor is aligned), then calls
+// after(c, chunk). Every thread of the block makes the same calls (hooks may hold barriers).
+struct NoChunkHook {
+  __device__ __forceinline__ void operator()(int32_t, const ChunkRef&) const {}
+};
+
+template <typename S, typename Op, typename Before = NoChunkHook, typename After = NoChunkHook>
+__device__ __forceinline__ void for_each_chunk(const WorkTable& table, Op& op,
+                                               Before before = {}, After after = {}) {
+  using Ptr = decltype(op.x);
   int32_t first, last;
   block_chunk_range(table.num_chunks, first, last);
-  NormElements<S, K> op;
-  op.p = static_cast<M>(args.p);
   constexpr int V = kVecElems<S>;
   int32_t current = -1;
   bool vectorize = false;
@@ -90,15 +96,31 @@ norm_partials_kernel(const WorkTable table, const NormPartialsArgs args) {
     const ChunkRef chunk = table.chunks[c];
     if (chunk.tensor != current) {
       current = chunk.tensor;
-      op.x = table_ptr<const S>(table, 0, current);
+      op.x = table_ptr<std::remove_pointer_t<Ptr>>(table, 0, current);
       numel = table.numels[current];
       vectorize = aligned16(op.x);
     }
     const int64_t begin = static_cast<int64_t>(chunk.index) * kChunkElems;
     const int64_t end = begin + kChunkElems < numel ? begin + kChunkElems : numel;
+    before(c, chunk);
+    for_each_element<V>(begin, end, vectorize, op);
+    after(c, chunk);
+  }
+}
+
+// One partial per chunk of `table` (all of storage type S): see the file comment.
+template <typename S, Kind K>
+__global__ void __launch_bounds__(kBlockThreads, kBlocksPerSm)
+norm_partials_kernel(const WorkTable table, const NormPartialsArgs args) {
+  using M = math_t<S>;
+  __shared__ double scratch[kBlockThreads];
+  NormElements<S, K> op;
+  op.p = static_cast<M>(args.p);
+  auto start_chunk = [&](int32_t, const ChunkRef&) {
     op.acc = norm::identity<M>(K);
     op.nan_seen = false;
-    for_each_element<V>(begin, end, vectorize, op);
+  };
+  auto store_partial = [&](int32_t c, const ChunkRef& chunk) {
     double mine = static_cast<double>(op.acc);
     if (op.nan_seen) mine = norm::quiet_nan<double>();
     const double partial = block_merge(K, mine, scratch);
@@ -106,7 +128,8 @@ norm_partials_kernel(const WorkTable table, const NormPartialsArgs args) {
       args.partials[args.slot0 + c] = partial;
       if constexpr (K == Kind::kL0) args.tensor_starts[args.slot0 + c] = chunk.index == 0 ? 1.0 : 0.0;
     }
-  }
+  };
+  for_each_chunk<S>(table, op, start_chunk, store_partial);
 }
 
 // The norm from the partials of every dtype's launch: see the file comment. One block.
@@ -171,29 +194,6 @@ struct ClampElements {
     store_pack<N>(x, e, v);
   }
 };
-
-// Applies an element op with a member `x` (S*) to every chunk of this block.
-template <typename S, typename Op>
-__device__ __forceinline__ void for_each_chunk(const WorkTable& table, Op& op) {
-  int32_t first, last;
-  block_chunk_range(table.num_chunks, first, last);
-  constexpr int V = kVecElems<S>;
-  int32_t current = -1;
-  bool vectorize = false;
-  int64_t numel = 0;
-  for (int32_t c = first; c < last; ++c) {
-    const ChunkRef chunk = table.chunks[c];
-    if (chunk.tensor != current) {
-      current = chunk.tensor;
-      op.x = table_ptr<S>(table, 0, current);
-      numel = table.numels[current];
-      vectorize = aligned16(op.x);
-    }
-    const int64_t begin = static_cast<int64_t>(chunk.index) * kChunkElems;
-    const int64_t end = begin + kChunkElems < numel ? begin + kChunkElems : numel;
-    for_each_element<V>(begin, end, vectorize, op);
-  }
-}
 
 // x *= scale over every tensor of `table`.
 template <typename S>

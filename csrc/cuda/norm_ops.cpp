@@ -173,6 +173,22 @@ at::Tensor total_norm_cuda(at::TensorList tensors, double norm_type) {
   return out;
 }
 
+// The element-wise ops (scale_, clamp_): one launch per dtype present, `launch(dtype, table,
+// sms, stream)` returning the launch's cudaError_t, then working copies written back and
+// version counters bumped.
+template <class Launch>
+void rewrite_in_place(const char* op, at::TensorList tensors, const Call& call, Launch&& launch) {
+  Groups groups = make_groups(tensors, call, /*written=*/true);
+  const int device = call.device.index();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  const int sms = groups.plan.empty() ? 0 : sm_count(device);
+  for (size_t k = 0; k < groups.plan.size(); ++k) {
+    const WorkTable table = acquire_table(OpKind::kClip, groups.plan[k].dtype, groups.lists[k], 0);
+    check_launch(op, launch(groups.plan[k].dtype, table, sms, stream));
+  }
+  finish_writes(groups, tensors);
+}
+
 void scale_cuda(at::TensorList tensors, const at::Tensor& scale) {
   static constexpr const char* op = "scale_";
   TORCH_CHECK(scale.defined() && scale.numel() == 1,
@@ -199,15 +215,10 @@ void scale_cuda(at::TensorList tensors, const at::Tensor& scale) {
     factor.is_double = on_device.scalar_type() == at::kDouble;
   }
 
-  Groups groups = make_groups(tensors, call, /*written=*/true);
-  const int device = call.device.index();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  const int sms = groups.plan.empty() ? 0 : sm_count(device);
-  for (size_t k = 0; k < groups.plan.size(); ++k) {
-    const WorkTable table = acquire_table(OpKind::kClip, groups.plan[k].dtype, groups.lists[k], 0);
-    check_launch(op, launch_scale(groups.plan[k].dtype, table, factor, sms, stream));
-  }
-  finish_writes(groups, tensors);
+  rewrite_in_place(op, tensors, call, [&](DType dtype, const WorkTable& table, int sms,
+                                          cudaStream_t stream) {
+    return launch_scale(dtype, table, factor, sms, stream);
+  });
 }
 
 void clamp_cuda(at::TensorList tensors, double min, double max) {
@@ -215,15 +226,10 @@ void clamp_cuda(at::TensorList tensors, double min, double max) {
   if (tensors.empty()) return;
   const Call call = validate(op, tensors, /*written=*/true);
   const c10::cuda::CUDAGuard guard(call.device);
-  Groups groups = make_groups(tensors, call, /*written=*/true);
-  const int device = call.device.index();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  const int sms = groups.plan.empty() ? 0 : sm_count(device);
-  for (size_t k = 0; k < groups.plan.size(); ++k) {
-    const WorkTable table = acquire_table(OpKind::kClip, groups.plan[k].dtype, groups.lists[k], 0);
-    check_launch(op, launch_clamp(groups.plan[k].dtype, table, min, max, sms, stream));
-  }
-  finish_writes(groups, tensors);
+  rewrite_in_place(op, tensors, call, [&](DType dtype, const WorkTable& table, int sms,
+                                          cudaStream_t stream) {
+    return launch_clamp(dtype, table, min, max, sms, stream);
+  });
 }
 
 }  // namespace
