@@ -200,7 +200,7 @@ class FusedOptimizer(Optimizer):
         if not bucket.all_grads or bucket.has_complex or len(bucket.params) != len(params):
             return False
         backend = self._select_backend(group, bucket)
-        # (skipped steps are counted once per step, by _fold_clipping)
+        # (skipped steps are counted once per step, by step() itself)
         return self._apply_reading_grads(group, bucket, grad_scale, found_inf, backend)
 
     def _count_skipped(self, found_inf: Optional[Tensor]) -> None:
