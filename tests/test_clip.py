@@ -649,6 +649,40 @@ def test_every_cpu_kernel_variant(isa):
         _ops._C._set_cpu_isa(previous)
 
 
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("n", [1, 127, 129, 1000, 16384 + 1000])
+def test_cpu_kernels_see_every_element_of_every_stream(isa, n):
+    """The CPU clipping kernels walk a chunk (16384 elements) as 8 sub-ranges side by side plus
+    a tail (norm_kernels_impl.h): a maximum or a NaN at the start, middle or end of any of them
+    is found, and scale_/clamp_ rewrite every element exactly once."""
+    if not _norm_ops.has_kernel("total_norm", "cpu"):
+        pytest.skip("fusedopt._C has no CPU total_norm kernel")
+    from fusedopt import _ops
+    try:
+        previous = _ops._C._set_cpu_isa(isa)
+    except RuntimeError as exc:
+        pytest.skip(f"{isa} not available here: {exc}")
+    positions = sorted({min(n - 1, max(0, k)) for frac in range(17)
+                        for k in (n * frac // 16 - 1, n * frac // 16)})
+    try:
+        for dtype in DTYPES:
+            base = grads_for([(n,)], dtype)[0].clamp(-1, 1)
+            for pos in positions:
+                x = base.clone()
+                x[pos] = -100.0
+                assert fusedopt.get_total_norm([x], INF, backend="cpu").item() == 100.0, (dtype, pos)
+                x[pos] = float("nan")
+                for norm_type in (2.0, INF, 1.0):
+                    assert math.isnan(fusedopt.get_total_norm([x], norm_type, backend="cpu").item())
+            x = base.clone()
+            torch.ops.fusedopt.scale_([x], torch.tensor(0.5))
+            torch.testing.assert_close(x, base * 0.5, rtol=0, atol=0)
+            torch.ops.fusedopt.clamp_([x], -0.25, 0.25)
+            torch.testing.assert_close(x, (base * 0.5).clamp(-0.25, 0.25), rtol=0, atol=0)
+    finally:
+        _ops._C._set_cpu_isa(previous)
+
+
 # ----------------------------------------------------------------------------- one-pass metadata
 
 
