@@ -581,11 +581,13 @@ def slug(text: str) -> str:
 
 
 def git_commit() -> Optional[str]:
-    """Short commit of this checkout, with '+dirty' when benchmarks/fusedopt/csrc have changes."""
+    """Short commit of this checkout, with '+dirty' when the code measured (fusedopt/, csrc/,
+    benchmarks/ except the result files, which every run appends to) has uncommitted changes."""
+    paths = ["fusedopt", "csrc", "benchmarks", ":(exclude)benchmarks/results"]
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
                                 capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fusedopt", "csrc", "benchmarks"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *paths],
                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
     except Exception:
         return None

@@ -139,6 +139,30 @@ def test_default_results_path():
     assert common.default_results_path("adam", torch.device("cpu"), quick=True).parent.name == "quick"
 
 
+def test_git_commit_marks_code_changes_but_not_appended_results(tmp_path, monkeypatch):
+    """Every run appends to benchmarks/results/: that must not make the next run's commit
+    '+dirty', while a change to the code measured must."""
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+    for rel in ("fusedopt/x.py", "csrc/x.cpp", "benchmarks/bench.py", "benchmarks/results/r.jsonl",
+                "docs/d.md"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("0\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init")
+    monkeypatch.setattr(common, "REPO_ROOT", tmp_path)
+    clean = common.git_commit()
+    assert clean and not clean.endswith("+dirty")
+    (tmp_path / "benchmarks/results/r.jsonl").write_text("0\n1\n")
+    (tmp_path / "docs/d.md").write_text("changed\n")
+    assert common.git_commit() == clean
+    for rel in ("fusedopt/x.py", "csrc/x.cpp", "benchmarks/bench.py"):
+        (tmp_path / rel).write_text("changed\n")
+        assert common.git_commit() == clean + "+dirty", rel
+        git("checkout", "--", rel)
+
+
 def test_slug():
     assert common.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert common.slug("AMD EPYC 9654 96-Core Processor") == "amd-epyc-9654-96-core-processor"
