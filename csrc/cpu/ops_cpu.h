@@ -1,5 +1,6 @@
 // The CPU implementations of the fusedopt ops (registered for the CPU dispatch key in
-// adam.cpp / sgd.cpp). Declared here so that ops.cpp can also bind them directly.
+// adam.cpp / sgd.cpp / norm.cpp). Declared here so that python_direct.cpp can also call them
+// directly.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -22,6 +23,10 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
              bool maximize, bool is_first_step, const std::optional<at::Tensor>& lr_tensor,
              const std::optional<at::Tensor>& grad_scale,
              const std::optional<at::Tensor>& found_inf);
+
+// fusedopt::total_norm and fusedopt::scale_ (norm.cpp).
+at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type);
+void scale_cpu(at::TensorList tensors, const at::Tensor& scale);
 
 }  // namespace cpu
 }  // namespace fusedopt

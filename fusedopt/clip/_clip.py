@@ -54,7 +54,7 @@ def scale_(tensors: Sequence[Tensor], scale: Tensor, backend: str = "auto",
     for device, group in groups.items():
         factor = to_device(scale, device)
         if _native(device, group, "scale_", backend, summary if len(groups) == 1 else None):
-            torch.ops.fusedopt.scale_(group, factor)
+            _norm_ops.scale_(group, factor)
         else:
             torch._foreach_mul_(group, factor)
 

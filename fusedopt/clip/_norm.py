@@ -26,7 +26,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .. import _norm_ops, backends
+from .. import _norm_ops, _ops, backends
 
 Tensor = torch.Tensor
 TensorOrTensors = Union[Tensor, Iterable[Tensor]]
@@ -45,6 +45,11 @@ def real_dtype(dtype: torch.dtype) -> torch.dtype:
     return _COMPLEX_TO_REAL.get(dtype, dtype)
 
 
+try:
+    from torch.compiler import is_compiling as _is_compiling
+except ImportError:  # torch < 2.3 spelled it here
+    from torch._dynamo import is_compiling as _is_compiling
+
 # Every Tensor attribute read from Python costs ~0.1 us (torch's getters), so the metadata of a
 # list is read in ONE pass (one C-level map over the list), not once per question asked of it.
 _METADATA = operator.attrgetter("device", "dtype", "layout")
@@ -56,6 +61,17 @@ class Summary:
     __slots__ = ("devices", "dtypes", "any_complex", "any_sparse")
 
     def __init__(self, tensors: Sequence[Tensor]):
+        # One C++ pass when every element is a plain tensor (~10 ns a tensor against ~0.6 us);
+        # not under torch.compile, where dynamo traces the Python pass instead.
+        if not isinstance(tensors, (list, tuple)):
+            tensors = list(tensors)  # read twice when the C++ pass declines
+        summarize = getattr(_ops._C, "_summarize", None)
+        native = None if summarize is None or _is_compiling() else summarize(tensors)
+        if native is not None:
+            self.devices, dtypes, self.any_sparse = native
+            self.dtypes = set(dtypes)
+            self.any_complex = any(d.is_complex for d in self.dtypes)
+            return
         metadata = set(map(_METADATA, tensors))
         #: distinct devices, in order of first appearance when there are several
         self.devices: List[torch.device] = list({m[0]: None for m in metadata})
@@ -158,7 +174,7 @@ def device_norm(tensors: Sequence[Tensor], norm_type: float, backend: str = "aut
         summary = Summary(tensors)
     how = choose(backend, summary.devices[0], tensors, norm_type, summary)
     if how == "native":
-        return torch.ops.fusedopt.total_norm(list(tensors), norm_type)
+        return _norm_ops.total_norm(tensors, norm_type)
     if how == "triton":
         from ..backends.triton import norm as triton_norm
         return triton_norm.total_norm(tensors, norm_type)
