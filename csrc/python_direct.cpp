@@ -136,10 +136,15 @@ bool all_cpu(at::TensorList tensors) {
 }
 
 // torch.ops.fusedopt.total_norm without boxing; None when the dispatcher must take the call.
-py::object total_norm_direct(py::handle tensors, double norm_type) {
+// With of_grads, `tensors` are params and the norm is that of their .grad (None when one has
+// no grad): what an optimizer step with max_grad_norm needs, without a grads list in Python.
+py::object total_norm_direct(py::handle tensors, double norm_type, bool of_grads) {
   if (dispatch_modes_active()) return py::none();
-  BorrowedTensors t;
-  if (!t.load(tensors) || !all_cpu(t.list())) return py::none();
+  BorrowedTensors loaded, grads;
+  if (!loaded.load(tensors)) return py::none();
+  if (of_grads && !grads.load_grads_of(loaded)) return py::none();
+  const BorrowedTensors& t = of_grads ? grads : loaded;
+  if (!all_cpu(t.list())) return py::none();
   at::Tensor out;
   {
     py::gil_scoped_release no_gil;
@@ -200,9 +205,11 @@ py::object summarize(py::handle sequence) {
 }  // namespace
 
 void bind_direct_calls(py::module& m) {
-  m.def("_total_norm_cpu", &total_norm_direct,
-        "Eager fast path of torch.ops.fusedopt.total_norm for plain CPU tensors; None, doing "
-        "nothing, when the call must go through the dispatcher instead.");
+  m.def("_total_norm_cpu", &total_norm_direct, py::arg("tensors"), py::arg("norm_type"),
+        py::arg("of_grads") = false,
+        "Eager fast path of torch.ops.fusedopt.total_norm for plain CPU tensors (of_grads=True: "
+        "the norm of the .grad of each tensor of the list); None, doing nothing, when the call "
+        "must go through the dispatcher instead (or a tensor has no plain grad).");
   m.def("_scale_cpu", &scale_direct,
         "Eager fast path of torch.ops.fusedopt.scale_ for plain CPU tensors; False, doing "
         "nothing, when the call must go through the dispatcher instead.");

@@ -400,6 +400,69 @@ def test_max_grad_norm_per_group_and_large_threshold(backend):
     assert_state_equal(ours, params, ref, theirs, rtol=2e-5, atol=1e-6)
 
 
+def test_cpu_step_with_clipping_reads_the_grads_in_cpp(monkeypatch):
+    """From the second step on (the group caches exist), a clipped CPU step computes the norm
+    from the params' grads in C++ (backend.norm_of_grads) and steps each group through the
+    grads-reading path; when that declines (a grad removed) the general path takes the step.
+    Either way the numbers are torch's clip (global norm, per-group thresholds) then step."""
+    from fusedopt.backends import cpu as cpu_backend
+    if backends.available()["cpu"] is not None or not _norm_ops.has_kernel("total_norm", "cpu"):
+        pytest.skip("cpu backend or its norm op unavailable")
+    results = []
+    original = cpu_backend.CpuBackend.norm_of_grads
+
+    def spy(self, params, norm_type=2.0):
+        out = original(self, params, norm_type)
+        results.append(out is not None)
+        return out
+
+    monkeypatch.setattr(cpu_backend.CpuBackend, "norm_of_grads", spy)
+    params = make_params(SHAPES)
+    theirs = clone_params(params)
+    groups = _groups(params)
+    groups[1]["max_grad_norm"] = None
+    ours = fusedopt.optim.Adam(groups, lr=1e-2, max_grad_norm=0.5, backend="cpu")
+    ref = torch.optim.Adam(_groups(theirs), lr=1e-2, foreach=False)
+    half = len(SHAPES) // 2
+    for step in range(5):
+        set_grads([params, theirs], step)
+        if step == 2:  # a grad removed: the C++ read declines, the general path steps
+            params[0].grad = theirs[0].grad = None
+        grads = [q.grad for q in theirs if q.grad is not None]
+        total = torch.nn.utils.get_total_norm(grads)
+        torch.nn.utils.clip_grads_with_norm_([q for q in theirs[:half] if q.grad is not None],
+                                             0.5, total)
+        ours.step()
+        ref.step()
+        torch.testing.assert_close(ours.last_grad_norm, total, rtol=1e-6, atol=0)
+        assert_state_equal(ours, params, ref, theirs, rtol=2e-5, atol=1e-6)
+    # step 0: no caches yet (general path, no call); 1: C++ read; 2: declined (the general path
+    # rebuilds the caches for the missing grad); 3: no call (those caches are not for the fast
+    # path; rebuilt again with every grad present); 4: C++ read again
+    assert results == [True, False, True]
+
+
+def test_cpu_step_with_skip_nonfinite_reading_grads_skips_and_counts():
+    if backends.available()["cpu"] is not None or not _norm_ops.has_kernel("total_norm", "cpu"):
+        pytest.skip("cpu backend or its norm op unavailable")
+    params = make_params(SHAPES)
+    opt = fusedopt.optim.AdamW(_groups(params), lr=1e-2, max_grad_norm=1.0, skip_nonfinite=True,
+                               backend="cpu")
+    set_grads([params], 0)
+    opt.step()
+    opt.step()  # the caches exist: this and the next step read the grads in C++
+    before = [p.detach().clone() for p in params]
+    state = copy.deepcopy(opt.state_dict())
+    params[2].grad[7] = float("inf")
+    opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    after = opt.state_dict()
+    for key, value in state["state"].items():
+        for name, tensor in value.items():
+            assert torch.equal(after["state"][key][name], tensor), (key, name)
+    assert int(opt.skipped_steps) == 1 and not torch.isfinite(opt.last_grad_norm)
+
+
 @pytest.mark.parametrize("backend", opt_backends())
 def test_state_dict_interchange_with_torch(backend):
     params = make_params(SHAPES)

@@ -49,7 +49,14 @@ def fold(grads: Sequence[Tensor], max_grad_norms: Sequence[Optional[float]],
     that group, which then gets ``grad_scale`` unchanged). ``summary``: devices and dtypes of
     ``grads`` as the optimizer knows them (spares a pass over the tensors).
     """
-    norm = total_norm(list(grads), 2.0, backend, summary)
+    return fold_norm(total_norm(list(grads), 2.0, backend, summary), max_grad_norms, grad_scale,
+                     found_inf, skip_nonfinite)
+
+
+def fold_norm(norm: Tensor, max_grad_norms: Sequence[Optional[float]],
+              grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
+              skip_nonfinite: bool) -> StepScaling:
+    """:func:`fold` given the 2-norm of the gradients as stored (computed by the caller)."""
     if grad_scale is not None:
         norm = norm / to_device(grad_scale, norm.device, norm.dtype)
     out = StepScaling(norm=norm, found_inf=found_inf)
@@ -68,4 +75,4 @@ def fold(grads: Sequence[Tensor], max_grad_norms: Sequence[Optional[float]],
     return out
 
 
-__all__ = ["StepScaling", "fold"]
+__all__ = ["StepScaling", "fold", "fold_norm"]

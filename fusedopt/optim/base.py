@@ -164,19 +164,27 @@ class FusedOptimizer(Optimizer):
         max_norms = [g.get("max_grad_norm") for g in self.param_groups]
         skip = any(g.get("skip_nonfinite", False) for g in self.param_groups)
         clipping = skip or any(m is not None for m in max_norms)
+        # With clipping, the fast path needs the norm first: read in C++ from the params'
+        # grads when every group allows it (None otherwise: the general path computes it).
+        scaling = self._fold_clipping_reading_grads(grad_scale, found_inf, max_norms, skip) \
+            if clipping else None
         work = []
         for group in self.param_groups:
-            if not clipping and self._step_reading_grads(group, grad_scale, found_inf):
-                continue
+            if not clipping or scaling is not None:
+                scale, inf = (grad_scale, found_inf) if scaling is None else \
+                    (scaling.grad_scale_for(group.get("max_grad_norm")), scaling.found_inf)
+                if self._step_reading_grads(group, scale, inf):
+                    continue
             grads = list(map(_get_grad, group["params"]))
             cache = self._group_cache(group, grads)
             for bucket in cache.buckets:
                 backend = self._select_backend(group, bucket)
                 work.append((group, bucket, self._bucket_grads(bucket, grads, backend), backend))
-        if not work:  # every group took the fast path (no clipping)
-            self._count_skipped(found_inf)
-            return loss
-        scaling = self._fold_clipping(work, grad_scale, found_inf, max_norms, skip)
+        if scaling is None:
+            if not work:  # every group took the fast path (no clipping)
+                self._count_skipped(found_inf)
+                return loss
+            scaling = self._fold_clipping(work, grad_scale, found_inf, max_norms, skip)
         for group, bucket, bucket_grads, backend in work:
             scale = scaling.grad_scale_for(group.get("max_grad_norm"))
             if scale is not None and scale.device != bucket.device:
@@ -191,17 +199,53 @@ class FusedOptimizer(Optimizer):
         params, and nothing needs the grads in Python (no clipping). The backend declines
         (nothing changed) when a grad is now missing or unusual; the caller then takes the
         general path, which sees the new situation and rebuilds the cache."""
-        cache = self._group_caches.get(id(group))
-        params = group["params"]
-        if (cache is None or cache.present is not None or cache.params_ref is not params
-                or cache.state_version != self._state_version or len(cache.buckets) != 1):
-            return False
-        bucket = cache.buckets[0]
-        if not bucket.all_grads or bucket.has_complex or len(bucket.params) != len(params):
+        bucket = self._fast_path_bucket(group)
+        if bucket is None:
             return False
         backend = self._select_backend(group, bucket)
         # (skipped steps are counted once per step, by step() itself)
         return self._apply_reading_grads(group, bucket, grad_scale, found_inf, backend)
+
+    def _fast_path_bucket(self, group: Dict[str, Any]) -> Optional[GroupBucket]:
+        """The one bucket of ``group``'s cache when the fast path may read the grads in C++:
+        the cache is current and was built with every param having a grad, all of them real
+        and in one bucket. None otherwise."""
+        cache = self._group_caches.get(id(group))
+        params = group["params"]
+        if (cache is None or cache.present is not None or cache.params_ref is not params
+                or cache.state_version != self._state_version or len(cache.buckets) != 1):
+            return None
+        bucket = cache.buckets[0]
+        if not bucket.all_grads or bucket.has_complex or len(bucket.params) != len(params):
+            return None
+        return bucket
+
+    def _fold_clipping_reading_grads(self, grad_scale: Optional[Tensor],
+                                     found_inf: Optional[Tensor], max_norms: List[Optional[float]],
+                                     skip: bool):
+        """:meth:`_fold_clipping` with the global norm read by the backend from the params'
+        grads (one C++ call, no grads list in Python), when every group can take the fast path
+        with one backend that can do that. None (nothing done) otherwise."""
+        buckets = []
+        for group in self.param_groups:
+            bucket = self._fast_path_bucket(group)
+            if bucket is None:
+                return None
+            buckets.append((group, bucket))
+        chosen = {self._select_backend(group, bucket) for group, bucket in buckets}
+        if len(chosen) != 1:
+            return None
+        norm_of_grads = getattr(chosen.pop(), "norm_of_grads", None)
+        if norm_of_grads is None:
+            return None
+        params = [p for _, bucket in buckets for p in bucket.params]
+        norm = norm_of_grads(params, 2.0)
+        if norm is None:
+            return None
+        scaling = clip_step.fold_norm(norm, max_norms, grad_scale, found_inf, skip)
+        self.last_grad_norm = scaling.norm
+        self._count_skipped(scaling.found_inf)
+        return scaling
 
     def _count_skipped(self, found_inf: Optional[Tensor]) -> None:
         if found_inf is not None:
