@@ -22,11 +22,7 @@ import functools
 import torch
 
 from . import _ops
-
-try:
-    from torch.compiler import is_compiling as _is_compiling
-except ImportError:  # torch < 2.3 spelled it here
-    from torch._dynamo import is_compiling as _is_compiling
+from ._compiling import is_compiling as _is_compiling
 
 OP_NAMES = ("total_norm", "scale_", "clamp_")
 

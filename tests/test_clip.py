@@ -683,67 +683,59 @@ def test_native_ops_refuse_sparse_tensors_clearly():
             call()
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
-def test_every_cpu_kernel_variant(isa):
-    """The clipping kernels are compiled per ISA (like the optimizer kernels): test each one."""
+@pytest.fixture(params=["scalar", "avx2", "avx512"])
+def cpu_isa(request):
+    """Runs the test with the CPU kernels of one ISA (the clipping kernels are compiled per ISA,
+    like the optimizer kernels); skips where this machine or build lacks it."""
     if not _norm_ops.has_kernel("total_norm", "cpu"):
         pytest.skip("fusedopt._C has no CPU total_norm kernel")
     from fusedopt import _ops
     try:
-        previous = _ops._C._set_cpu_isa(isa)
+        previous = _ops._C._set_cpu_isa(request.param)
     except RuntimeError as exc:
-        pytest.skip(f"{isa} not available here: {exc}")
-    try:
-        for dtype in DTYPES:
-            tensors = grads_for([(5, 3), (40000,), (33,)], dtype)
-            tensors[1][77] = float("nan") if dtype == torch.float32 else tensors[1][77]
-            for norm_type in NORMS + [0.0, -INF]:
-                ours = fusedopt.get_total_norm(tensors, norm_type, backend="cpu")
-                exact = torch.nn.utils.get_total_norm([t.double() for t in tensors], norm_type)
-                torch.testing.assert_close(ours.double(), exact, rtol=rtol_of(dtype), atol=0,
-                                           equal_nan=True)
-            grads = [t.clone() for t in tensors]
-            torch.ops.fusedopt.scale_(grads, torch.tensor(0.75))
-            torch.ops.fusedopt.clamp_(grads, -0.5, 0.5)
-            for g, t in zip(grads, tensors):
-                torch.testing.assert_close(g, (t * torch.tensor(0.75)).clamp(-0.5, 0.5),
-                                           rtol=0, atol=0, equal_nan=True)
-    finally:
-        _ops._C._set_cpu_isa(previous)
+        pytest.skip(f"{request.param} not available here: {exc}")
+    yield request.param
+    _ops._C._set_cpu_isa(previous)
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_every_cpu_kernel_variant(cpu_isa):
+    for dtype in DTYPES:
+        tensors = grads_for([(5, 3), (40000,), (33,)], dtype)
+        tensors[1][77] = float("nan") if dtype == torch.float32 else tensors[1][77]
+        for norm_type in NORMS + [0.0, -INF]:
+            ours = fusedopt.get_total_norm(tensors, norm_type, backend="cpu")
+            exact = torch.nn.utils.get_total_norm([t.double() for t in tensors], norm_type)
+            torch.testing.assert_close(ours.double(), exact, rtol=rtol_of(dtype), atol=0,
+                                       equal_nan=True)
+        grads = [t.clone() for t in tensors]
+        torch.ops.fusedopt.scale_(grads, torch.tensor(0.75))
+        torch.ops.fusedopt.clamp_(grads, -0.5, 0.5)
+        for g, t in zip(grads, tensors):
+            torch.testing.assert_close(g, (t * torch.tensor(0.75)).clamp(-0.5, 0.5),
+                                       rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("n", [1, 127, 129, 1000, 16384 + 1000])
-def test_cpu_kernels_see_every_element_of_every_stream(isa, n):
+def test_cpu_kernels_see_every_element_of_every_stream(cpu_isa, n):
     """The CPU clipping kernels walk a chunk (16384 elements) as 8 sub-ranges side by side plus
     a tail (norm_kernels_impl.h): a maximum or a NaN at the start, middle or end of any of them
     is found, and scale_/clamp_ rewrite every element exactly once."""
-    if not _norm_ops.has_kernel("total_norm", "cpu"):
-        pytest.skip("fusedopt._C has no CPU total_norm kernel")
-    from fusedopt import _ops
-    try:
-        previous = _ops._C._set_cpu_isa(isa)
-    except RuntimeError as exc:
-        pytest.skip(f"{isa} not available here: {exc}")
     positions = sorted({min(n - 1, max(0, k)) for frac in range(17)
                         for k in (n * frac // 16 - 1, n * frac // 16)})
-    try:
-        for dtype in DTYPES:
-            base = grads_for([(n,)], dtype)[0].clamp(-1, 1)
-            for pos in positions:
-                x = base.clone()
-                x[pos] = -100.0
-                assert fusedopt.get_total_norm([x], INF, backend="cpu").item() == 100.0, (dtype, pos)
-                x[pos] = float("nan")
-                for norm_type in (2.0, INF, 1.0):
-                    assert math.isnan(fusedopt.get_total_norm([x], norm_type, backend="cpu").item())
+    for dtype in DTYPES:
+        base = grads_for([(n,)], dtype)[0].clamp(-1, 1)
+        for pos in positions:
             x = base.clone()
-            torch.ops.fusedopt.scale_([x], torch.tensor(0.5))
-            torch.testing.assert_close(x, base * 0.5, rtol=0, atol=0)
-            torch.ops.fusedopt.clamp_([x], -0.25, 0.25)
-            torch.testing.assert_close(x, (base * 0.5).clamp(-0.25, 0.25), rtol=0, atol=0)
-    finally:
-        _ops._C._set_cpu_isa(previous)
+            x[pos] = -100.0
+            assert fusedopt.get_total_norm([x], INF, backend="cpu").item() == 100.0, (dtype, pos)
+            x[pos] = float("nan")
+            for norm_type in (2.0, INF, 1.0):
+                assert math.isnan(fusedopt.get_total_norm([x], norm_type, backend="cpu").item())
+        x = base.clone()
+        torch.ops.fusedopt.scale_([x], torch.tensor(0.5))
+        torch.testing.assert_close(x, base * 0.5, rtol=0, atol=0)
+        torch.ops.fusedopt.clamp_([x], -0.25, 0.25)
+        torch.testing.assert_close(x, (base * 0.5).clamp(-0.25, 0.25), rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- one-pass metadata

@@ -17,13 +17,9 @@ from typing import List, Optional, Union
 import torch
 
 from .. import _ops
+from .._compiling import is_compiling as _is_compiling
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-try:
-    from torch.compiler import is_compiling as _is_compiling
-except ImportError:  # torch < 2.3
-    from torch._dynamo import is_compiling as _is_compiling
 
 
 def _split_lr(lr: Union[float, torch.Tensor]):

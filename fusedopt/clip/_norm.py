@@ -27,6 +27,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .. import _norm_ops, _ops, backends
+from .._compiling import is_compiling as _is_compiling
 
 Tensor = torch.Tensor
 TensorOrTensors = Union[Tensor, Iterable[Tensor]]
@@ -44,11 +45,6 @@ def as_list(tensors: TensorOrTensors) -> List[Tensor]:
 def real_dtype(dtype: torch.dtype) -> torch.dtype:
     return _COMPLEX_TO_REAL.get(dtype, dtype)
 
-
-try:
-    from torch.compiler import is_compiling as _is_compiling
-except ImportError:  # torch < 2.3 spelled it here
-    from torch._dynamo import is_compiling as _is_compiling
 
 # Every Tensor attribute read from Python costs ~0.1 us (torch's getters), so the metadata of a
 # list is read in ONE pass (one C-level map over the list), not once per question asked of it.
