@@ -303,22 +303,41 @@ def test_sgd_low_precision(isa, dtype, nesterov):
                          f"momentum_buffers[{i}]")
 
 
+@pytest.mark.parametrize("flush_denormal", [False, True], ids=["ieee", "flush-denormal"])
+@pytest.mark.parametrize("offset", [0, 3], ids=["aligned", "offset-3"])
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-def test_low_precision_conversions_exact(isa, dtype):
-    """Every finite 16-bit value: load/store round trip and fp32 -> 16-bit rounding (RNE)."""
+def test_low_precision_conversions_exact(isa, dtype, offset, flush_denormal):
+    """Every 16-bit value: load/store round trip and fp32 -> 16-bit rounding (RNE), with the
+    software conversions (storage.h) and fp16's F16C block path (kernels_impl.h) alike, also
+    with denormals flushed (torch.set_flush_denormal: MXCSR FTZ/DAZ), from a misaligned start
+    and with a tail shorter than a block (offset 3)."""
     bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
-    values = bits.view(dtype)
+    values = bits.view(dtype)[offset:]
     finite = values[torch.isfinite(values)]
-    # p - 0 * g: loads and stores p unchanged (round trip), including -0 and infinities.
-    p = values.clone()
-    BACKEND.sgd_([p], [torch.zeros_like(p)], [], lr=0.0, momentum=0.0, dampening=0.0,
-                 weight_decay=0.0, nesterov=False, maximize=False, is_first_step=True)
-    same = (p.view(torch.int16) == values.view(torch.int16)) | (torch.isnan(p) & torch.isnan(values))
-    assert bool(same.all())
-    # 0 - lr * g with lr = 1/3 rounds lr*g (an fp32 product) to the storage type once.
-    p = torch.zeros_like(finite)
-    BACKEND.sgd_([p], [finite], [], lr=1 / 3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, maximize=False, is_first_step=True)
+    if flush_denormal and dtype == torch.bfloat16:
+        pytest.skip("bf16 subnormals are fp32 subnormals: flushing them is what the mode does "
+                    "(torch's bf16 arithmetic too); fp16 subnormals are normal fp32 numbers")
+    if flush_denormal and not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        # p - 0 * g: loads and stores p unchanged (round trip), including -0 and infinities;
+        # the first momentum step stores g itself into the buffer (another round trip).
+        p, buf = values.clone(), torch.empty_like(values)
+        BACKEND.sgd_([p], [torch.zeros_like(p)], [], lr=0.0, momentum=0.0, dampening=0.0,
+                     weight_decay=0.0, nesterov=False, maximize=False, is_first_step=True)
+        BACKEND.sgd_([torch.zeros_like(p)], [values], [buf], lr=0.0, momentum=0.9,
+                     dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
+                     is_first_step=True)
+        for out in (p, buf):
+            same = (out.view(torch.int16) == values.view(torch.int16)) | \
+                (torch.isnan(out) & torch.isnan(values))
+            assert bool(same.all())
+        # 0 - lr * g with lr = 1/3 rounds lr*g (an fp32 product) to the storage type once.
+        p = torch.zeros_like(finite)
+        BACKEND.sgd_([p], [finite], [], lr=1 / 3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                     nesterov=False, maximize=False, is_first_step=True)
+    finally:
+        torch.set_flush_denormal(False)
     expected = (0.0 - torch.tensor(1 / 3, dtype=torch.float32) * finite.float()).to(dtype)
     assert torch.equal(p.view(torch.int16), expected.view(torch.int16))
 

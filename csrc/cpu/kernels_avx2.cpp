@@ -1,6 +1,8 @@
 // AVX2 variant of the CPU kernels (see kernels_impl.h). Needs avx2 and fma.
 // Headers are included BEFORE switching the target so that only our own code is compiled
 // for it; the ISA is selected at run time (isa.cpp), never with -march at build time.
+#include <immintrin.h>
+
 #include <cstdint>
 #include <type_traits>
 
@@ -14,6 +16,7 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,bmi2")
 #endif
+#define FUSEDOPT_F16C_WIDTH 8  // fp32 lanes of one F16C conversion
 #define FUSEDOPT_ISA_NS isa_avx2
 #include "kernels_impl.h"
 #if defined(__clang__)
