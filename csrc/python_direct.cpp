@@ -172,17 +172,13 @@ bool scale_direct(py::handle tensors, const at::Tensor& scale) {
 // ~10 ns a tensor. None when some element is not a plain tensor (a subclass may answer
 // .device / .dtype differently); the caller then reads the attributes in Python.
 py::object summarize(py::handle sequence) {
-  py::tuple items = py::reinterpret_steal<py::tuple>(PySequence_Tuple(sequence.ptr()));
-  if (!items) throw py::error_already_set();
+  BorrowedTensors tensors;
+  if (!tensors.load(sequence)) return py::none();
   std::vector<c10::Device> devices;
   std::vector<at::ScalarType> dtypes;
   bool any_sparse = false;
-  const Py_ssize_t n = PyTuple_GET_SIZE(items.ptr());
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* obj = PyTuple_GET_ITEM(items.ptr(), i);
-    if (!THPVariable_CheckExact(obj)) return py::none();
-    const at::Tensor& t = THPVariable_Unpack(obj);
-    if (!t.defined() || t.key_set().has_any(kNeedsDispatcher)) return py::none();
+  for (const at::Tensor& t : tensors.list()) {
+    if (!t.defined()) return py::none();
     const c10::Device device = t.device();
     const at::ScalarType dtype = t.scalar_type();
     if (std::find(devices.begin(), devices.end(), device) == devices.end()) devices.push_back(device);

@@ -131,7 +131,6 @@ class CpuBackend:
         return bool(_ops._C._sgd_cpu(params, None, momentum_buffers, *hyper, lr_tensor,
                                      grad_scale, found_inf))
 
-
     def norm_of_grads(self, params: List[torch.Tensor], norm_type: float = 2.0
                       ) -> Optional[torch.Tensor]:
         """The norm of the params' ``.grad`` (``torch.ops.fusedopt.total_norm`` of them), read in

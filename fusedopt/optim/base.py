@@ -195,8 +195,9 @@ class FusedOptimizer(Optimizer):
     def _step_reading_grads(self, group: Dict[str, Any], grad_scale: Optional[Tensor],
                             found_inf: Optional[Tensor]) -> bool:
         """Fast path: step ``group`` with a backend that reads each param's ``.grad`` itself, when
-        the group's cache was built with every param having a grad, holds one bucket of real
-        params, and nothing needs the grads in Python (no clipping). The backend declines
+        the group's cache was built with every param having a grad and holds one bucket of real
+        params (with clipping, the caller has folded the norm into ``grad_scale`` first, see
+        :meth:`_fold_clipping_reading_grads`). The backend declines
         (nothing changed) when a grad is now missing or unusual; the caller then takes the
         general path, which sees the new situation and rebuilds the cache."""
         bucket = self._fast_path_bucket(group)
