@@ -3,17 +3,39 @@
 Every Tensor attribute read from Python costs ~0.1 us (torch's getters); a generator expression
 costs about twice as much per element as ``map`` with a C function. The step and clipping code
 share these instead of writing their own loops.
+
+Under ``torch.compile`` the same helpers use plain comprehensions: dynamo cannot trace a call to
+an ``operator.attrgetter`` object (a graph break, an error with ``fullgraph=True``), and the
+traced graph does not pay the per-element cost anyway.
 """
 from __future__ import annotations
 
 import itertools
 import operator
-from typing import Any, List
+from typing import Any, Iterable, List, Optional
 
-#: ``get_grad(p)`` is ``p.grad``; ``list(map(get_grad, params))`` gathers them in one C-level pass.
-get_grad = operator.attrgetter("grad")
+from ._compiling import is_compiling
+
+_grad = operator.attrgetter("grad")
+_is_sparse = operator.attrgetter("is_sparse")
+
+
+def grads_of(params: Iterable[Any]) -> List[Optional[Any]]:
+    """``[p.grad for p in params]`` in one C-level pass."""
+    if is_compiling():
+        return [p.grad for p in params]
+    return list(map(_grad, params))
 
 
 def any_none(items: List[Any]) -> bool:
     """``None in items`` without calling ``Tensor.__eq__`` on every tensor (~25 us each)."""
+    if is_compiling():
+        return any(x is None for x in items)
     return any(map(operator.is_, items, itertools.repeat(None)))
+
+
+def any_sparse(tensors: Iterable[Any]) -> bool:
+    """Whether any tensor has a sparse layout."""
+    if is_compiling():
+        return any(t.is_sparse for t in tensors)
+    return any(map(_is_sparse, tensors))

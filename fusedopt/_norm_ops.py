@@ -17,8 +17,6 @@ to trace the calls.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from . import _ops
@@ -27,18 +25,24 @@ from ._compiling import is_compiling as _is_compiling
 OP_NAMES = ("total_norm", "scale_", "clamp_")
 
 
-@functools.lru_cache(maxsize=None)
-def has_kernel(op: str, device_type: str) -> bool:
-    """True when ``torch.ops.fusedopt.<op>`` has a kernel for ``device_type`` ('cpu', 'cuda')."""
+def _probe_kernel(op: str, dispatch_key: str) -> bool:
     if not _ops.available():
         return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    if key is None:
-        return False
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedopt::{op}", key)
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedopt::{op}", dispatch_key)
     except RuntimeError:  # the op does not exist (an extension built before the clip ops)
         return False
+
+
+# Probed once, at import: the registrations are fixed once the extension is loaded, and a plain
+# dict is what torch.compile can trace (it cannot call the dispatcher query).
+_KERNELS = {(op, device_type): _probe_kernel(op, key)
+            for op in OP_NAMES for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """True when ``torch.ops.fusedopt.<op>`` has a kernel for ``device_type`` ('cpu', 'cuda')."""
+    return _KERNELS.get((op, device_type), False)
 
 
 def total_norm(tensors, norm_type: float) -> torch.Tensor:

@@ -1189,3 +1189,22 @@ def test_emulated_clip_ops_thousand_tiny_tensors(emu):
     torch.ops.fusedopt.scale_(theirs, torch.tensor(0.75))
     torch.ops.fusedopt.clamp_(theirs, -1.0, 1.0)
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+# ---- torch.compile ---------------------------------------------------------------------------
+
+@needs_gpu
+@pytest.mark.parametrize("name,flags", [("AdamW", dict(weight_decay=0.1, max_grad_norm=0.5)),
+                                        ("SGD", dict(momentum=0.9, skip_nonfinite=True))],
+                         ids=["AdamW-max_grad_norm", "SGD-skip_nonfinite"])
+def test_compiled_optimizer_step_is_one_graph(name, flags):
+    """``opt.step()`` on the CUDA backend, clipping included, compiled with ``fullgraph=True``
+    (``aot_eager``: no code generation, so the GPU check stays short): the ops are opaque, so
+    eager's numbers bit for bit, one graph after the first."""
+    from test_optim import (assert_state_equal, assert_step_stats_equal, compiled_graphs,
+                            run_compiled_and_eager)
+    compiled_opt, params, eager_opt, eager_params = run_compiled_and_eager(
+        name, flags, "cuda", tensor_lr=True, device="cuda")
+    assert_state_equal(compiled_opt, params, eager_opt, eager_params, rtol=0, atol=0)
+    assert compiled_graphs() <= 2
+    assert_step_stats_equal(compiled_opt, eager_opt)

@@ -629,6 +629,22 @@ def test_compiled_step_has_no_graph_break(triton_backend, device):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,flags", [("AdamW", dict(weight_decay=0.1, max_grad_norm=0.5)),
+                                        ("SGD", dict(momentum=0.9, skip_nonfinite=True))],
+                         ids=["AdamW-max_grad_norm", "SGD-skip_nonfinite"])
+def test_compiled_optimizer_step_with_clipping_is_one_graph(triton_backend, device, name, flags):
+    """``opt.step()`` of a fusedopt optimizer on this backend, clipping included (the Triton norm
+    is a custom op too), in one ``fullgraph=True`` graph per step: eager's numbers bit for bit."""
+    from test_optim import (assert_state_equal, assert_step_stats_equal, compiled_graphs,
+                            run_compiled_and_eager)
+    compiled_opt, params, eager_opt, eager_params = run_compiled_and_eager(
+        name, flags, "triton", tensor_lr=True, steps=5, device=device, shapes=[(5, 3), (0,), (70,)])
+    assert_state_equal(compiled_opt, params, eager_opt, eager_params, rtol=0, atol=0)
+    assert compiled_graphs() <= 2
+    assert_step_stats_equal(compiled_opt, eager_opt)
+
+
 # ---- the compiled (GPU) kernels build, checked without a GPU ---------------------------------
 _COMPILE_CHECK = textwrap.dedent("""
     import triton, triton.language as tl

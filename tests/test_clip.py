@@ -249,6 +249,62 @@ def test_clip_in_place_bumps_version_counter():
     assert p.grad._version > before
 
 
+# ---- torch.compile ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", norm_impls())
+@pytest.mark.parametrize("norm_type", [2.0, INF, 3.5], ids=str)
+def test_compiled_clipping_is_one_graph_and_matches_eager(impl, norm_type, monkeypatch):
+    """Every clipping function inside one ``fullgraph=True`` graph (a graph break raises), on
+    mixed dtypes, an empty grad and a param without one, gives eager's numbers."""
+    from torch._dynamo.utils import counters
+    if impl == "reference":
+        monkeypatch.setenv(backends.ENV_VAR, "reference")
+    params = on(impl, make_params([(5, 3), (17,), (0,), (300,)], torch.float32)) + \
+        on(impl, make_params([(40,)], torch.bfloat16, seed=1))
+    eager = clone_params(params)
+    set_grads([params, eager], 0)
+    params[1].grad = eager[1].grad = None
+
+    def clip_all(ps):
+        norm = fusedopt.clip_grad_norm_(ps, 0.5, norm_type, backend=impl)
+        total = fusedopt.get_total_norm([p.grad for p in ps if p.grad is not None], norm_type,
+                                        backend=impl)
+        fusedopt.clip_grads_with_norm_(ps, 0.25, total)
+        fusedopt.clip_grad_value_(ps, 0.01)
+        return norm, total
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(clip_all, fullgraph=True, backend="aot_eager")(params)
+    expected = clip_all(eager)
+    assert counters["stats"]["unique_graphs"] == 1
+    for a, b in zip(compiled, expected):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    for p, q in zip(params, eager):
+        assert (p.grad is None) == (q.grad is None)
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+
+
+def test_compiled_percentile_clipper_matches_eager():
+    """The clipper's device-side history (filled, then wrapping around, NaN norm skipped) traced
+    into one graph per call, against an eager clipper fed the same gradients."""
+    clippers = [fusedopt.PercentileClipper(percentile=50.0, history=4) for _ in range(2)]
+    ps = [torch.zeros(3, requires_grad=True) for _ in range(2)]
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda p: clippers[0]([p]), fullgraph=True, backend="aot_eager")
+    for scale in [1.0, 4.0, 2.0, 8.0, float("nan"), 3.0, 0.5]:
+        for p in ps:
+            p.grad = torch.tensor([1.0, 2.0, 2.0]) * scale
+        a, b = compiled(ps[0]), clippers[1]([ps[1]])
+        torch.testing.assert_close(a, b, equal_nan=True)
+        torch.testing.assert_close(ps[0].grad, ps[1].grad, equal_nan=True)
+    states = [c.state_dict() for c in clippers]
+    for key in ("history_norms", "count"):
+        torch.testing.assert_close(states[0][key], states[1][key], equal_nan=True, msg=key)
+
+
 # ---- adaptive clipping --------------------------------------------------------------------------
 
 def test_percentile_clipper_matches_its_definition():

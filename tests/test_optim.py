@@ -658,3 +658,94 @@ def test_step_reading_grads_declines_and_general_path_handles_it(change):
     for p, q in zip(ours, ref):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     assert_state_equal(opt, ours, topt, ref)
+
+
+# ---- torch.compile ------------------------------------------------------------------------------
+
+COMPILE_CASES = [
+    ("SGD", dict(momentum=0.9, nesterov=True, weight_decay=0.1)),
+    ("Adam", dict(amsgrad=True, maximize=True)),
+    ("AdamW", dict(weight_decay=0.1, max_grad_norm=0.5)),
+    ("SGD", dict(momentum=0.9, skip_nonfinite=True)),
+]
+
+
+#: compiled against eager, per backend (6 steps of fp32)
+COMPILED_TOL = {"cpu": dict(rtol=0, atol=0), "reference": dict(rtol=1e-5, atol=1e-7)}
+
+
+def assert_step_stats_equal(opt_a, opt_b, rtol=0.0, atol=0.0):
+    """``last_grad_norm`` and ``skipped_steps`` of two optimizers agree (both None, or close)."""
+    for attr in ("last_grad_norm", "skipped_steps"):
+        a, b = getattr(opt_a, attr), getattr(opt_b, attr)
+        assert (a is None) == (b is None), attr
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=attr)
+
+
+def compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+def run_compiled_and_eager(name, flags, backend, tensor_lr, steps=6, compile_backend="aot_eager",
+                           device="cpu", fullgraph=True, shapes=SHAPES):
+    """``opt.step()`` compiled (``fullgraph=True``: a graph break raises) against eager, on the
+    same gradients; a tensor lr changes value mid-run (read by the graph, no recompile); with
+    ``skip_nonfinite`` one step gets an inf gradient. Returns both optimizers and params."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    params = [p.detach().to(device).requires_grad_() for p in make_params(shapes)]
+    eager_params = clone_params(params)
+    lrs = [torch.tensor(1e-2, device=device), torch.tensor(1e-2, device=device)] if tensor_lr \
+        else [1e-2, 1e-2]
+    cls = PAIRS[name][0]
+    compiled_opt = cls(params, lr=lrs[0], backend=backend, **flags)
+    eager_opt = cls(eager_params, lr=lrs[1], backend=backend, **flags)
+
+    @torch.compile(fullgraph=fullgraph, backend=compile_backend)
+    def compiled_step():
+        compiled_opt.step()
+
+    for step in range(steps):
+        set_grads([params, eager_params], step)
+        if flags.get("skip_nonfinite") and step == 3:
+            for p in (params[0], eager_params[0]):
+                p.grad.view(-1)[0] = float("inf")
+        if tensor_lr and step == 4:
+            for lr in lrs:
+                lr.fill_(3e-3)
+        compiled_step()
+        eager_opt.step()
+    return compiled_opt, params, eager_opt, eager_params
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float_lr", "tensor_lr"])
+@pytest.mark.parametrize("name,flags", COMPILE_CASES, ids=lambda v: v if isinstance(v, str) else str(v))
+def test_compiled_step_is_one_graph_and_matches_eager(name, flags, tensor_lr, backend):
+    """The native ops are opaque to the compiler, so the cpu backend's numbers are eager's bit for
+    bit; the reference backend's torch ops are decomposed (e.g. lerp) and may round apart."""
+    # The reference backend (the oracle: plain torch code) reads found_inf on the host to skip a
+    # step, which breaks the graph there; the fused backends decide on the device.
+    host_skip = backend == "reference" and flags.get("skip_nonfinite", False)
+    compiled_opt, params, eager_opt, eager_params = run_compiled_and_eager(
+        name, flags, backend, tensor_lr, fullgraph=not host_skip)
+    tol = COMPILED_TOL[backend]
+    assert_state_equal(compiled_opt, params, eager_opt, eager_params, **tol)
+    # the first step creates the state (its own graph); every later step runs one graph
+    if not host_skip:
+        assert compiled_graphs() <= 2
+    assert_step_stats_equal(compiled_opt, eager_opt, **tol)
+    if flags.get("skip_nonfinite"):
+        assert int(compiled_opt.skipped_steps) == 1
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_compiled_step_with_inductor(backend):
+    """The default compiler, Inductor (which fuses the reference backend's torch ops)."""
+    compiled_opt, params, eager_opt, eager_params = run_compiled_and_eager(
+        "AdamW", dict(weight_decay=0.1, max_grad_norm=0.5), backend, tensor_lr=True,
+        compile_backend="inductor")
+    assert_state_equal(compiled_opt, params, eager_opt, eager_params, **COMPILED_TOL[backend])

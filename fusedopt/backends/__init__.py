@@ -32,10 +32,9 @@ Adding a backend means adding one module here and its name to :data:`BACKEND_NAM
 """
 from __future__ import annotations
 
-import importlib
 import os
 import warnings
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 
@@ -62,6 +61,22 @@ _select_cache: Dict[Tuple[str, str, torch.dtype], Any] = {}
 _warned_fallback: set = set()
 
 
+def _import(name: str):
+    """``fusedopt.backends.<name>``, by import statements: torch.compile traces these (it cannot
+    trace ``importlib.import_module``), so that a compiled clipping call may load a backend."""
+    if name == "reference":
+        from . import reference as module
+    elif name == "cpu":
+        from . import cpu as module
+    elif name == "triton":
+        from . import triton as module
+    elif name == "cuda":
+        from . import cuda as module
+    else:
+        raise ValueError(f"unknown fusedopt backend {name!r}")
+    return module
+
+
 def _load(name: str):
     """Import ``fusedopt.backends.<name>`` once; return its BACKEND or None (reason recorded)."""
     if name in _loaded:
@@ -69,8 +84,7 @@ def _load(name: str):
     if name in _load_errors:
         return None
     try:
-        module = importlib.import_module(f"{__name__}.{name}")
-        backend = module.BACKEND
+        backend = _import(name).BACKEND
     except Exception as exc:  # any import problem is a reason, not a crash
         _load_errors[name] = f"cannot import fusedopt.backends.{name}: {type(exc).__name__}: {exc}"
         return None
@@ -167,6 +181,21 @@ def _select_auto(device: torch.device, dtype: torch.dtype):
     return backend
 
 
+def preload(device_types: Iterable[str], name: str = "auto") -> None:
+    """Import, ahead of time, every backend a request ``name`` could pick for ``device_types``
+    (and ``reference``), so that ``select`` inside a ``torch.compile``-traced step finds them
+    loaded: dynamo cannot trace an import. Import problems are recorded, not raised (as in
+    :func:`select`, which reports them when it needs the backend)."""
+    names = {"reference"}
+    if name in BACKEND_NAMES:
+        names.add(name)
+    elif name == "auto":
+        for device_type in device_types:
+            names.update(_AUTO_ORDER.get(device_type, ()))
+    for candidate in sorted(names):
+        _load(candidate)
+
+
 #: Bumped by :func:`clear_cache`; callers that remember a selection (the optimizers' buckets)
 #: compare it to know their choice is stale.
 generation = 0
@@ -181,5 +210,5 @@ def clear_cache() -> None:
 
 __all__ = [
     "BACKEND_NAMES", "VALID_CHOICES", "ENV_VAR", "BackendUnavailableError",
-    "available", "get", "select", "requested", "validate_choice", "clear_cache",
+    "available", "get", "select", "preload", "requested", "validate_choice", "clear_cache",
 ]

@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from .. import _norm_ops, backends
-from .._lists import any_none, get_grad
+from .._lists import any_none, grads_of
 from ._norm import (Summary, TensorOrTensors, as_list, by_device, check_finite, get_total_norm,
                     result_dtype, to_device, total_norm)
 
@@ -39,7 +39,7 @@ def clip_coefficient(max_norm: Union[float, Tensor], norm: Tensor) -> Tensor:
 
 
 def _grads(parameters: TensorOrTensors) -> List[Tensor]:
-    grads = list(map(get_grad, as_list(parameters)))  # one C-level pass (p.grad: ~0.1 us each)
+    grads = grads_of(as_list(parameters))  # one C-level pass (p.grad: ~0.1 us each)
     if any_none(grads):
         grads = [g for g in grads if g is not None]
     return grads

@@ -68,7 +68,10 @@ class Summary:
             self.dtypes = set(dtypes)
             self.any_complex = any(d.is_complex for d in self.dtypes)
             return
-        metadata = set(map(_METADATA, tensors))
+        if _is_compiling():  # dynamo cannot call an attrgetter object
+            metadata = {(t.device, t.dtype, t.layout) for t in tensors}
+        else:
+            metadata = set(map(_METADATA, tensors))
         #: distinct devices, in order of first appearance when there are several
         self.devices: List[torch.device] = list({m[0]: None for m in metadata})
         if len(self.devices) > 1:

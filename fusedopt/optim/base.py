@@ -9,7 +9,6 @@ The cache is dropped when the group's params, the set of params with gradients, 
 """
 from __future__ import annotations
 
-import operator
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -18,13 +17,12 @@ from torch.optim.optimizer import Optimizer
 
 from .. import backends
 from .._lists import any_none as _any_none
-from .._lists import get_grad as _get_grad
+from .._lists import any_sparse as _any_sparse
+from .._lists import grads_of as _grads_of
 from ..clip import _norm as clip_norm
 from ..clip import _step as clip_step
 
 Tensor = torch.Tensor
-
-_is_sparse = operator.attrgetter("is_sparse")
 
 
 class GroupBucket:
@@ -97,12 +95,10 @@ class FusedOptimizer(Optimizer):
         for key, value in CLIP_DEFAULTS.items():
             defaults.setdefault(key, value)
         check_clip_options(defaults["max_grad_norm"], defaults["skip_nonfinite"])
-        #: 2-norm of the unscaled gradients before clipping, computed by the last step that
-        #: needed it (``max_grad_norm`` or ``skip_nonfinite``): a device tensor, never synced.
-        self.last_grad_norm: Optional[Tensor] = None
-        #: Steps skipped so far because of non-finite gradients (``skip_nonfinite``) or
-        #: GradScaler's ``found_inf``: an int64 device tensor (None before the first such step).
-        self.skipped_steps: Optional[Tensor] = None
+        # What steps report (last_grad_norm, skipped_steps), in a dict: torch.compile keeps a
+        # compiled step's writes to a dict attribute, but drops its attribute assignments on an
+        # Optimizer (dynamo's OptimizerVariable; measured with torch 2.14).
+        self._step_stats: Dict[str, Optional[Tensor]] = {"last_grad_norm": None, "skipped_steps": None}
         if defaults.get("differentiable"):
             raise ValueError(
                 f"{self.DISPLAY_NAME} does not support differentiable=True (its kernels are not "
@@ -116,10 +112,26 @@ class FusedOptimizer(Optimizer):
     # torch.amp.GradScaler passes grad_scale / found_inf as attributes when this is True.
     _step_supports_amp_scaling = True
 
+    @property
+    def last_grad_norm(self) -> Optional[Tensor]:
+        """2-norm of the unscaled gradients before clipping, computed by the last step that
+        needed it (``max_grad_norm`` or ``skip_nonfinite``): a device tensor, never synced."""
+        return self._step_stats["last_grad_norm"]
+
+    @property
+    def skipped_steps(self) -> Optional[Tensor]:
+        """Steps skipped so far because of non-finite gradients (``skip_nonfinite``) or
+        GradScaler's ``found_inf``: an int64 device tensor (None before the first such step)."""
+        return self._step_stats["skipped_steps"]
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: Optional[Tensor]) -> None:
+        self._step_stats["skipped_steps"] = value
+
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("last_grad_norm", None)
-        self.__dict__.setdefault("skipped_steps", None)
+        old = {key: self.__dict__.pop(key, None) for key in ("last_grad_norm", "skipped_steps")}
+        self.__dict__.setdefault("_step_stats", old)  # objects pickled before the dict existed
         self._group_caches = {}
         self._state_version = getattr(self, "_state_version", 0) + 1
         for group in self.param_groups:
@@ -139,6 +151,8 @@ class FusedOptimizer(Optimizer):
         backends.validate_choice(group.get("backend", "auto"))
         check_clip_options(group.get("max_grad_norm"), group.get("skip_nonfinite", False))
         self._validate_group(group)
+        # a step traced by torch.compile cannot import a backend: load its candidates now
+        backends.preload({p.device.type for p in group["params"]}, backends.requested(group.get("backend", "auto")))
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -175,7 +189,7 @@ class FusedOptimizer(Optimizer):
                     (scaling.grad_scale_for(group.get("max_grad_norm")), scaling.found_inf)
                 if self._step_reading_grads(group, scale, inf):
                     continue
-            grads = list(map(_get_grad, group["params"]))
+            grads = _grads_of(group["params"])
             cache = self._group_cache(group, grads)
             for bucket in cache.buckets:
                 backend = self._select_backend(group, bucket)
@@ -244,15 +258,16 @@ class FusedOptimizer(Optimizer):
         if norm is None:
             return None
         scaling = clip_step.fold_norm(norm, max_norms, grad_scale, found_inf, skip)
-        self.last_grad_norm = scaling.norm
+        self._step_stats["last_grad_norm"] = scaling.norm
         self._count_skipped(scaling.found_inf)
         return scaling
 
     def _count_skipped(self, found_inf: Optional[Tensor]) -> None:
         if found_inf is not None:
             skipped = (found_inf != 0).to(torch.int64)
-            counter = getattr(self, "skipped_steps", None)
-            self.skipped_steps = skipped if counter is None else counter + skipped.to(counter.device)
+            counter = self._step_stats["skipped_steps"]
+            self._step_stats["skipped_steps"] = skipped if counter is None else \
+                counter + skipped.to(counter.device)
 
     def _fold_clipping(self, work, grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
                        max_norms: List[Optional[float]], skip: bool):
@@ -268,7 +283,7 @@ class FusedOptimizer(Optimizer):
             scaling = clip_step.fold(all_grads, max_norms, grad_scale, found_inf, skip,
                                      backend=self.param_groups[0].get("backend", "auto"),
                                      summary=summary)
-            self.last_grad_norm = scaling.norm
+            self._step_stats["last_grad_norm"] = scaling.norm
         else:
             scaling = clip_step.StepScaling(grad_scales={None: grad_scale}, found_inf=found_inf)
         self._count_skipped(scaling.found_inf)
@@ -278,7 +293,7 @@ class FusedOptimizer(Optimizer):
         out = grads if bucket.all_grads else [grads[i] for i in bucket.grad_index]
         # Backends whose kernels reject non-strided grads themselves (before writing anything)
         # spare the step this Python loop; the others rely on it.
-        if not getattr(backend, "rejects_sparse_grads", False) and any(map(_is_sparse, out)):
+        if not getattr(backend, "rejects_sparse_grads", False) and _any_sparse(out):
             raise RuntimeError(f"{self.DISPLAY_NAME} does not support sparse gradients")
         if bucket.has_complex:
             out = [torch.view_as_real(g) if c else g for g, c in zip(out, bucket.complex_mask)]

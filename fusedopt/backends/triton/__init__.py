@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from ..._compiling import is_compiling
 from .tables import SUPPORTED_DTYPES
 
 _triton_error: Optional[str] = None
@@ -32,11 +33,6 @@ except Exception as exc:  # missing or broken install: a reason, not a crash
 def interpreting() -> bool:
     """True when Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``, CPU tensors)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
-
-
-def _compiling() -> bool:
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(is_compiling and is_compiling())
 
 
 class TritonBackend:
@@ -70,7 +66,7 @@ class TritonBackend:
                       weight_decay=float(weight_decay), amsgrad=bool(amsgrad),
                       maximize=bool(maximize), decoupled_weight_decay=bool(decoupled_weight_decay),
                       grad_scale=grad_scale, found_inf=found_inf)
-        if _compiling():
+        if is_compiling():
             from . import compile_ops
             compile_ops.adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs)
             return
@@ -84,7 +80,7 @@ class TritonBackend:
                       weight_decay=float(weight_decay), nesterov=bool(nesterov),
                       maximize=bool(maximize), is_first_step=bool(is_first_step),
                       grad_scale=grad_scale, found_inf=found_inf)
-        if _compiling():
+        if is_compiling():
             from . import compile_ops
             compile_ops.sgd_(params, grads, momentum_buffers, **kwargs)
             return

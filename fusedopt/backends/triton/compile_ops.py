@@ -1,4 +1,5 @@
-"""Custom ops that let ``torch.compile`` keep a Triton optimizer step inside its graph.
+"""Custom ops that let ``torch.compile`` keep a Triton optimizer step (and the Triton global norm
+of the clipping code) inside its graph.
 
 ``torch.library.triton_op`` would show the kernel itself to Inductor, but our launch reads tensor
 addresses (``data_ptr()``) to build its tables, which fake tensors do not have during tracing. So
@@ -58,6 +59,25 @@ if AVAILABLE:
     @_sgd_op.register_fake
     def _sgd_fake(*args, **kwargs) -> None:
         return None
+
+
+    @torch.library.custom_op(f"{NAMESPACE}::total_norm", mutates_args=())
+    def _total_norm_op(tensors: List[Tensor], norm_type: float) -> Tensor:
+        from . import norm
+        return norm.launch_total_norm(tensors, norm_type)
+
+    @_total_norm_op.register_fake
+    def _total_norm_fake(tensors: List[Tensor], norm_type: float) -> Tensor:
+        return tensors[0].new_empty((), dtype=torch.float32)
+
+
+def total_norm(tensors, norm_type: float) -> Tensor:
+    """The Triton global norm through the custom op (the launcher when custom ops are
+    unavailable)."""
+    from . import norm
+    if not AVAILABLE or not tensors:
+        return norm.launch_total_norm(tensors, norm_type)
+    return torch.ops.fusedopt_triton.total_norm(list(tensors), float(norm_type))
 
 
 def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1,

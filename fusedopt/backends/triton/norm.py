@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._compiling import is_compiling
 from .program import chunk_of, tensor_at
 from .tables import PLANS
 
@@ -127,7 +128,16 @@ def supports(norm_type: float, dtype: torch.dtype) -> bool:
 
 def total_norm(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
     """The ``norm_type``-norm (2, 1 or inf) of ``tensors`` (one device; fp32/bf16/fp16), as a
-    0-dim fp32 tensor on that device."""
+    0-dim fp32 tensor on that device. Under ``torch.compile``, through a custom op (the launch
+    reads tensor addresses, which traced tensors do not have)."""
+    if is_compiling():
+        from . import compile_ops
+        return compile_ops.total_norm(tensors, norm_type)
+    return launch_total_norm(tensors, norm_type)
+
+
+def launch_total_norm(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
+    """:func:`total_norm`, launched here and now."""
     kind = KINDS[float(norm_type)]
     tensors = list(tensors)
     plan = PLANS.get("norm", ("param_ptrs",), [tensors], [])
