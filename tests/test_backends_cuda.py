@@ -1208,3 +1208,19 @@ def test_compiled_optimizer_step_is_one_graph(name, flags):
     assert_state_equal(compiled_opt, params, eager_opt, eager_params, rtol=0, atol=0)
     assert compiled_graphs() <= 2
     assert_step_stats_equal(compiled_opt, eager_opt)
+
+
+@needs_gpu
+@pytest.mark.parametrize("name,flags", [("AdamW", dict(weight_decay=0.1, max_grad_norm=0.5)),
+                                        ("SGD", dict(momentum=0.9, skip_nonfinite=True)),
+                                        ("Adam", dict(amsgrad=True))],
+                         ids=["AdamW-max_grad_norm", "SGD-skip_nonfinite", "Adam-amsgrad"])
+def test_step_captured_in_a_cuda_graph_matches_eager(name, flags):
+    """A captured ``opt.step()`` replayed with new gradients and a new lr: eager's params,
+    state, step counters, norm and skip count (the skip counter keeps counting across replays)."""
+    from test_optim import assert_state_equal, assert_step_stats_equal, run_graphed_and_eager
+    graphed_opt, params, eager_opt, eager_params = run_graphed_and_eager(name, flags, "cuda")
+    assert_state_equal(graphed_opt, params, eager_opt, eager_params, rtol=0, atol=0)
+    assert_step_stats_equal(graphed_opt, eager_opt)
+    if flags.get("skip_nonfinite"):
+        assert int(graphed_opt.skipped_steps) == 1

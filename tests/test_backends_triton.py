@@ -645,6 +645,23 @@ def test_compiled_optimizer_step_with_clipping_is_one_graph(triton_backend, devi
     assert_step_stats_equal(compiled_opt, eager_opt)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("name,flags", [("AdamW", dict(weight_decay=0.1, max_grad_norm=0.5)),
+                                        ("SGD", dict(momentum=0.9, skip_nonfinite=True)),
+                                        ("Adam", dict(amsgrad=True))],
+                         ids=["AdamW-max_grad_norm", "SGD-skip_nonfinite", "Adam-amsgrad"])
+def test_step_captured_in_a_cuda_graph_matches_eager(name, flags):
+    """A captured ``opt.step()`` replayed with new gradients and a new lr: eager's params,
+    state, step counters, norm and skip count (the skip counter keeps counting across replays)."""
+    from test_optim import assert_state_equal, assert_step_stats_equal, run_graphed_and_eager
+    graphed_opt, params, eager_opt, eager_params = run_graphed_and_eager(name, flags, "triton")
+    assert_state_equal(graphed_opt, params, eager_opt, eager_params, rtol=0, atol=0)
+    assert_step_stats_equal(graphed_opt, eager_opt)
+    if flags.get("skip_nonfinite"):
+        assert int(graphed_opt.skipped_steps) == 1
+
+
 # ---- the compiled (GPU) kernels build, checked without a GPU ---------------------------------
 _COMPILE_CHECK = textwrap.dedent("""
     import triton, triton.language as tl

@@ -721,6 +721,50 @@ def run_compiled_and_eager(name, flags, backend, tensor_lr, steps=6, compile_bac
     return compiled_opt, params, eager_opt, eager_params
 
 
+def run_graphed_and_eager(name, flags, backend, warmup=3, replays=5):
+    """``opt.step()`` captured in a CUDA graph (after ``warmup`` eager steps on a side stream, as
+    torch's CUDA-graph docs prescribe) and replayed, against eager steps on the same gradients.
+    The graph reads static gradient tensors, refilled before every replay; the tensor lr changes
+    value between replays; with ``skip_nonfinite`` one replay sees an inf gradient. Returns both
+    optimizers and their params (for the GPU test files)."""
+    params = [p.detach().cuda().requires_grad_() for p in make_params(SHAPES)]
+    eager_params = clone_params(params)
+    lrs = [torch.tensor(1e-2, device="cuda"), torch.tensor(1e-2, device="cuda")]
+    cls = PAIRS[name][0]
+    graphed_opt = cls(params, lr=lrs[0], backend=backend, **flags)
+    eager_opt = cls(eager_params, lr=lrs[1], backend=backend, **flags)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+
+    def next_grads(step):
+        set_grads([eager_params], step)
+        if flags.get("skip_nonfinite") and step == warmup + 2:
+            eager_params[0].grad.view(-1)[0] = float("inf")
+        for p, q in zip(params, eager_params):
+            p.grad.copy_(q.grad)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for step in range(warmup):
+            next_grads(step)
+            graphed_opt.step()
+            eager_opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed_opt.step()
+    for step in range(warmup, warmup + replays):
+        next_grads(step)
+        if step == warmup + 3:
+            for lr in lrs:
+                lr.fill_(3e-3)
+        graph.replay()
+        eager_opt.step()
+    torch.cuda.synchronize()
+    return graphed_opt, params, eager_opt, eager_params
+
+
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("tensor_lr", [False, True], ids=["float_lr", "tensor_lr"])
 @pytest.mark.parametrize("name,flags", COMPILE_CASES, ids=lambda v: v if isinstance(v, str) else str(v))

@@ -266,8 +266,10 @@ class FusedOptimizer(Optimizer):
         if found_inf is not None:
             skipped = (found_inf != 0).to(torch.int64)
             counter = self._step_stats["skipped_steps"]
-            self._step_stats["skipped_steps"] = skipped if counter is None else \
-                counter + skipped.to(counter.device)
+            if counter is None:
+                self._step_stats["skipped_steps"] = skipped
+            else:  # in place: a step replayed from a CUDA graph keeps counting
+                counter.add_(skipped.to(counter.device))
 
     def _fold_clipping(self, work, grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
                        max_norms: List[Optional[float]], skip: bool):
