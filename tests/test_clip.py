@@ -771,6 +771,31 @@ def test_every_cpu_kernel_variant(cpu_isa):
                                        rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cpu_kernels_convert_every_16_bit_value(cpu_isa, dtype):
+    """Every 16-bit pattern (subnormals, infs, NaNs) through the clipping kernels: the F16C block
+    conversions of fp16 on AVX2/AVX-512 and the portable ones (scalar variant, tails) alike.
+    scale_ rounds x * c once to nearest even, as torch does; clamp_ keeps NaN; the norms see
+    exact values. The misaligned view puts the block boundaries elsewhere and leaves a tail."""
+    every = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    for x in (every, every[3:]):
+        for c in (0.75, 3.0, 1e-3):  # 3.0 overflows the largest fp16 values to inf
+            got = x.clone()
+            torch.ops.fusedopt.scale_([got], torch.tensor(c))
+            want = (x.float() * c).to(dtype)
+            assert torch.equal(got.view(torch.int16)[~want.isnan()], want.view(torch.int16)[~want.isnan()])
+            assert torch.equal(got.isnan(), want.isnan())
+        got = x.clone()
+        torch.ops.fusedopt.clamp_([got], -0.5, 0.5)
+        torch.testing.assert_close(got, x.clamp(-0.5, 0.5), rtol=0, atol=0, equal_nan=True)
+        finite = x[x.float().abs() < 1e15].clone()  # bf16's largest squares overflow fp32
+        for norm_type in (2.0, 1.0, INF):
+            ours = torch.ops.fusedopt.total_norm([finite], norm_type)  # fp32, not rounded to dtype
+            exact = torch.linalg.vector_norm(finite.double(), norm_type)
+            torch.testing.assert_close(ours.double(), exact, rtol=2e-6, atol=0)
+        assert math.isnan(torch.ops.fusedopt.total_norm([x], 2.0).item())
+
+
 @pytest.mark.parametrize("n", [1, 127, 129, 1000, 16384 + 1000])
 def test_cpu_kernels_see_every_element_of_every_stream(cpu_isa, n):
     """The CPU clipping kernels walk a chunk (16384 elements) as 8 sub-ranges side by side plus

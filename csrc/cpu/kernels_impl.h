@@ -43,44 +43,11 @@ __attribute__((always_inline)) inline void for_each_index(int64_t begin, int64_t
 }
 
 // ---- fp16 through the hardware conversions (F16C) -----------------------------------------
-// GCC vectorises Fp16's portable bit-twiddling conversions (storage.h), but they cost ~20
-// vector operations per load + store: the fp16 AdamW step ran 3.5x slower than torch's fused
-// one on GPT-2 shapes. Where the ISA has F16C, fp16 kernels convert whole blocks of kBlock
-// elements with vcvtph2ps / vcvtps2ph (exact, and round to nearest even like Fp16::store;
-// MXCSR.FTZ is ignored by vcvtps2ph) into float arrays, update those with the fp32 code, and
-// convert back; the tail (< kBlock elements) goes through Fp16's conversions.
-#if defined(FUSEDOPT_F16C_WIDTH)
-constexpr bool kHalfBlocks = true;
-static_assert(kBlock % FUSEDOPT_F16C_WIDTH == 0, "a block is whole F16C conversions");
-
-inline void half_block_to_float(const uint16_t* src, float* dst) {
-  for (int64_t j = 0; j < kBlock; j += FUSEDOPT_F16C_WIDTH) {
-#if FUSEDOPT_F16C_WIDTH == 16
-    _mm512_storeu_ps(dst + j, _mm512_cvtph_ps(_mm256_loadu_si256(
-                                  reinterpret_cast<const __m256i*>(src + j))));
-#else
-    _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(
-                                  reinterpret_cast<const __m128i*>(src + j))));
-#endif
-  }
-}
-
-inline void float_block_to_half(const float* src, uint16_t* dst) {
-  for (int64_t j = 0; j < kBlock; j += FUSEDOPT_F16C_WIDTH) {
-#if FUSEDOPT_F16C_WIDTH == 16
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j),
-                        _mm512_cvtps_ph(_mm512_loadu_ps(src + j),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-#else
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(src + j),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-#endif
-  }
-}
-#else
-constexpr bool kHalfBlocks = false;
-#endif
+// The portable conversions made the fp16 AdamW step 3.5x slower than torch's fused one on
+// GPT-2 shapes. Where the ISA has F16C, fp16 kernels convert whole blocks of kBlock elements
+// (f16c_blocks.h) into float arrays, update those with the fp32 code, and convert back; the
+// tail (< kBlock elements) goes through Fp16's conversions.
+#include "f16c_blocks.h"
 
 // With F16C: runs update(w0, g, w1, w2, w3) over the whole blocks of [begin, end), where g is
 // the float value of the read-only fp16 `grad` and w0..w3 float lvalues of up to four fp16
@@ -94,14 +61,14 @@ __attribute__((always_inline)) inline int64_t for_each_half_block(
   int64_t i = begin;
   for (; i + kBlock <= end; i += kBlock) {
     float g[kBlock], w[4][kBlock];
-    half_block_to_float(grad + i, g);
+    half_block_to_float<kBlock>(grad + i, g);
     for (int k = 0; k < 4; ++k) {
-      if (written[k] != nullptr) half_block_to_float(written[k] + i, w[k]);
+      if (written[k] != nullptr) half_block_to_float<kBlock>(written[k] + i, w[k]);
     }
 #pragma GCC ivdep
     for (int64_t j = 0; j < kBlock; ++j) update(w[0][j], g[j], w[1][j], w[2][j], w[3][j]);
     for (int k = 0; k < 4; ++k) {
-      if (written[k] != nullptr) float_block_to_half(w[k], written[k] + i);
+      if (written[k] != nullptr) float_block_to_half<kBlock>(w[k], written[k] + i);
     }
   }
   return i;

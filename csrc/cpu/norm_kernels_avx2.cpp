@@ -1,8 +1,11 @@
 // AVX2 variant of the clipping kernels (see norm_kernels_impl.h), chosen at run time (isa.h).
 // Headers are included BEFORE switching the target so that only our own code is compiled for it.
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "norm_kernels.h"
 #include "storage.h"
@@ -14,6 +17,7 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,bmi2")
 #endif
+#define FUSEDOPT_F16C_WIDTH 8  // fp32 lanes of one F16C conversion
 #define FUSEDOPT_ISA_NS isa_avx2
 #include "norm_kernels_impl.h"
 #if defined(__clang__)
