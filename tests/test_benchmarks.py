@@ -462,3 +462,69 @@ def test_ab_deepspeed_without_deepspeed_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed.ops.adam", None)
     with pytest.raises(SystemExit, match="DeepSpeedCPUAdam is not importable.*pip install deepspeed"):
         ab_deepspeed.main(["--workload", "tiny", "--out", "none"])
+
+
+# ----------------------------------------------------------------------------- gpu_check.sh
+# The GPU check runs where device time is scarce (a few minutes a session, when a GPU is lent at
+# all): a syntax error in one of its Python stages, or a stage framework that stops at the first
+# failure, would waste it. These run the script's machinery here, where every GPU stage fails.
+
+GPU_CHECK = BENCH_DIR / "gpu_check.sh"
+
+
+def _heredocs(text, tag="PY"):
+    """The bodies of the script's ``<<'PY'`` here-documents."""
+    bodies, current = [], None
+    for line in text.splitlines():
+        if current is None:
+            if line.rstrip().endswith(f"<<'{tag}'"):
+                current = []
+        elif line.strip() == tag:
+            bodies.append("\n".join(current))
+            current = None
+        else:
+            current.append(line)
+    assert current is None, "unterminated here-document"
+    return bodies
+
+
+def test_gpu_check_script_parses():
+    subprocess.run(["bash", "-n", str(GPU_CHECK)], check=True)
+    bodies = _heredocs(GPU_CHECK.read_text())
+    assert len(bodies) >= 5  # versions, launches, sanitizer, cache, sweep
+    for i, body in enumerate(bodies):
+        compile(body, f"gpu_check.sh heredoc {i}", "exec")
+
+
+def _run_gpu_check(tmp_path, stages, budget_s):
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, OUT=str(out), GPU_CHECK_STAGES=stages, GPU_CHECK_BUDGET_S=str(budget_s),
+               PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(GPU_CHECK)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = {line.split()[0]: " ".join(line.split()[1:])
+               for line in (out / "summary.txt").read_text().splitlines()}
+    return out, summary
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the script's behaviour without a GPU")
+def test_gpu_check_runs_every_stage_and_packs_the_rest(tmp_path):
+    """Without a GPU the launch-count stage fails; the stages after it still run, the summary
+    records each, and with $OUT set all but the headline files are packed into one archive."""
+    import tarfile
+    out, summary = _run_gpu_check(tmp_path, "versions,launches,cache", budget_s=200)
+    assert summary["versions"].startswith("ok")
+    assert summary["launches"].startswith("failed")
+    assert summary["cache"].startswith("failed")
+    assert "NO CUDA DEVICE" in (out / "versions.txt").read_text()
+    assert sorted(p.name for p in out.iterdir()) == [
+        "gpu_check_rest.tar.gz", "launches.json", "summary.txt", "versions.txt"]
+    with tarfile.open(out / "gpu_check_rest.tar.gz") as tar:
+        names = tar.getnames()
+    assert "./logs/launches.log" in names and "./logs/cache.log" in names
+
+
+def test_gpu_check_skips_stages_the_budget_cannot_hold(tmp_path):
+    _, summary = _run_gpu_check(tmp_path, "versions,launches", budget_s=5)
+    assert summary == {"versions": "skipped: budget 0 s", "launches": "skipped: budget 0 s"}
