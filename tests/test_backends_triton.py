@@ -454,8 +454,37 @@ def test_one_launch_per_dtype(triton_backend, device, monkeypatch):
     assert sgd_kernel.launches == 6
 
 
+@pytest.fixture(params=["native", "python"])
+def address_keys(request, monkeypatch):
+    """Cache keys from the C++ pass (fusedopt._C._addresses) or, without it, Python's."""
+    if request.param == "native" and tables._native_addresses is None:
+        pytest.skip("fusedopt._C has no _addresses (extension not built)")
+    if request.param == "python":
+        monkeypatch.setattr(tables, "_native_addresses", None)
+    tables.PLANS.clear()
+    yield request.param
+    tables.PLANS.clear()
+
+
+def test_address_key_lists_every_address_then_every_size(address_keys):
+    class Sub(torch.Tensor):
+        pass
+
+    a = [torch.zeros(3), torch.zeros(0), torch.zeros(5, 2)[:, 1]]
+    b = [torch.zeros(()), torch.zeros(4), torch.zeros(2)]
+    expected = [t.data_ptr() for t in a + b] + [t.numel() for t in a]
+    key = tables.address_key((a, b), a)
+    if address_keys == "native":
+        assert isinstance(key, bytes)
+        key = [int.from_bytes(key[i:i + 8], sys.byteorder, signed=True) for i in range(0, len(key), 8)]
+    assert key == expected
+    # a subclass (which may answer data_ptr() its own way) takes the Python path: a list
+    sub = torch.zeros(2).as_subclass(Sub)
+    assert tables.address_key(([a[0], sub],), ()) == [a[0].data_ptr(), sub.data_ptr()]
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_table_cache_reuse_and_rebuild(triton_backend, device):
+def test_table_cache_reuse_and_rebuild(triton_backend, device, address_keys):
     plans = tables.PLANS
     case = AdamCase((10, 100, 3), torch.float32, device)
     params, state = case.copy()
@@ -495,7 +524,7 @@ def test_many_param_groups_stay_cached(triton_backend, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_moved_gradients_rebuild_only_the_gradient_table(triton_backend, device):
+def test_moved_gradients_rebuild_only_the_gradient_table(triton_backend, device, address_keys):
     case = AdamCase((10, 100), torch.float32, device)
     params, state = case.copy()
     case.run(triton_backend, params, state, steps=1, **ADAM_DEFAULTS)
