@@ -75,6 +75,9 @@ missing = [f"fusedopt::{op} [{key}]" for op in ops for key in ("CPU", "CUDA")
 assert not missing, f"kernels not registered: {missing}"
 assert cuda.kernels_registered()
 assert all(_norm_ops.has_kernel(op, "cuda") for op in _norm_ops.OP_NAMES)
+# the eager entry points that skip the dispatcher's boxing (csrc/python_direct.cpp)
+direct = [name for name in (cuda.BACKEND.DIRECT_ADAM, cuda.BACKEND.DIRECT_SGD) if not hasattr(_ops._C, name)]
+assert not direct, f"fusedopt._C lacks the direct CUDA entry points {direct}"
 reason = cuda.BACKEND.unavailable_reason()
 assert reason is None or "no CUDA device" in reason, reason
 print(f"cuda_compile_check: OK: CUDA kernels registered for {ops} "

@@ -1224,3 +1224,38 @@ def test_step_captured_in_a_cuda_graph_matches_eager(name, flags):
     assert_step_stats_equal(graphed_opt, eager_opt)
     if flags.get("skip_nonfinite"):
         assert int(graphed_opt.skipped_steps) == 1
+
+
+# ---- eager entry points without the dispatcher -----------------------------------------------
+
+def test_direct_entry_points_exist_exactly_in_cuda_builds():
+    if not _ops.available():
+        pytest.skip(f"fusedopt._C not built: {_ops.LOAD_ERROR}")
+    built = bool(_ops.build_info().get("with_cuda"))
+    for name in (CUDA.DIRECT_ADAM, CUDA.DIRECT_SGD):
+        assert hasattr(_ops._C, name) == built, name
+
+
+@needs_gpu
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_steps_skip_the_dispatcher_and_match_torch(name, monkeypatch):
+    """Eager steps on the CUDA backend go through _C._adam_cuda / _sgd_cuda (the first builds
+    the optimizer's cache with the grads list, later ones read each param's .grad in C++), never
+    through torch.ops.fusedopt.*, and give torch's numbers as new grads arrive every step."""
+    from test_optim import PAIRS, SHAPES, assert_state_equal, clone_params, make_params, set_grads
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the dispatcher path was taken")
+
+    monkeypatch.setattr(torch.ops.fusedopt, "adam_", refuse)
+    monkeypatch.setattr(torch.ops.fusedopt, "sgd_", refuse)
+    ours = [p.detach().cuda().requires_grad_() for p in make_params(SHAPES)]
+    ref = clone_params(ours)
+    kwargs = dict(lr=0.05, momentum=0.9, nesterov=True) if name == "SGD" else dict(lr=0.05)
+    opt = PAIRS[name][0](ours, backend="cuda", **kwargs)
+    topt = PAIRS[name][1](ref, foreach=False, **kwargs)
+    for step in range(6):
+        set_grads([ours, ref], step)
+        opt.step()
+        topt.step()
+    assert_state_equal(opt, ours, topt, ref, rtol=1e-5, atol=1e-6)

@@ -16,6 +16,7 @@
 
 #include "fusedopt/rules.h"
 #include "launch.h"
+#include "ops_cuda.h"
 #include "prepare.h"
 #include "tables.h"
 
@@ -64,6 +65,8 @@ void bump_written_versions(const std::vector<ListArg>& lists) {
 void check_launch(const char* op, cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
 }
+
+}  // namespace
 
 void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
@@ -149,6 +152,8 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
   copy_back(groups);
   bump_written_versions(lists);
 }
+
+namespace {
 
 // [full uploads, gradient-only uploads, reuses, tables cached]
 std::vector<int64_t> cuda_table_stats() {

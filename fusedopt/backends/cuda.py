@@ -5,25 +5,22 @@ of tensors (``csrc/cuda``; design in ``docs/cuda.md``). The step counters, lr te
 scale and found-inf flag are read and written on the device: a step never waits for the GPU.
 Float32/float64 params compute in their own precision, bfloat16/float16 ones in float32.
 
+Eager calls skip the dispatcher's boxing through ``fusedopt._C._adam_cuda`` / ``_sgd_cuda``
+(see :mod:`._native`, shared with the ``cpu`` backend).
+
 Available when ``fusedopt._C`` was built with CUDA (``setup.py``: nvcc + a CUDA build of torch)
 and a CUDA device is present.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Union
+from typing import Dict, Optional
 
 import torch
 
 from .. import _ops
+from ._native import NativeBackend
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def _split_lr(lr: Union[float, torch.Tensor]):
-    """(float lr, lr_tensor): a tensor lr travels as lr_tensor and is read by the kernel."""
-    if isinstance(lr, torch.Tensor):
-        return 0.0, lr
-    return float(lr), None
 
 
 def kernels_registered() -> bool:
@@ -54,8 +51,11 @@ def clear_table_cache() -> None:
     torch.ops.fusedopt._cuda_clear_table_cache()
 
 
-class CudaBackend:
+class CudaBackend(NativeBackend):
     name = "cuda"
+    # direct entry points of CUDA builds (older builds lack them: the dispatcher is used)
+    DIRECT_ADAM = "_adam_cuda"
+    DIRECT_SGD = "_sgd_cuda"
 
     def unavailable_reason(self) -> Optional[str]:
         if not _ops.available():
@@ -76,37 +76,6 @@ class CudaBackend:
         if dtype not in _SUPPORTED_DTYPES:
             return f"dtype {dtype} not supported (float32, float64, bfloat16, float16 are)"
         return None
-
-    def adam_(self, params: List[torch.Tensor], grads: List[torch.Tensor],
-              exp_avgs: List[torch.Tensor], exp_avg_sqs: List[torch.Tensor],
-              max_exp_avg_sqs: List[torch.Tensor], state_steps: List[torch.Tensor], *,
-              lr, beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool,
-              maximize: bool, decoupled_weight_decay: bool,
-              grad_scale: Optional[torch.Tensor] = None,
-              found_inf: Optional[torch.Tensor] = None) -> None:
-        if not params:
-            return  # the dispatcher needs at least one tensor to pick a kernel
-        lr_float, lr_tensor = _split_lr(lr)
-        torch.ops.fusedopt.adam_(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-            lr=lr_float, beta1=float(beta1), beta2=float(beta2), eps=float(eps),
-            weight_decay=float(weight_decay), amsgrad=bool(amsgrad), maximize=bool(maximize),
-            decoupled_weight_decay=bool(decoupled_weight_decay), lr_tensor=lr_tensor,
-            grad_scale=grad_scale, found_inf=found_inf)
-
-    def sgd_(self, params: List[torch.Tensor], grads: List[torch.Tensor],
-             momentum_buffers: List[torch.Tensor], *, lr, momentum: float, dampening: float,
-             weight_decay: float, nesterov: bool, maximize: bool, is_first_step: bool,
-             grad_scale: Optional[torch.Tensor] = None,
-             found_inf: Optional[torch.Tensor] = None) -> None:
-        if not params:
-            return
-        lr_float, lr_tensor = _split_lr(lr)
-        torch.ops.fusedopt.sgd_(
-            params, grads, momentum_buffers, lr=lr_float, momentum=float(momentum),
-            dampening=float(dampening), weight_decay=float(weight_decay),
-            nesterov=bool(nesterov), maximize=bool(maximize), is_first_step=bool(is_first_step),
-            lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
 
 
 BACKEND = CudaBackend()
