@@ -31,6 +31,8 @@ from fusedopt import _norm_ops, _ops, backends
 from fusedopt.backends import cuda as cuda_backend
 from fusedopt.clip import _clip, _norm
 
+from test_optim import DEVICE_STEP_CASES, check_compiled_step, check_graphed_step
+
 CUDA = cuda_backend.BACKEND
 REASON = CUDA.unavailable_reason()
 _skip_without_gpu = pytest.mark.skipif(REASON is not None, reason=f"cuda backend unavailable: {REASON}")
@@ -1191,39 +1193,21 @@ def test_emulated_clip_ops_thousand_tiny_tensors(emu):
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
 
 
-# ---- torch.compile ---------------------------------------------------------------------------
+# ---- torch.compile and CUDA graphs (the checks live in test_optim.py) -------------------------
+
 
 @needs_gpu
-@pytest.mark.parametrize("name,flags", [("AdamW", dict(weight_decay=0.1, max_grad_norm=0.5)),
-                                        ("SGD", dict(momentum=0.9, skip_nonfinite=True))],
-                         ids=["AdamW-max_grad_norm", "SGD-skip_nonfinite"])
+@DEVICE_STEP_CASES
 def test_compiled_optimizer_step_is_one_graph(name, flags):
-    """``opt.step()`` on the CUDA backend, clipping included, compiled with ``fullgraph=True``
-    (``aot_eager``: no code generation, so the GPU check stays short): the ops are opaque, so
-    eager's numbers bit for bit, one graph after the first."""
-    from test_optim import (assert_state_equal, assert_step_stats_equal, compiled_graphs,
-                            run_compiled_and_eager)
-    compiled_opt, params, eager_opt, eager_params = run_compiled_and_eager(
-        name, flags, "cuda", tensor_lr=True, device="cuda")
-    assert_state_equal(compiled_opt, params, eager_opt, eager_params, rtol=0, atol=0)
-    assert compiled_graphs() <= 2
-    assert_step_stats_equal(compiled_opt, eager_opt)
+    """``opt.step()`` compiled with ``fullgraph=True`` (``aot_eager``: no code generation, so
+    the GPU check stays short)."""
+    check_compiled_step(name, flags, "cuda", device="cuda")
 
 
 @needs_gpu
-@pytest.mark.parametrize("name,flags", [("AdamW", dict(weight_decay=0.1, max_grad_norm=0.5)),
-                                        ("SGD", dict(momentum=0.9, skip_nonfinite=True)),
-                                        ("Adam", dict(amsgrad=True))],
-                         ids=["AdamW-max_grad_norm", "SGD-skip_nonfinite", "Adam-amsgrad"])
+@DEVICE_STEP_CASES
 def test_step_captured_in_a_cuda_graph_matches_eager(name, flags):
-    """A captured ``opt.step()`` replayed with new gradients and a new lr: eager's params,
-    state, step counters, norm and skip count (the skip counter keeps counting across replays)."""
-    from test_optim import assert_state_equal, assert_step_stats_equal, run_graphed_and_eager
-    graphed_opt, params, eager_opt, eager_params = run_graphed_and_eager(name, flags, "cuda")
-    assert_state_equal(graphed_opt, params, eager_opt, eager_params, rtol=0, atol=0)
-    assert_step_stats_equal(graphed_opt, eager_opt)
-    if flags.get("skip_nonfinite"):
-        assert int(graphed_opt.skipped_steps) == 1
+    check_graphed_step(name, flags, "cuda")
 
 
 # ---- eager entry points without the dispatcher -----------------------------------------------

@@ -36,6 +36,7 @@ import triton.language as tl  # noqa: E402
 from fusedopt.backends.triton import config as triton_config  # noqa: E402
 from fusedopt.backends.triton import interpreting, tables  # noqa: E402
 from fusedopt.backends.triton.rules import bias_correction  # noqa: E402
+from test_optim import DEVICE_STEP_CASES, check_compiled_step, check_graphed_step  # noqa: E402
 
 INTERPRETED = interpreting()
 #: (device, reason to skip or None): CPU tensors need the interpreter, CUDA tensors need a GPU
@@ -659,36 +660,18 @@ def test_compiled_step_has_no_graph_break(triton_backend, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name,flags", [("AdamW", dict(weight_decay=0.1, max_grad_norm=0.5)),
-                                        ("SGD", dict(momentum=0.9, skip_nonfinite=True))],
-                         ids=["AdamW-max_grad_norm", "SGD-skip_nonfinite"])
+@DEVICE_STEP_CASES
 def test_compiled_optimizer_step_with_clipping_is_one_graph(triton_backend, device, name, flags):
     """``opt.step()`` of a fusedopt optimizer on this backend, clipping included (the Triton norm
-    is a custom op too), in one ``fullgraph=True`` graph per step: eager's numbers bit for bit."""
-    from test_optim import (assert_state_equal, assert_step_stats_equal, compiled_graphs,
-                            run_compiled_and_eager)
-    compiled_opt, params, eager_opt, eager_params = run_compiled_and_eager(
-        name, flags, "triton", tensor_lr=True, steps=5, device=device, shapes=[(5, 3), (0,), (70,)])
-    assert_state_equal(compiled_opt, params, eager_opt, eager_params, rtol=0, atol=0)
-    assert compiled_graphs() <= 2
-    assert_step_stats_equal(compiled_opt, eager_opt)
+    is a custom op too), in one ``fullgraph=True`` graph per step."""
+    check_compiled_step(name, flags, "triton", steps=5, device=device, shapes=[(5, 3), (0,), (70,)])
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("name,flags", [("AdamW", dict(weight_decay=0.1, max_grad_norm=0.5)),
-                                        ("SGD", dict(momentum=0.9, skip_nonfinite=True)),
-                                        ("Adam", dict(amsgrad=True))],
-                         ids=["AdamW-max_grad_norm", "SGD-skip_nonfinite", "Adam-amsgrad"])
+@DEVICE_STEP_CASES
 def test_step_captured_in_a_cuda_graph_matches_eager(name, flags):
-    """A captured ``opt.step()`` replayed with new gradients and a new lr: eager's params,
-    state, step counters, norm and skip count (the skip counter keeps counting across replays)."""
-    from test_optim import assert_state_equal, assert_step_stats_equal, run_graphed_and_eager
-    graphed_opt, params, eager_opt, eager_params = run_graphed_and_eager(name, flags, "triton")
-    assert_state_equal(graphed_opt, params, eager_opt, eager_params, rtol=0, atol=0)
-    assert_step_stats_equal(graphed_opt, eager_opt)
-    if flags.get("skip_nonfinite"):
-        assert int(graphed_opt.skipped_steps) == 1
+    check_graphed_step(name, flags, "triton")
 
 
 # ---- the compiled (GPU) kernels build, checked without a GPU ---------------------------------

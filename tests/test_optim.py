@@ -765,6 +765,34 @@ def run_graphed_and_eager(name, flags, backend, warmup=3, replays=5):
     return graphed_opt, params, eager_opt, eager_params
 
 
+#: the cases of the compiled / CUDA-graph step tests of the device backends
+#: (test_backends_cuda.py, test_backends_triton.py), which call the two checks below
+DEVICE_STEP_CASES = pytest.mark.parametrize(
+    "name,flags", [("AdamW", dict(weight_decay=0.1, max_grad_norm=0.5)),
+                   ("SGD", dict(momentum=0.9, skip_nonfinite=True)), ("Adam", dict(amsgrad=True))],
+    ids=["AdamW-max_grad_norm", "SGD-skip_nonfinite", "Adam-amsgrad"])
+
+
+def check_compiled_step(name, flags, backend, **kwargs):
+    """A device backend's ops are opaque to the compiler: eager's numbers bit for bit, one graph
+    per step after the first (``kwargs``: of :func:`run_compiled_and_eager`)."""
+    compiled_opt, params, eager_opt, eager_params = run_compiled_and_eager(
+        name, flags, backend, tensor_lr=True, **kwargs)
+    assert_state_equal(compiled_opt, params, eager_opt, eager_params, rtol=0, atol=0)
+    assert compiled_graphs() <= 2
+    assert_step_stats_equal(compiled_opt, eager_opt)
+
+
+def check_graphed_step(name, flags, backend):
+    """A captured step replayed with new gradients and a new lr: eager's params, state, step
+    counters, norm and skip count (the skip counter keeps counting across replays)."""
+    graphed_opt, params, eager_opt, eager_params = run_graphed_and_eager(name, flags, backend)
+    assert_state_equal(graphed_opt, params, eager_opt, eager_params, rtol=0, atol=0)
+    assert_step_stats_equal(graphed_opt, eager_opt)
+    if flags.get("skip_nonfinite"):
+        assert int(graphed_opt.skipped_steps) == 1
+
+
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("tensor_lr", [False, True], ids=["float_lr", "tensor_lr"])
 @pytest.mark.parametrize("name,flags", COMPILE_CASES, ids=lambda v: v if isinstance(v, str) else str(v))
