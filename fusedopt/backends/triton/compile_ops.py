@@ -60,7 +60,6 @@ if AVAILABLE:
     def _sgd_fake(*args, **kwargs) -> None:
         return None
 
-
     @torch.library.custom_op(f"{NAMESPACE}::total_norm", mutates_args=())
     def _total_norm_op(tensors: List[Tensor], norm_type: float) -> Tensor:
         from . import norm
