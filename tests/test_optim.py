@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import io
 import itertools
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -812,6 +816,28 @@ def test_compiled_step_is_one_graph_and_matches_eager(name, flags, tensor_lr, ba
     assert_step_stats_equal(compiled_opt, eager_opt, **tol)
     if flags.get("skip_nonfinite"):
         assert int(compiled_opt.skipped_steps) == 1
+
+
+def test_compiled_first_step_loads_its_backend_inside_the_trace():
+    """In a fresh process no backend is imported before the first, compiled, step: the traced
+    step imports the one it picks (import statements, which dynamo follows) with no graph break.
+    (In this test process conftest has imported every backend already.)"""
+    script = textwrap.dedent("""
+        import torch, fusedopt
+        from fusedopt import backends
+        assert not backends._loaded, backends._loaded
+        p = torch.nn.Parameter(torch.ones(5))
+        p.grad = torch.full((5,), 2.0)
+        opt = fusedopt.optim.AdamW([p], lr=torch.tensor(0.1), max_grad_norm=1.0)
+        torch.compile(lambda: opt.step(), fullgraph=True, backend="aot_eager")()
+        assert set(backends._loaded) >= {"cpu" if backends.available()["cpu"] is None else "reference"}
+        assert float(opt.state[p]["step"]) == 1.0 and torch.all(p < 1)
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != backends.ENV_VAR}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("backend", backend_params())

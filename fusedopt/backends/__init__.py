@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -63,7 +63,8 @@ _warned_fallback: set = set()
 
 def _import(name: str):
     """``fusedopt.backends.<name>``, by import statements: torch.compile traces these (it cannot
-    trace ``importlib.import_module``), so that a compiled clipping call may load a backend."""
+    trace ``importlib.import_module``), so that a compiled step or clipping call may load the
+    backend it picks."""
     if name == "reference":
         from . import reference as module
     elif name == "cpu":
@@ -181,21 +182,6 @@ def _select_auto(device: torch.device, dtype: torch.dtype):
     return backend
 
 
-def preload(device_types: Iterable[str], name: str = "auto") -> None:
-    """Import, ahead of time, every backend a request ``name`` could pick for ``device_types``
-    (and ``reference``), so that ``select`` inside a ``torch.compile``-traced step finds them
-    loaded: dynamo cannot trace an import. Import problems are recorded, not raised (as in
-    :func:`select`, which reports them when it needs the backend)."""
-    names = {"reference"}
-    if name in BACKEND_NAMES:
-        names.add(name)
-    elif name == "auto":
-        for device_type in device_types:
-            names.update(_AUTO_ORDER.get(device_type, ()))
-    for candidate in sorted(names):
-        _load(candidate)
-
-
 #: Bumped by :func:`clear_cache`; callers that remember a selection (the optimizers' buckets)
 #: compare it to know their choice is stale.
 generation = 0
@@ -210,5 +196,5 @@ def clear_cache() -> None:
 
 __all__ = [
     "BACKEND_NAMES", "VALID_CHOICES", "ENV_VAR", "BackendUnavailableError",
-    "available", "get", "select", "preload", "requested", "validate_choice", "clear_cache",
+    "available", "get", "select", "requested", "validate_choice", "clear_cache",
 ]

@@ -151,9 +151,6 @@ class FusedOptimizer(Optimizer):
         backends.validate_choice(group.get("backend", "auto"))
         check_clip_options(group.get("max_grad_norm"), group.get("skip_nonfinite", False))
         self._validate_group(group)
-        # a step traced by torch.compile cannot import a backend: load its candidates now
-        device_types = {p.device.type for p in group["params"]}
-        backends.preload(device_types, backends.requested(group.get("backend", "auto")))
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
