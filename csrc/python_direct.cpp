@@ -98,16 +98,9 @@ bool dispatch_modes_active() { return c10::impl::TorchDispatchModeTLS::any_modes
 
 using OptTensor = std::optional<at::Tensor>;
 
-using AdamImpl = void (*)(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                         at::TensorList, at::TensorList, double, double, double, double, double,
-                         bool, bool, bool, const OptTensor&, const OptTensor&, const OptTensor&);
-using SgdImpl = void (*)(at::TensorList, at::TensorList, at::TensorList, double, double, double,
-                        double, bool, bool, bool, const OptTensor&, const OptTensor&,
-                        const OptTensor&);
-
 // Impl: the function the dispatcher would call for the tensors' device (cpu::adam_cpu, or
 // cuda::adam_cuda in CUDA builds); it checks the devices itself.
-template <AdamImpl Impl>
+template <AdamOp* Impl>
 bool adam_direct(py::handle params, py::handle grads, py::handle exp_avgs,
                  py::handle exp_avg_sqs, py::handle max_exp_avg_sqs, py::handle state_steps,
                  double lr, double beta1, double beta2, double eps, double weight_decay,
@@ -128,7 +121,7 @@ bool adam_direct(py::handle params, py::handle grads, py::handle exp_avgs,
   return true;
 }
 
-template <SgdImpl Impl>
+template <SgdOp* Impl>
 bool sgd_direct(py::handle params, py::handle grads, py::handle momentum_buffers, double lr,
                 double momentum, double dampening, double weight_decay, bool nesterov,
                 bool maximize, bool is_first_step, const OptTensor& lr_tensor,
