@@ -69,7 +69,7 @@ pybind11::dict build_info() {
   info["openmp_version"] = pybind11::none();
 #endif
   pybind11::list variants;
-  for (cpu::Isa isa : {cpu::Isa::kAvx512, cpu::Isa::kAvx2, cpu::Isa::kScalar}) {
+  for (cpu::Isa isa : cpu::kIsasBestFirst) {
     if (cpu::isa_compiled(isa)) variants.append(cpu::isa_name(isa));
   }
   info["cpu_isa_variants"] = variants;
@@ -95,7 +95,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "How this extension was built (compiler, flags, CUDA, ISAs)");
   m.def(
       "cpu_isa", [] { return std::string(fusedopt::cpu::isa_name(fusedopt::cpu::active_isa())); },
-      "CPU kernel variant picked at run time: 'avx512', 'avx2' or 'scalar'");
+      "CPU kernel variant picked at run time: 'avx512bf16', 'avx512', 'avx2' or 'scalar'");
   fusedopt::bind_direct_calls(m);  // _adam_cpu / _sgd_cpu, see python_direct.cpp
   m.def(
       "_set_cpu_isa",

@@ -39,7 +39,8 @@ def build_info() -> Dict[str, Any]:
 
 
 def cpu_isa() -> Optional[str]:
-    """CPU kernel variant picked at run time ('avx512', 'avx2', 'scalar'); None if not loaded."""
+    """CPU kernel variant picked at run time ('avx512bf16', 'avx512', 'avx2', 'scalar'); None if
+    not loaded."""
     return _C.cpu_isa() if _C is not None else None
 
 

@@ -33,7 +33,7 @@ ADAM_DEFAULTS = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
 
 def available_isas():
     best = _C.build_info()["cpu_isa_best"] if _ops.available() else "scalar"
-    order = ["scalar", "avx2", "avx512"]
+    order = ["scalar", "avx2", "avx512", "avx512bf16"]
     return order[: order.index(best) + 1]
 
 
@@ -308,7 +308,8 @@ def test_sgd_low_precision(isa, dtype, nesterov):
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 def test_low_precision_conversions_exact(isa, dtype, offset, flush_denormal):
     """Every 16-bit value: load/store round trip and fp32 -> 16-bit rounding (RNE), with the
-    software conversions (storage.h) and fp16's F16C block path (kernels_impl.h) alike, also
+    software conversions (storage.h) and the block paths (convert_blocks.h: fp16's F16C,
+    bf16's vcvtneps2bf16 with its denormal and NaN fixups in the avx512bf16 variant) alike, also
     with denormals flushed (torch.set_flush_denormal: MXCSR FTZ/DAZ), from a misaligned start
     and with a tail shorter than a block (offset 3)."""
     bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
@@ -332,6 +333,8 @@ def test_low_precision_conversions_exact(isa, dtype, offset, flush_denormal):
             same = (out.view(torch.int16) == values.view(torch.int16)) | \
                 (torch.isnan(out) & torch.isnan(values))
             assert bool(same.all())
+            if dtype == torch.bfloat16:  # every path stores c10's canonical NaN, whatever the input's
+                assert bool((out.view(torch.int16)[torch.isnan(values)] == 0x7fc0).all())
         # 0 - lr * g with lr = 1/3 rounds lr*g (an fp32 product) to the storage type once.
         p = torch.zeros_like(finite)
         BACKEND.sgd_([p], [finite], [], lr=1 / 3, momentum=0.0, dampening=0.0, weight_decay=0.0,

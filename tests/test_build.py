@@ -42,7 +42,7 @@ def test_build_info_content():
     assert "-march=native" not in info["cxx_flags"]
     assert "scalar" in info["cpu_isa_variants"]
     if X86 and info["compiler"].startswith("gcc"):
-        assert info["cpu_isa_variants"] == ["avx512", "avx2", "scalar"]
+        assert info["cpu_isa_variants"] == ["avx512bf16", "avx512", "avx2", "scalar"]
     assert isinstance(info["with_cuda"], bool) and isinstance(info["cuda_reason"], str)
     if info["with_cuda"]:
         assert info["cuda_arch_list"]
@@ -53,11 +53,14 @@ def test_build_info_content():
 def test_cpu_isa_matches_machine():
     from fusedopt import _C
     isa = _C.cpu_isa()
-    assert isa in ("avx512", "avx2", "scalar")
+    assert isa in ("avx512bf16", "avx512", "avx2", "scalar")
     flags = cpu_flags()
     if flags is None or not X86 or os.environ.get("FUSEDOPT_CPU_ISA"):
         pytest.skip("no /proc/cpuinfo flags, not x86-64, or ISA overridden")
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma"} <= flags:
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma"}
+    if avx512 | {"avx512_bf16"} <= flags:
+        expected = "avx512bf16"
+    elif avx512 <= flags:
         expected = "avx512"
     elif {"avx2", "fma"} <= flags:
         expected = "avx2"
@@ -90,33 +93,41 @@ def test_isa_env_override():
 @needs_ext
 @pytest.mark.skipif(not X86 or shutil.which("objdump") is None, reason="needs x86-64 and objdump")
 def test_avx512_and_avx2_kernels_are_vectorised():
-    """Every kernel of the AVX-512 / AVX2 variants really uses 512-bit / 256-bit registers.
+    """Every kernel of the AVX-512 / AVX2 variants really uses 512-bit / 256-bit registers, and
+    the avx512bf16 variant's bf16 kernels (only they) round with vcvtneps2bf16.
 
     (A loop GCC fails to vectorise compiles silently to scalar code; this is how we notice.)
     """
     from fusedopt import _C
-    if "avx512" not in _ops.build_info()["cpu_isa_variants"]:
-        pytest.skip("AVX-512 variant not compiled")
+    if "avx512bf16" not in _ops.build_info()["cpu_isa_variants"]:
+        pytest.skip("AVX-512 variants not compiled")
     out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", _C.__file__],
                          capture_output=True, text=True, check=True).stdout
-    kernel = re.compile(r"::(isa_avx512|isa_avx2|isa_scalar)::(adam|sgd)_kernel_impl<")
-    registers = {}  # function signature -> (namespace, uses zmm, uses ymm)
+    kernel = re.compile(r"::(isa_avx512bf16|isa_avx512|isa_avx2|isa_scalar)::(adam|sgd)_kernel_impl<"
+                        r"fusedopt::cpu::(\w+)")
+    found = {}  # function signature -> [namespace, storage type, uses zmm, ymm, vcvtneps2bf16]
     current = None
     for line in out.splitlines():
         if line.endswith(">:"):
             match = kernel.search(line)
             current = line if match else None
             if match:
-                registers[line] = [match.group(1), False, False]
+                found[line] = [match.group(1), match.group(3), False, False, False]
         elif current is not None:
-            registers[current][1] |= "%zmm" in line
-            registers[current][2] |= "%ymm" in line
-    by_ns = {ns: [v for v in registers.values() if v[0] == ns]
-             for ns in ("isa_avx512", "isa_avx2", "isa_scalar")}
-    assert len(by_ns["isa_avx512"]) == len(by_ns["isa_avx2"]) == len(by_ns["isa_scalar"]) > 100
-    assert all(zmm for _, zmm, _ in by_ns["isa_avx512"])
-    assert all(ymm and not zmm for _, zmm, ymm in by_ns["isa_avx2"])
-    assert not any(zmm or ymm for _, zmm, ymm in by_ns["isa_scalar"])
+            found[current][2] |= "%zmm" in line
+            found[current][3] |= "%ymm" in line
+            found[current][4] |= "vcvtneps2bf16" in line
+    by_ns = {ns: [v[1:] for v in found.values() if v[0] == ns]
+             for ns in ("isa_avx512bf16", "isa_avx512", "isa_avx2", "isa_scalar")}
+    assert len(set(map(len, by_ns.values()))) == 1 and len(by_ns["isa_scalar"]) > 100
+    for ns in ("isa_avx512bf16", "isa_avx512"):
+        assert all(zmm for _, zmm, _, _ in by_ns[ns])
+    assert all(ymm and not zmm for _, zmm, ymm, _ in by_ns["isa_avx2"])
+    assert not any(zmm or ymm for _, zmm, ymm, _ in by_ns["isa_scalar"])
+    assert {storage for storage, *_, bf16 in by_ns["isa_avx512bf16"] if bf16} == {"Bf16"}
+    assert all(bf16 for storage, *_, bf16 in by_ns["isa_avx512bf16"] if storage == "Bf16")
+    assert not any(bf16 for ns in ("isa_avx512", "isa_avx2", "isa_scalar")
+                   for *_, bf16 in by_ns[ns])
 
 
 # ---- fake implementations: torch.compile can trace the ops ---------------------------------------

@@ -739,7 +739,7 @@ def test_native_ops_refuse_sparse_tensors_clearly():
             call()
 
 
-@pytest.fixture(params=["scalar", "avx2", "avx512"])
+@pytest.fixture(params=["scalar", "avx2", "avx512", "avx512bf16"])
 def cpu_isa(request):
     """Runs the test with the CPU kernels of one ISA (the clipping kernels are compiled per ISA,
     like the optimizer kernels); skips where this machine or build lacks it."""
@@ -773,8 +773,9 @@ def test_every_cpu_kernel_variant(cpu_isa):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_cpu_kernels_convert_every_16_bit_value(cpu_isa, dtype):
-    """Every 16-bit pattern (subnormals, infs, NaNs) through the clipping kernels: the F16C block
-    conversions of fp16 on AVX2/AVX-512 and the portable ones (scalar variant, tails) alike.
+    """Every 16-bit pattern (subnormals, infs, NaNs) through the clipping kernels: the block
+    conversions (fp16's F16C on AVX2/AVX-512, bf16's vcvtneps2bf16 with its fixups on
+    avx512bf16) and the portable ones (other variants, tails) alike.
     scale_ rounds x * c once to nearest even, as torch does; clamp_ keeps NaN; the norms see
     exact values. The misaligned view puts the block boundaries elsewhere and leaves a tail."""
     every = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(dtype)

@@ -20,6 +20,8 @@ bool cpu_supports(Isa isa) {
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
              __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case Isa::kAvx512Bf16:
+      return cpu_supports(Isa::kAvx512) && __builtin_cpu_supports("avx512bf16");
 #endif
     default:
       return false;
@@ -53,12 +55,13 @@ bool isa_compiled(Isa isa) {
     case Isa::kScalar: return isa_scalar::compiled();
     case Isa::kAvx2: return isa_avx2::compiled();
     case Isa::kAvx512: return isa_avx512::compiled();
+    case Isa::kAvx512Bf16: return isa_avx512bf16::compiled();
   }
   return false;
 }
 
 Isa best_supported_isa() {
-  for (Isa isa : {Isa::kAvx512, Isa::kAvx2}) {
+  for (Isa isa : kIsasBestFirst) {
     if (isa_compiled(isa) && cpu_supports(isa)) return isa;
   }
   return Isa::kScalar;
@@ -71,16 +74,17 @@ const char* isa_name(Isa isa) {
     case Isa::kScalar: return "scalar";
     case Isa::kAvx2: return "avx2";
     case Isa::kAvx512: return "avx512";
+    case Isa::kAvx512Bf16: return "avx512bf16";
   }
   return "unknown";
 }
 
 Isa parse_isa(const std::string& name) {
-  if (name == "scalar") return Isa::kScalar;
-  if (name == "avx2") return Isa::kAvx2;
-  if (name == "avx512") return Isa::kAvx512;
+  for (Isa isa : kIsasBestFirst) {
+    if (name == isa_name(isa)) return isa;
+  }
   throw std::invalid_argument("unknown CPU ISA '" + name +
-                              "' (expected 'avx512', 'avx2' or 'scalar')");
+                              "' (expected 'avx512bf16', 'avx512', 'avx2' or 'scalar')");
 }
 
 Isa set_active_isa(Isa isa) {
@@ -93,6 +97,7 @@ Isa set_active_isa(Isa isa) {
 
 AdamKernel select_adam_kernel(DType dtype, const AdamVariant& variant) {
   switch (active_isa()) {
+    case Isa::kAvx512Bf16: return isa_avx512bf16::adam_kernel(dtype, variant);
     case Isa::kAvx512: return isa_avx512::adam_kernel(dtype, variant);
     case Isa::kAvx2: return isa_avx2::adam_kernel(dtype, variant);
     default: return isa_scalar::adam_kernel(dtype, variant);
@@ -101,6 +106,7 @@ AdamKernel select_adam_kernel(DType dtype, const AdamVariant& variant) {
 
 SgdKernel select_sgd_kernel(DType dtype, const SgdVariant& variant) {
   switch (active_isa()) {
+    case Isa::kAvx512Bf16: return isa_avx512bf16::sgd_kernel(dtype, variant);
     case Isa::kAvx512: return isa_avx512::sgd_kernel(dtype, variant);
     case Isa::kAvx2: return isa_avx2::sgd_kernel(dtype, variant);
     default: return isa_scalar::sgd_kernel(dtype, variant);

@@ -18,7 +18,9 @@ enum class DType : uint8_t { kFloat = 0, kDouble = 1, kBFloat16 = 2, kHalf = 3 }
 constexpr int kNumDTypes = 4;
 
 // Instruction sets with a compiled kernel variant, in increasing order.
-enum class Isa : uint8_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+enum class Isa : uint8_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+// Every variant, best first.
+constexpr Isa kIsasBestFirst[] = {Isa::kAvx512Bf16, Isa::kAvx512, Isa::kAvx2, Isa::kScalar};
 
 struct AdamItem;
 struct SgdItem;
@@ -82,6 +84,7 @@ struct SgdVariant {
 FUSEDOPT_DECLARE_ISA(isa_scalar)
 FUSEDOPT_DECLARE_ISA(isa_avx2)
 FUSEDOPT_DECLARE_ISA(isa_avx512)
+FUSEDOPT_DECLARE_ISA(isa_avx512bf16)
 #undef FUSEDOPT_DECLARE_ISA
 
 // Kernel for the ISA chosen at run time (see isa.h).

@@ -42,40 +42,37 @@ __attribute__((always_inline)) inline void for_each_index(int64_t begin, int64_t
   for (int64_t i = begin + kStreams * per; i < end; ++i) body(i);
 }
 
-// ---- fp16 through the hardware conversions (F16C) -----------------------------------------
+// ---- 16-bit storage through the hardware conversions -----------------------------------------
 // The portable conversions made the fp16 AdamW step 3.5x slower than torch's fused one on
-// GPT-2 shapes. Where the ISA has F16C, fp16 kernels convert whole blocks of kBlock elements
-// (f16c_blocks.h) into float arrays, update those with the fp32 code, and convert back; the
-// tail (< kBlock elements) goes through Fp16's conversions.
-#include "f16c_blocks.h"
+// GPT-2 shapes, and bf16's rounding made its step ~25% slower than fp16's once fp16 converted in
+// hardware. Where the ISA has the instructions (kBlocksOf: F16C for fp16, AVX512_BF16 for bf16),
+// 16-bit kernels convert whole blocks of kBlock elements (convert_blocks.h) into float arrays,
+// update those with the fp32 code, and convert back; the tail (< kBlock elements) goes through
+// storage.h's conversions.
+#include "convert_blocks.h"
 
-// With F16C: runs update(w0, g, w1, w2, w3) over the whole blocks of [begin, end), where g is
-// the float value of the read-only fp16 `grad` and w0..w3 float lvalues of up to four fp16
-// arrays written back (`written`; null entries are neither read nor written). Returns the
-// first index not done (the tail, for the caller's generic loop); without F16C, `begin`.
-template <class Update>
-__attribute__((always_inline)) inline int64_t for_each_half_block(
+// For kBlocksOf<S>: runs update(w0, g, w1, w2, w3) over the whole blocks of [begin, end), where
+// g is the float value of the read-only `grad` and w0..w3 float lvalues of up to four arrays
+// written back (`written`; null entries are neither read nor written), all in storage type S.
+// Returns the first index not done (the tail, for the caller's generic loop).
+template <class S, class Update>
+__attribute__((always_inline)) inline int64_t for_each_block16(
     int64_t begin, int64_t end, const uint16_t* grad, uint16_t* const (&written)[4],
     Update&& update) {
-#if defined(FUSEDOPT_F16C_WIDTH)
   int64_t i = begin;
   for (; i + kBlock <= end; i += kBlock) {
     float g[kBlock], w[4][kBlock];
-    half_block_to_float<kBlock>(grad + i, g);
+    block_to_float<S, kBlock>(grad + i, g);
     for (int k = 0; k < 4; ++k) {
-      if (written[k] != nullptr) half_block_to_float<kBlock>(written[k] + i, w[k]);
+      if (written[k] != nullptr) block_to_float<S, kBlock>(written[k] + i, w[k]);
     }
 #pragma GCC ivdep
     for (int64_t j = 0; j < kBlock; ++j) update(w[0][j], g[j], w[1][j], w[2][j], w[3][j]);
     for (int k = 0; k < 4; ++k) {
-      if (written[k] != nullptr) float_block_to_half<kBlock>(w[k], written[k] + i);
+      if (written[k] != nullptr) float_to_block<S, kBlock>(w[k], written[k] + i);
     }
   }
   return i;
-#else
-  (void)end, (void)grad, (void)written, (void)update;
-  return begin;
-#endif
 }
 
 template <class S, rules::WeightDecay WD, bool AMSGRAD, bool MAXIMIZE, bool SCALED>
@@ -90,10 +87,10 @@ void adam_kernel_impl(const AdamItem& item, const AdamCall& call, int64_t begin,
   R* __restrict exp_avg_sq = static_cast<R*>(item.exp_avg_sq);
   R* __restrict max_exp_avg_sq = static_cast<R*>(item.max_exp_avg_sq);
   int64_t first = begin;
-  if constexpr (kHalfBlocks && std::is_same_v<S, Fp16>) {
+  if constexpr (kBlocksOf<S>) {
     uint16_t* const written[4] = {param, exp_avg, exp_avg_sq, AMSGRAD ? max_exp_avg_sq : nullptr};
-    first = for_each_half_block(begin, end, grad, written,
-                                [&](float& p, float g, float& m, float& v, float& vmax) {
+    first = for_each_block16<S>(begin, end, grad, written,
+                             [&](float& p, float g, float& m, float& v, float& vmax) {
       rules::adam_update(p, rules::prepare_grad(g, SCALED, grad_scale, MAXIMIZE), m, v, vmax, s,
                          WD, AMSGRAD);
     });
@@ -122,11 +119,11 @@ void sgd_kernel_impl(const SgdItem& item, const SgdCall& call, int64_t begin, in
   const R* __restrict grad = static_cast<const R*>(item.grad);
   R* __restrict buffer = static_cast<R*>(item.momentum_buffer);
   int64_t first = begin;
-  if constexpr (kHalfBlocks && std::is_same_v<S, Fp16>) {
+  if constexpr (kBlocksOf<S>) {
     uint16_t* const written[4] = {param, MOM == rules::Momentum::kNone ? nullptr : buffer,
                                   nullptr, nullptr};
-    first = for_each_half_block(begin, end, grad, written,
-                                [&](float& p, float g, float& buf, float&, float&) {
+    first = for_each_block16<S>(begin, end, grad, written,
+                             [&](float& p, float g, float& buf, float&, float&) {
       // The first step overwrites the buffer without using it (it may hold garbage).
       T b = (MOM == rules::Momentum::kRun) ? buf : T(0);
       rules::sgd_update(p, rules::prepare_grad(g, SCALED, grad_scale, MAXIMIZE), b, s, L2, MOM,

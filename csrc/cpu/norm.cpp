@@ -47,6 +47,7 @@ using norm::Kind;
 
 NormChunkFn norm_kernel(DType dtype, Kind kind) {
   switch (active_isa()) {
+    case Isa::kAvx512Bf16: return isa_avx512bf16::norm_chunk_kernel(dtype, kind);
     case Isa::kAvx512: return isa_avx512::norm_chunk_kernel(dtype, kind);
     case Isa::kAvx2: return isa_avx2::norm_chunk_kernel(dtype, kind);
     default: return isa_scalar::norm_chunk_kernel(dtype, kind);
@@ -55,6 +56,7 @@ NormChunkFn norm_kernel(DType dtype, Kind kind) {
 
 ScaleChunkFn scale_kernel(DType dtype) {
   switch (active_isa()) {
+    case Isa::kAvx512Bf16: return isa_avx512bf16::scale_chunk_kernel(dtype);
     case Isa::kAvx512: return isa_avx512::scale_chunk_kernel(dtype);
     case Isa::kAvx2: return isa_avx2::scale_chunk_kernel(dtype);
     default: return isa_scalar::scale_chunk_kernel(dtype);
@@ -63,6 +65,7 @@ ScaleChunkFn scale_kernel(DType dtype) {
 
 ClampChunkFn clamp_kernel(DType dtype) {
   switch (active_isa()) {
+    case Isa::kAvx512Bf16: return isa_avx512bf16::clamp_chunk_kernel(dtype);
     case Isa::kAvx512: return isa_avx512::clamp_chunk_kernel(dtype);
     case Isa::kAvx2: return isa_avx2::clamp_chunk_kernel(dtype);
     default: return isa_scalar::clamp_chunk_kernel(dtype);

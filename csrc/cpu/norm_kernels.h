@@ -30,6 +30,7 @@ using ClampChunkFn = void (*)(void* data, int64_t n, double lo, double hi);
 FUSEDOPT_DECLARE_NORM_ISA(isa_scalar)
 FUSEDOPT_DECLARE_NORM_ISA(isa_avx2)
 FUSEDOPT_DECLARE_NORM_ISA(isa_avx512)
+FUSEDOPT_DECLARE_NORM_ISA(isa_avx512bf16)
 #undef FUSEDOPT_DECLARE_NORM_ISA
 
 }  // namespace cpu

@@ -1,4 +1,5 @@
-// AVX-512 variant of the clipping kernels (see norm_kernels_impl.h), chosen at run time (isa.h).
+// AVX-512 variants of the clipping kernels (see norm_kernels_impl.h): isa_avx512, and
+// isa_avx512bf16 when norm_kernels_avx512bf16.cpp includes this file; chosen at run time (isa.h).
 // Headers are included BEFORE switching the target so that only our own code is compiled for it.
 #include <immintrin.h>
 
@@ -10,15 +11,9 @@
 #include "norm_kernels.h"
 #include "storage.h"
 
+#include "avx512_target.h"  // FUSEDOPT_ISA_NS (isa_avx512 or isa_avx512bf16) and the target
+
 #if defined(__x86_64__) && defined(__GNUC__)
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2")
-#endif
-#define FUSEDOPT_F16C_WIDTH 16  // fp32 lanes of one F16C conversion
-#define FUSEDOPT_ISA_NS isa_avx512
 // GCC 12 reports the deliberately undefined pass-through operand of its own
 // _mm512_cvtph_ps / _mm512_cvtps_ph (avx512fintrin.h) as maybe-uninitialized.
 #pragma GCC diagnostic push
@@ -31,10 +26,10 @@
 #pragma GCC pop_options
 #endif
 #else  // not x86-64 or not GCC/clang: this variant is not compiled (isa.h never selects it)
-namespace fusedopt { namespace cpu { namespace isa_avx512 {
+namespace fusedopt { namespace cpu { namespace FUSEDOPT_ISA_NS {
 bool norm_compiled() { return false; }
 NormChunkFn norm_chunk_kernel(DType, norm::Kind) { return nullptr; }
 ScaleChunkFn scale_chunk_kernel(DType) { return nullptr; }
 ClampChunkFn clamp_chunk_kernel(DType) { return nullptr; }
-}}}  // namespace fusedopt::cpu::isa_avx512
+}}}  // namespace fusedopt::cpu
 #endif

@@ -25,20 +25,18 @@ constexpr int kLanes = 16;           // independent accumulators per stream (SIM
 constexpr int kStreams = 8;
 using norm::Kind;
 
-// fp16 blocks convert with F16C where the ISA has it (f16c_blocks.h); the portable conversions
-// of storage.h cost ~20 vector operations per element pair and made fp16 clipping 3-4x slower
-// than bf16. Every other storage type converts element by element, as GCC vectorises that.
-#include "f16c_blocks.h"
-
-template <class S>
-constexpr bool kF16cBlocks = kHalfBlocks && std::is_same_v<S, Fp16>;
+// 16-bit blocks convert with the hardware instructions where the ISA has them (kBlocksOf,
+// convert_blocks.h); the portable conversions of storage.h cost ~20 vector operations per fp16
+// element pair and made fp16 clipping 3-4x slower than bf16. Every other storage type converts
+// element by element, as GCC vectorises that.
+#include "convert_blocks.h"
 
 // out[j] = the math-type value of v[j], for the kLanes elements of one block.
 template <class S>
 __attribute__((always_inline)) inline void load_lanes(const typename S::raw* __restrict v,
                                                       typename S::math (&out)[kLanes]) {
-  if constexpr (kF16cBlocks<S>) {
-    half_block_to_float<kLanes>(v, out);
+  if constexpr (kBlocksOf<S>) {
+    block_to_float<S, kLanes>(v, out);
   } else {
     for (int j = 0; j < kLanes; ++j) out[j] = S::load(v[j]);
   }
@@ -48,8 +46,8 @@ __attribute__((always_inline)) inline void load_lanes(const typename S::raw* __r
 template <class S>
 __attribute__((always_inline)) inline void store_lanes(const typename S::math (&in)[kLanes],
                                                        typename S::raw* __restrict v) {
-  if constexpr (kF16cBlocks<S>) {
-    float_block_to_half<kLanes>(in, v);
+  if constexpr (kBlocksOf<S>) {
+    float_to_block<S, kLanes>(in, v);
   } else {
     for (int j = 0; j < kLanes; ++j) v[j] = S::store(in[j]);
   }
