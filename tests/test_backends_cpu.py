@@ -345,6 +345,37 @@ def test_low_precision_conversions_exact(isa, dtype, offset, flush_denormal):
     assert torch.equal(p.view(torch.int16), expected.view(torch.int16))
 
 
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_grad_scale_division_exact(isa, dtype):
+    """g / grad_scale in the 16-bit kernels is the correctly rounded fp32 division, although the
+    block paths compute it from the reciprocal with two FMAs (kernels_impl.h, divide_block):
+    the first momentum step stores g / s, rounded to the storage type, for every 16-bit g and
+    many s (powers of two, significands near 1 and 2, random, tiny, huge, 0, inf). An fp32
+    quotient one ulp off changes the stored value where it sits next to a 16-bit rounding
+    boundary; the test counts such places, so it can fail."""
+    every = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    gen = torch.Generator().manual_seed(5)
+    scales = [65536.0, 2.0 ** -20, 3.0, 0.7, 1 / 3, 5800.1, 1.0000001, 1.9999999, 1e-30, 1e30,
+              1e-40, 0.0, float("inf")]
+    scales += (torch.rand(48, generator=gen, dtype=torch.float64) * 8 - 4).exp2().mul(
+        1 + torch.rand(48, generator=gen, dtype=torch.float64)).tolist()
+    sensitive = 0
+    for s in scales:
+        scale = torch.tensor(s, dtype=torch.float32)
+        buf = torch.empty_like(every)
+        BACKEND.sgd_([torch.zeros_like(every)], [every], [buf], lr=0.0, momentum=0.9,
+                     dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
+                     is_first_step=True, grad_scale=scale)
+        q = every.float() / scale
+        want = q.to(dtype)
+        ok = (buf.view(torch.int16) == want.view(torch.int16)) | (buf.isnan() & want.isnan())
+        assert bool(ok.all()), (s, every[~ok][:4], buf[~ok][:4], want[~ok][:4])
+        finite = q.isfinite()
+        for near in (q.nextafter(q.new_tensor(float("inf"))), q.nextafter(q.new_tensor(-float("inf")))):
+            sensitive += int((finite & (near.to(dtype) != want)).sum())
+    assert sensitive > 100
+
+
 # ------------------------------------------------------------------------------------------------
 # Layouts, many tensors, mixed dtypes, threads
 # ------------------------------------------------------------------------------------------------
