@@ -59,7 +59,7 @@ __attribute__((always_inline)) inline void for_each_index(int64_t begin, int64_t
 // under- or overflows: blocks with an element outside [2^-100, 2^100] or a quotient estimate
 // outside it (zeros, huge or tiny values, inf, NaN, d = 0 or inf) are divided for real.
 // tests/native/reciprocal_division.cpp checks the identity bit for bit on all 2^23 significands
-// of x per divisor (700 divisors when written: no mismatch); test_grad_scale_division_exact
+// of x per divisor (1000 divisors when written: no mismatch); test_grad_scale_division_exact
 // checks these kernels against torch's division.
 // With the clip folded into the step (grad_scale = 1 / clip coefficient), 33.5M params on the
 // 2-core Xeon VM, builds alternated: fp16 AdamW 18.3-19.1 -> 15.0-15.6 ms, bf16 19.2-19.4 ->
@@ -108,25 +108,25 @@ __attribute__((always_inline)) inline void divide_block(float (&x)[N], float d) 
   for (int64_t j = 0; j < N; j += kDivideLanes) divide_lanes(x + j, d, y);
 }
 
-// For kBlocksOf<S>: runs update(w0, g, w1, w2, w3) over the whole blocks of [begin, end), where
-// g is the float value of the read-only `grad` (divided by grad_scale if SCALED) and w0..w3
-// float lvalues of up to four arrays written back (`written`; null entries are neither read nor
-// written), all in storage type S. Returns the first index not done (the tail, for the caller's
-// generic loop).
-template <class S, bool SCALED, class Update>
+// For kBlocksOf<S>: runs update_block(w, g) over the whole blocks of [begin, end), where g
+// holds the float values of a block of the read-only `grad` (divided by grad_scale if SCALED)
+// and w[0..4) those of up to four arrays written back (`written`; null entries are neither read
+// nor written), all in storage type S. Returns the first index not done (the tail, for the
+// caller's generic loop).
+using Block = float[kBlock];
+template <class S, bool SCALED, class UpdateBlock>
 __attribute__((always_inline)) inline int64_t for_each_block16(
     int64_t begin, int64_t end, const uint16_t* grad, float grad_scale,
-    uint16_t* const (&written)[4], Update&& update) {
+    uint16_t* const (&written)[4], UpdateBlock&& update_block) {
   int64_t i = begin;
   for (; i + kBlock <= end; i += kBlock) {
-    float g[kBlock], w[4][kBlock];
+    Block g, w[4];
     block_to_float<S, kBlock>(grad + i, g);
     if constexpr (SCALED) divide_block(g, grad_scale);
     for (int k = 0; k < 4; ++k) {
       if (written[k] != nullptr) block_to_float<S, kBlock>(written[k] + i, w[k]);
     }
-#pragma GCC ivdep
-    for (int64_t j = 0; j < kBlock; ++j) update(w[0][j], g[j], w[1][j], w[2][j], w[3][j]);
+    update_block(w, g);
     for (int k = 0; k < 4; ++k) {
       if (written[k] != nullptr) float_to_block<S, kBlock>(w[k], written[k] + i);
     }
@@ -148,11 +148,20 @@ void adam_kernel_impl(const AdamItem& item, const AdamCall& call, int64_t begin,
   int64_t first = begin;
   if constexpr (kBlocksOf<S>) {
     uint16_t* const written[4] = {param, exp_avg, exp_avg_sq, AMSGRAD ? max_exp_avg_sq : nullptr};
+    // The update in two halves around one division of the block's sqrt(v_hat) by the
+    // tensor's bias_correction2_sqrt (divide_block: exact, without the division unit, which
+    // bounds these steps). g is divided by grad_scale already.
     first = for_each_block16<S, SCALED>(begin, end, grad, grad_scale, written,
-                                        [&](float& p, float g, float& m, float& v, float& vmax) {
-      // (g is divided by grad_scale already)
-      rules::adam_update(p, rules::prepare_grad(g, false, 1.0f, MAXIMIZE), m, v, vmax, s, WD,
-                         AMSGRAD);
+                                        [&](Block (&w)[4], const Block& g) {
+      Block root;
+#pragma GCC ivdep
+      for (int64_t j = 0; j < kBlock; ++j) {
+        root[j] = rules::adam_moments(w[0][j], rules::prepare_grad(g[j], false, 1.0f, MAXIMIZE),
+                                      w[1][j], w[2][j], w[3][j], s, WD, AMSGRAD);
+      }
+      divide_block(root, s.bias_correction2_sqrt);
+#pragma GCC ivdep
+      for (int64_t j = 0; j < kBlock; ++j) rules::adam_finish(w[0][j], w[1][j], root[j], s, WD);
     });
   }
   for_each_index(first, end, [&](int64_t i) __attribute__((always_inline)) {
@@ -183,13 +192,16 @@ void sgd_kernel_impl(const SgdItem& item, const SgdCall& call, int64_t begin, in
     uint16_t* const written[4] = {param, MOM == rules::Momentum::kNone ? nullptr : buffer,
                                   nullptr, nullptr};
     first = for_each_block16<S, SCALED>(begin, end, grad, grad_scale, written,
-                                        [&](float& p, float g, float& buf, float&, float&) {
-      // The first step overwrites the buffer without using it (it may hold garbage).
-      T b = (MOM == rules::Momentum::kRun) ? buf : T(0);
-      // (g is divided by grad_scale already)
-      rules::sgd_update(p, rules::prepare_grad(g, false, 1.0f, MAXIMIZE), b, s, L2, MOM,
-                        NESTEROV);
-      buf = b;
+                                        [&](Block (&w)[4], const Block& g) {
+#pragma GCC ivdep
+      for (int64_t j = 0; j < kBlock; ++j) {
+        // The first step overwrites the buffer without using it (it may hold garbage).
+        T b = (MOM == rules::Momentum::kRun) ? w[1][j] : T(0);
+        // (g is divided by grad_scale already)
+        rules::sgd_update(w[0][j], rules::prepare_grad(g[j], false, 1.0f, MAXIMIZE), b, s, L2,
+                          MOM, NESTEROV);
+        w[1][j] = b;
+      }
     });
   }
   for_each_index(first, end, [&](int64_t i) __attribute__((always_inline)) {

@@ -128,28 +128,43 @@ FUSEDOPT_HD T lerp_(T from, T to, T weight) {
   return (weight < T(0.5)) ? from + weight * diff : to - diff * (T(1) - weight);
 }
 
-// One Adam/AdamW element update. g is the prepared gradient (prepare_grad).
-// max_exp_avg_sq is read and written only when amsgrad is true.
+// One Adam/AdamW element update, in two halves (adam_update below is the whole of it; the CPU
+// 16-bit kernels call the halves themselves, to divide a block of sqrt(v_hat) at once):
+//
+// adam_moments: the moments, from the prepared gradient g (prepare_grad) plus the L2 term of
+// the param p. Updates exp_avg, exp_avg_sq (and max_exp_avg_sq when amsgrad) in place and
+// returns sqrt(v_hat).
+template <typename T>
+FUSEDOPT_HD T adam_moments(T p, T g, T& exp_avg, T& exp_avg_sq, T& max_exp_avg_sq,
+                           const AdamScalars<T>& s, WeightDecay wd, bool amsgrad) {
+  if (wd == WeightDecay::kL2) g = g + s.weight_decay * p;
+  exp_avg = lerp_(exp_avg, g, s.lerp_weight);
+  exp_avg_sq = exp_avg_sq * s.beta2 + s.one_minus_beta2 * (g * g);
+  T v_hat = exp_avg_sq;
+  if (amsgrad) {
+    v_hat = max_(max_exp_avg_sq, exp_avg_sq);
+    max_exp_avg_sq = v_hat;
+  }
+  return sqrt_(v_hat);
+}
+
+// adam_finish: the param update, with decoupled weight decay, from the new exp_avg m and the
+// quotient sqrt(v_hat) / bias_correction2_sqrt:
+//   param = param * decay_factor - step_size * m / (corrected_root + eps)
+template <typename T>
+FUSEDOPT_HD void adam_finish(T& param, T m, T corrected_root, const AdamScalars<T>& s,
+                             WeightDecay wd) {
+  T p = param;
+  if (wd == WeightDecay::kDecoupled) p = p * s.decay_factor;
+  const T denom = corrected_root + s.eps;
+  param = p - s.step_size * (m / denom);
+}
+
 template <typename T>
 FUSEDOPT_HD void adam_update(T& param, T g, T& exp_avg, T& exp_avg_sq, T& max_exp_avg_sq,
                              const AdamScalars<T>& s, WeightDecay wd, bool amsgrad) {
-  T p = param;
-  if (wd == WeightDecay::kDecoupled) {
-    p = p * s.decay_factor;
-  } else if (wd == WeightDecay::kL2) {
-    g = g + s.weight_decay * p;
-  }
-  const T m = lerp_(exp_avg, g, s.lerp_weight);
-  const T v = exp_avg_sq * s.beta2 + s.one_minus_beta2 * (g * g);
-  T v_hat = v;
-  if (amsgrad) {
-    v_hat = max_(max_exp_avg_sq, v);
-    max_exp_avg_sq = v_hat;
-  }
-  const T denom = sqrt_(v_hat) / s.bias_correction2_sqrt + s.eps;
-  param = p - s.step_size * (m / denom);
-  exp_avg = m;
-  exp_avg_sq = v;
+  const T root = adam_moments(param, g, exp_avg, exp_avg_sq, max_exp_avg_sq, s, wd, amsgrad);
+  adam_finish(param, exp_avg, root / s.bias_correction2_sqrt, s, wd);
 }
 
 // ----------------------------------------------------------------------------------------------
