@@ -14,9 +14,10 @@ Environment switches
     CUDA_HOME                      CUDA toolkit; if unset it is taken from nvcc itself (see below).
     MAX_JOBS                       parallel compile jobs (read by torch's ninja build).
 
-The CPU kernels are compiled once per ISA (AVX-512, AVX2, baseline; csrc/cpu/kernels_*.cpp) and
-the variant is chosen when the extension loads, so the build never uses -march=native and the
-result runs on any x86-64 machine. At run time, FUSEDOPT_CPU_ISA=avx2|scalar caps that choice
+The CPU kernels are compiled once per ISA (AVX-512 with and without AVX512_BF16, AVX2, baseline;
+csrc/cpu/kernels_*.cpp) and the variant is chosen when the extension loads, so the build never
+uses -march=native and the result runs on any x86-64 machine. At run time,
+FUSEDOPT_CPU_ISA=avx512|avx2|scalar caps that choice
 (fusedopt._C.cpu_isa() reports it; fusedopt._C.build_info() reports how the build went).
 """
 
