@@ -101,11 +101,16 @@ constexpr int64_t kDivideLanes = 1;
 inline void divide_lanes(float* x, float d, float) { *x = *x / d; }
 #endif
 
+// A divisor with its correctly rounded reciprocal, made once per kernel call, not per block.
+struct Divisor {
+  float d, y;
+  explicit Divisor(float divisor) : d(divisor), y(1.0f / divisor) {}
+};
+
 template <int64_t N>
-__attribute__((always_inline)) inline void divide_block(float (&x)[N], float d) {
+__attribute__((always_inline)) inline void divide_block(float (&x)[N], const Divisor& by) {
   static_assert(N % kDivideLanes == 0, "a block is whole vectors");
-  const float y = 1.0f / d;
-  for (int64_t j = 0; j < N; j += kDivideLanes) divide_lanes(x + j, d, y);
+  for (int64_t j = 0; j < N; j += kDivideLanes) divide_lanes(x + j, by.d, by.y);
 }
 
 // For kBlocksOf<S>: runs update_block(w, g) over the whole blocks of [begin, end), where g
@@ -116,7 +121,7 @@ __attribute__((always_inline)) inline void divide_block(float (&x)[N], float d) 
 using Block = float[kBlock];
 template <class S, bool SCALED, class UpdateBlock>
 __attribute__((always_inline)) inline int64_t for_each_block16(
-    int64_t begin, int64_t end, const uint16_t* grad, float grad_scale,
+    int64_t begin, int64_t end, const uint16_t* grad, const Divisor& grad_scale,
     uint16_t* const (&written)[4], UpdateBlock&& update_block) {
   int64_t i = begin;
   for (; i + kBlock <= end; i += kBlock) {
@@ -152,10 +157,11 @@ void adam_kernel_impl(const AdamItem& item, const AdamCall& call, int64_t begin,
   int64_t first = begin;
   if constexpr (kBlocksOf<S>) {
     uint16_t* const written[4] = {param, exp_avg, exp_avg_sq, AMSGRAD ? max_exp_avg_sq : nullptr};
+    const Divisor bias_correction2(s.bias_correction2_sqrt);
     // The update in two halves around one division of the block's sqrt(v_hat) by the
     // tensor's bias_correction2_sqrt (divide_block: exact, without the division unit, which
     // bounds these steps). g is divided by grad_scale already.
-    first = for_each_block16<S, SCALED>(begin, end, grad, grad_scale, written,
+    first = for_each_block16<S, SCALED>(begin, end, grad, Divisor(grad_scale), written,
                                         [&](Block (&w)[4], const Block& g) {
       Block root;
 #pragma GCC ivdep
@@ -163,7 +169,7 @@ void adam_kernel_impl(const AdamItem& item, const AdamCall& call, int64_t begin,
         root[j] = rules::adam_moments(w[0][j], rules::prepare_grad(g[j], false, 1.0f, MAXIMIZE),
                                       w[1][j], w[2][j], w[3][j], s, WD, AMSGRAD);
       }
-      divide_block(root, s.bias_correction2_sqrt);
+      divide_block(root, bias_correction2);
 #pragma GCC ivdep
       for (int64_t j = 0; j < kBlock; ++j) rules::adam_finish(w[0][j], w[1][j], root[j], s, WD);
     });
@@ -195,7 +201,7 @@ void sgd_kernel_impl(const SgdItem& item, const SgdCall& call, int64_t begin, in
   if constexpr (kBlocksOf<S>) {
     uint16_t* const written[4] = {param, MOM == rules::Momentum::kNone ? nullptr : buffer,
                                   nullptr, nullptr};
-    first = for_each_block16<S, SCALED>(begin, end, grad, grad_scale, written,
+    first = for_each_block16<S, SCALED>(begin, end, grad, Divisor(grad_scale), written,
                                         [&](Block (&w)[4], const Block& g) {
 #pragma GCC ivdep
       for (int64_t j = 0; j < kBlock; ++j) {
