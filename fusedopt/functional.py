@@ -3,7 +3,9 @@
 These are what the optimizers do for one param group, without the ``torch.optim.Optimizer``
 object: lists in, tensors updated in place. Use them to build your own optimizer loop. The lists
 are split by (device, dtype); each part goes to the backend :func:`fusedopt.backends.select`
-picks for ``backend`` (``"auto"`` by default). Complex tensors are updated through real views.
+picks for ``backend`` (``"auto"`` by default). Complex tensors are updated through real views,
+DTensors through their local shards (every list's entry ``i`` must then have the layout of
+``params[i]``; gradients are redistributed to it).
 """
 from __future__ import annotations
 
@@ -11,13 +13,20 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import backends
+from . import _dtensor, backends
 
 Tensor = torch.Tensor
 
 
 def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _kernel_view(t: Tensor, param: Tensor, what: str, redistribute: bool) -> Tensor:
+    """``t`` (an entry of a list, for ``param``) as the kernels see it: local shard, real view."""
+    if _dtensor.is_dtensor(t) or _dtensor.is_dtensor(param):
+        t = _dtensor.local_like(t, _dtensor.layout_of(param), what, redistribute)
+    return _real(t)
 
 
 def _check_lists(name: str, reference: Sequence[Tensor], **others: Sequence[Tensor]) -> None:
@@ -36,8 +45,16 @@ def _partition(params: Sequence[Tensor]) -> Dict[Tuple[torch.device, torch.dtype
     return parts
 
 
+_LIST_NAMES = ("a param", "a gradient", "a state tensor")
+
+
 def _pick(lists: Sequence[Sequence[Optional[Tensor]]], idx: List[int]) -> List[List[Tensor]]:
-    return [[_real(lst[i]) for i in idx] if lst else [] for lst in lists]
+    """Entries ``idx`` of each list (``lists[0]`` is the params, ``lists[1]`` the grads)."""
+    params = lists[0]
+    if not (_dtensor.any_dtensor(params) or _dtensor.any_dtensor(lists[1])):
+        return [[_real(lst[i]) for i in idx] if lst else [] for lst in lists]
+    return [[_kernel_view(lst[i], params[i], _LIST_NAMES[min(k, 2)], k == 1) for i in idx]
+            if lst else [] for k, lst in enumerate(lists)]
 
 
 def adam_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
@@ -59,7 +76,7 @@ def adam_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[
     for (device, dtype), idx in _partition(params).items():
         p, g, m, v, vmax = _pick([params, grads, exp_avgs, exp_avg_sqs,
                                   max_exp_avg_sqs if amsgrad else []], idx)
-        steps = [state_steps[i] for i in idx]
+        steps = [_dtensor.local(state_steps[i]) for i in idx]
         backends.select(backend, device, dtype).adam_(
             p, g, m, v, vmax, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
             weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,

@@ -13,6 +13,10 @@ on CPU tensors the host reads ``c`` (no sync there); the CUDA kernel reads it on
 its threads return at once, so nothing waits for the GPU (``torch._foreach_mul_``, the fallback
 without native kernels, always multiplies). To pay for one read only, clip inside the step
 instead: ``fusedopt.optim.AdamW(..., max_grad_norm=1.0)``.
+
+DTensor gradients (FSDP2, tensor parallel) are clipped through their local shards, with the norm
+reduced over the mesh (:func:`fusedopt.clip._norm.sharded_norm`); the norm returned is then a
+replicated DTensor, as torch returns it.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from .. import _norm_ops, backends
+from .. import _dtensor, _norm_ops, backends
 from .._lists import any_none, grads_of
 from ._norm import (Summary, TensorOrTensors, as_list, by_device, check_finite, get_total_norm,
                     result_dtype, to_device, total_norm)
@@ -50,6 +54,10 @@ def scale_(tensors: Sequence[Tensor], scale: Tensor, backend: str = "auto",
     """``t *= scale`` for every tensor (``scale``: a 0-dim tensor), one multi-tensor pass per device.
     ``summary``: the :class:`Summary` of ``tensors`` when the caller has it already."""
     summary = Summary.of(tensors, summary)
+    if summary.any_dtensor:  # elementwise: the local shards
+        tensors = [_dtensor.local(t) for t in tensors]
+        summary = Summary(tensors)
+    scale = _dtensor.plain(scale)
     groups = by_device(tensors, summary)
     for device, group in groups.items():
         factor = to_device(scale, device)
@@ -77,7 +85,7 @@ def clip_grads_with_norm_(parameters: TensorOrTensors, max_norm: float, total_no
     with torch.no_grad():
         grads = _grads(parameters)
         if grads:
-            scale_(grads, clip_coefficient(float(max_norm), total_norm))
+            scale_(grads, clip_coefficient(float(max_norm), _dtensor.plain(total_norm)))
 
 
 def clip_grad_norm_(parameters: TensorOrTensors, max_norm: float, norm_type: float = 2.0,
@@ -108,7 +116,8 @@ def clip_grad_norm_(parameters: TensorOrTensors, max_norm: float, norm_type: flo
         if error_if_nonfinite:
             check_finite(norm, norm_type)
         scale_(grads, clip_coefficient(float(max_norm), norm), backend, summary)
-        return norm.to(summary.result_dtype())
+        norm = norm.to(summary.result_dtype())
+        return _dtensor.replicated_like(norm, grads) if summary.any_dtensor else norm
 
 
 def clip_grad_value_(parameters: TensorOrTensors, clip_value: float,
@@ -121,6 +130,9 @@ def clip_grad_value_(parameters: TensorOrTensors, clip_value: float,
         clip_value = float(clip_value)
         grads = _grads(parameters)
         summary = Summary(grads)
+        if summary.any_dtensor:  # elementwise: the local shards
+            grads = [_dtensor.local(g) for g in grads]
+            summary = Summary(grads)
         groups = by_device(grads, summary)
         for device, group in groups.items():
             if _native(device, group, "clamp_", summary=summary if len(groups) == 1 else None):

@@ -17,6 +17,9 @@ Implementations, per device (``backend="auto"`` picks the first that applies):
 ``triton``     :mod:`fusedopt.backends.triton.norm`: one launch per dtype plus one to finish.
 ``reference``  ``torch._foreach_norm`` per dtype, then the norm of the per-tensor norms (torch's
                own method, accumulating in float32).
+
+DTensors (FSDP2, tensor parallel): the norm of their local shards, per layout, reduced over the
+mesh dimensions that shard them (:func:`sharded_norm`); every rank gets the global norm.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .. import _norm_ops, _ops, backends
+from .. import _dtensor, _norm_ops, _ops, backends
 from .._compiling import is_compiling as _is_compiling
 
 Tensor = torch.Tensor
@@ -54,7 +57,7 @@ _METADATA = operator.attrgetter("device", "dtype", "layout")
 class Summary:
     """What the clipping code needs to know about a list of tensors, read in one pass."""
 
-    __slots__ = ("devices", "dtypes", "any_complex", "any_sparse")
+    __slots__ = ("devices", "dtypes", "any_complex", "any_sparse", "any_dtensor")
 
     def __init__(self, tensors: Sequence[Tensor]):
         # One C++ pass when every element is a plain tensor (~10 ns a tensor against ~0.6 us);
@@ -63,11 +66,13 @@ class Summary:
             tensors = list(tensors)  # read twice when the C++ pass declines
         summarize = getattr(_ops._C, "_summarize", None)
         native = None if summarize is None or _is_compiling() else summarize(tensors)
-        if native is not None:
+        if native is not None:  # (it declines tensor subclasses: no DTensor here)
             self.devices, dtypes, self.any_sparse = native
             self.dtypes = set(dtypes)
             self.any_complex = any(d.is_complex for d in self.dtypes)
+            self.any_dtensor = False
             return
+        self.any_dtensor = _dtensor.any_dtensor(tensors)
         if _is_compiling():  # dynamo cannot call an attrgetter object
             metadata = {(t.device, t.dtype, t.layout) for t in tensors}
         else:
@@ -89,6 +94,7 @@ class Summary:
         summary.dtypes = set(dtypes)
         summary.any_complex = any(d.is_complex for d in summary.dtypes)
         summary.any_sparse = any_sparse
+        summary.any_dtensor = False
         return summary
 
     @classmethod
@@ -209,15 +215,72 @@ def total_norm(tensors: Sequence[Tensor], norm_type: float = 2.0, backend: str =
     if len(tensors) == 0:
         return torch.tensor(0.0)
     summary = Summary.of(tensors, summary)
+    if summary.any_dtensor:
+        return sharded_norm(by_layout(tensors), norm_type, backend)
     groups = by_device(tensors, summary)
-    first = summary.devices[0]
     norms = [device_norm(group, norm_type, backend, summary if len(groups) == 1 else None)
              for group in groups.values()]
+    return combine_norms(norms, norm_type)
+
+
+def combine_norms(norms: Sequence[Tensor], norm_type: float) -> Tensor:
+    """The norm of the union of disjoint sets of elements, given their norms (0-dim tensors):
+    the norm of the norms (for ``p = 0`` their sum, as each is a count), on the first one's
+    device, in the widest of their dtypes."""
     if len(norms) == 1:
         return norms[0]
-    acc = summary.accumulate_dtype()
-    stacked = torch.stack([to_device(n, first, acc) for n in norms])
+    acc = functools.reduce(torch.promote_types, (n.dtype for n in norms))
+    stacked = torch.stack([to_device(n, norms[0].device, acc) for n in norms])
     return stacked.sum() if norm_type == 0.0 else torch.linalg.vector_norm(stacked, norm_type)
+
+
+def by_layout(tensors: Sequence[Tensor]) -> Dict[_dtensor.Layout, List[Tensor]]:
+    """The local tensors of a list of DTensors, by layout (mesh and placements)."""
+    groups: Dict[_dtensor.Layout, List[Tensor]] = {}
+    for t in tensors:
+        layout = _dtensor.layout_of(t)
+        if layout is None:
+            raise ValueError("cannot take one norm of DTensors and plain tensors together: a "
+                             "plain tensor's values may differ between ranks (make every "
+                             "gradient a DTensor, or take the norms apart)")
+        groups.setdefault(layout, []).append(_dtensor.local(t))
+    return groups
+
+
+def sharded_norm(groups: Dict[_dtensor.Layout, List[Tensor]], norm_type: float,
+                 backend: str = "auto") -> Tensor:
+    r"""Norm of DTensors given as their local tensors by layout (:func:`by_layout`), the same on
+    every rank: each layout's local norm (:func:`total_norm`) is combined over the mesh
+    dimensions that shard it, by a collective on the device (no host sync):
+
+    .. math::
+
+        \|x\|_p = \Big(\sum_{\text{shards}} \|x_{\text{shard}}\|_p^p\Big)^{1/p},
+        \qquad \|x\|_{\pm\infty} = \max / \min_{\text{shards}} \|x_{\text{shard}}\|_{\pm\infty}
+
+    (a NaN on any shard makes the norm NaN). ``p = 0`` (torch counts the *tensors* with a
+    nonzero element, which no shard knows alone) is refused.
+    """
+    if norm_type == 0.0:
+        raise ValueError("norm_type=0 (the number of nonzero tensors) is not supported for "
+                         "DTensor gradients")
+    norms = [_reduce_norm(total_norm(local, norm_type, backend), layout, norm_type)
+             for layout, local in groups.items()]
+    return combine_norms(norms, norm_type)
+
+
+def _reduce_norm(norm: Tensor, layout: _dtensor.Layout, norm_type: float) -> Tensor:
+    """One layout's global norm from its local norm on every rank (see :func:`sharded_norm`)."""
+    if norm_type in (float("inf"), float("-inf")):
+        extreme = _dtensor.reduce_over_shards(norm, layout, "max" if norm_type > 0 else "min")
+        # A collective max/min need not propagate NaN: count the ranks that have one.
+        nans = _dtensor.reduce_over_shards(torch.isnan(norm).to(norm.dtype), layout, "sum")
+        return torch.where(nans > 0, torch.full_like(extreme, float("nan")), extreme)
+    if norm_type == 1.0:
+        return _dtensor.reduce_over_shards(norm, layout, "sum")
+    if norm_type == 2.0:
+        return torch.sqrt(_dtensor.reduce_over_shards(norm * norm, layout, "sum"))
+    return _dtensor.reduce_over_shards(norm ** norm_type, layout, "sum") ** (1.0 / norm_type)
 
 
 def check_finite(norm: Tensor, norm_type: float) -> None:
@@ -250,4 +313,5 @@ def get_total_norm(tensors: TensorOrTensors, norm_type: float = 2.0,
         norm = total_norm(tensors, norm_type, backend, summary)
         if error_if_nonfinite:
             check_finite(norm, norm_type)
-        return norm.to(summary.result_dtype())
+        norm = norm.to(summary.result_dtype())
+        return _dtensor.replicated_like(norm, tensors) if summary.any_dtensor else norm

@@ -23,7 +23,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from ._clip import clip_coefficient
-from ._norm import Summary, to_device, total_norm
+from ._norm import to_device
 
 Tensor = torch.Tensor
 
@@ -40,23 +40,12 @@ class StepScaling:
         return self.grad_scales[max_grad_norm]
 
 
-def fold(grads: Sequence[Tensor], max_grad_norms: Sequence[Optional[float]],
-         grad_scale: Optional[Tensor], found_inf: Optional[Tensor], skip_nonfinite: bool,
-         backend: str = "auto", summary: Optional[Summary] = None) -> StepScaling:
-    """Compute the global 2-norm of ``grads`` once and the per-threshold effective scales.
-
-    ``max_grad_norms``: the thresholds in use (one per param group; ``None``: no clipping for
-    that group, which then gets ``grad_scale`` unchanged). ``summary``: devices and dtypes of
-    ``grads`` as the optimizer knows them (spares a pass over the tensors).
-    """
-    return fold_norm(total_norm(list(grads), 2.0, backend, summary), max_grad_norms, grad_scale,
-                     found_inf, skip_nonfinite)
-
-
 def fold_norm(norm: Tensor, max_grad_norms: Sequence[Optional[float]],
               grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
               skip_nonfinite: bool) -> StepScaling:
-    """:func:`fold` given the 2-norm of the gradients as stored (computed by the caller)."""
+    """The effective grad scales of one step from the global 2-norm of the gradients as stored
+    (computed by the caller, once): ``max_grad_norms`` are the thresholds in use (one per param
+    group; ``None``: no clipping for that group, which then gets ``grad_scale`` unchanged)."""
     if grad_scale is not None:
         norm = norm / to_device(grad_scale, norm.device, norm.dtype)
     out = StepScaling(norm=norm, found_inf=found_inf)
@@ -75,4 +64,4 @@ def fold_norm(norm: Tensor, max_grad_norms: Sequence[Optional[float]],
     return out
 
 
-__all__ = ["StepScaling", "fold", "fold_norm"]
+__all__ = ["StepScaling", "fold_norm"]

@@ -6,6 +6,10 @@ Everything except the gradients is cached per group: params and state tensors do
 between steps, so the per-step Python work is one list comprehension over the gradients.
 The cache is dropped when the group's params, the set of params with gradients, or the state
 (``load_state_dict``) change.
+
+Kernels see :func:`kernel_view` of every tensor: the local shard of a DTensor (FSDP2, tensor
+parallel; see :mod:`fusedopt._dtensor`), as real numbers if complex. Buckets split by DTensor
+layout too, and a global norm (``max_grad_norm``) over DTensors is reduced over their meshes.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch.optim.optimizer import Optimizer
 
-from .. import backends
+from .. import _dtensor, backends
 from .._lists import any_none as _any_none
 from .._lists import any_sparse as _any_sparse
 from .._lists import grads_of as _grads_of
@@ -28,13 +32,14 @@ Tensor = torch.Tensor
 class GroupBucket:
     """The tensors of one param group with one (device, dtype), in launch order."""
 
-    __slots__ = ("device", "dtype", "params", "owners", "state_lists", "complex_mask", "grad_index",
-                 "all_grads", "has_complex", "backend", "backend_request")
+    __slots__ = ("device", "dtype", "layout", "params", "owners", "state_lists", "complex_mask",
+                 "grad_index", "all_grads", "has_complex", "backend", "backend_request")
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, layout: Optional[_dtensor.Layout] = None):
         self.device = device
         self.dtype: Optional[torch.dtype] = None
-        self.params: List[Tensor] = []          # real views of the params
+        self.layout = layout                    # DTensor layout of every entry (None: plain)
+        self.params: List[Tensor] = []          # kernel_view of the params
         self.owners: List[Tensor] = []          # the params themselves (state dict keys)
         self.state_lists: Dict[str, List[Tensor]] = {}
         self.complex_mask: List[bool] = []      # grads of these entries need view_as_real
@@ -76,6 +81,11 @@ def check_clip_options(max_grad_norm, skip_nonfinite) -> None:
 
 def as_real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
+
+
+def kernel_view(t: Tensor) -> Tensor:
+    """What a kernel updates for ``t``: the local shard if a DTensor, as real numbers if complex."""
+    return as_real(_dtensor.local(t))
 
 
 class FusedOptimizer(Optimizer):
@@ -222,14 +232,15 @@ class FusedOptimizer(Optimizer):
     def _fast_path_bucket(self, group: Dict[str, Any]) -> Optional[GroupBucket]:
         """The one bucket of ``group``'s cache when the fast path may read the grads in C++:
         the cache is current and was built with every param having a grad, all of them real
-        and in one bucket. None otherwise."""
+        plain tensors and in one bucket. None otherwise."""
         cache = self._group_caches.get(id(group))
         params = group["params"]
         if (cache is None or cache.present is not None or cache.params_ref is not params
                 or cache.state_version != self._state_version or len(cache.buckets) != 1):
             return None
         bucket = cache.buckets[0]
-        if not bucket.all_grads or bucket.has_complex or len(bucket.params) != len(params):
+        if (not bucket.all_grads or bucket.has_complex or bucket.layout is not None
+                or len(bucket.params) != len(params)):
             return None
         return bucket
 
@@ -275,22 +286,40 @@ class FusedOptimizer(Optimizer):
         grad scale each kernel divides by, and non-finite gradients into ``found_inf``, all on the
         device (see :mod:`fusedopt.clip._step`). Sets ``last_grad_norm`` and ``skipped_steps``."""
         if skip or any(m is not None for m in max_norms):
-            all_grads = [g for _, _, grads, _ in work for g in grads]
-            # Buckets know their device and (real) dtype; sparse grads were refused by
-            # _bucket_grads or are refused by the native norm op before anything is written.
-            summary = clip_norm.Summary.from_parts([b.device for _, b, _, _ in work],
-                                                   [b.dtype for _, b, _, _ in work])
-            scaling = clip_step.fold(all_grads, max_norms, grad_scale, found_inf, skip,
-                                     backend=self.param_groups[0].get("backend", "auto"),
-                                     summary=summary)
+            backend = self.param_groups[0].get("backend", "auto")
+            if any(b.layout is not None for _, b, _, _ in work):
+                norm = clip_norm.sharded_norm(self._grads_by_layout(work), 2.0, backend)
+            else:
+                all_grads = [g for _, _, grads, _ in work for g in grads]
+                # Buckets know their device and (real) dtype; sparse grads were refused by
+                # _bucket_grads or are refused by the native norm op before anything is written.
+                summary = clip_norm.Summary.from_parts([b.device for _, b, _, _ in work],
+                                                       [b.dtype for _, b, _, _ in work])
+                norm = clip_norm.total_norm(all_grads, 2.0, backend, summary)
+            scaling = clip_step.fold_norm(norm, max_norms, grad_scale, found_inf, skip)
             self._step_stats["last_grad_norm"] = scaling.norm
         else:
             scaling = clip_step.StepScaling(grad_scales={None: grad_scale}, found_inf=found_inf)
         self._count_skipped(scaling.found_inf)
         return scaling
 
+    def _grads_by_layout(self, work) -> Dict[_dtensor.Layout, List[Tensor]]:
+        """The (local) gradients of a step's buckets by DTensor layout, for the global norm."""
+        groups: Dict[_dtensor.Layout, List[Tensor]] = {}
+        for _, bucket, grads, _ in work:
+            if bucket.layout is None:
+                raise ValueError(
+                    f"{self.DISPLAY_NAME}: max_grad_norm / skip_nonfinite need every parameter "
+                    "to be a DTensor when some are (the global norm of plain tensors, whose "
+                    "values may differ between ranks, is not defined)")
+            groups.setdefault(bucket.layout, []).extend(grads)
+        return groups
+
     def _bucket_grads(self, bucket: GroupBucket, grads: List[Optional[Tensor]], backend) -> List[Tensor]:
         out = grads if bucket.all_grads else [grads[i] for i in bucket.grad_index]
+        if bucket.layout is not None:
+            layout = bucket.layout
+            out = [_dtensor.local_like(g, layout, "a gradient", redistribute=True) for g in out]
         # Backends whose kernels reject non-strided grads themselves (before writing anything)
         # spare the step this Python loop; the others rely on it.
         if not getattr(backend, "rejects_sparse_grads", False) and _any_sparse(out):
@@ -320,11 +349,12 @@ class FusedOptimizer(Optimizer):
             if len(state) == 0:
                 self._init_state(group, p, state)
             self._prepare_state(group, p, state)
-            real = as_real(p)
-            key = (p.device, real.dtype)
+            real = kernel_view(p)
+            layout = _dtensor.layout_of(p)
+            key = (p.device, real.dtype, layout)
             bucket = buckets.get(key)
             if bucket is None:
-                bucket = buckets[key] = GroupBucket(p.device)
+                bucket = buckets[key] = GroupBucket(p.device, layout)
                 bucket.dtype = real.dtype
                 bucket.state_lists = {name: [] for name in self.STATE_KEYS}
             bucket.params.append(real)
@@ -332,13 +362,22 @@ class FusedOptimizer(Optimizer):
             bucket.complex_mask.append(p.is_complex())
             bucket.grad_index.append(index)
             for name in self.STATE_KEYS:
-                value = state.get(name)
-                bucket.state_lists[name].append(None if value is None else (
-                    value if name == "step" else as_real(value)))
+                bucket.state_lists[name].append(self._state_view(name, state.get(name), layout))
         for bucket in buckets.values():
             bucket.all_grads = bucket.grad_index == list(range(len(grads)))
             bucket.has_complex = True in bucket.complex_mask
         return GroupCache(group["params"], present, list(buckets.values()), self._state_version)
+
+    def _state_view(self, name: str, value: Optional[Tensor],
+                    layout: Optional[_dtensor.Layout]) -> Optional[Tensor]:
+        """The kernel's view of a state tensor of a param of ``layout`` (``step``: a 0-dim
+        counter, a plain tensor in torch.optim even for DTensor params, used as it is)."""
+        if value is None:
+            return None
+        if name == "step":
+            return _dtensor.local(value)
+        value = _dtensor.local_like(value, layout, f"{self.DISPLAY_NAME}: state {name!r}")
+        return as_real(value)
 
     def _check_param(self, p: Tensor, g: Tensor) -> None:
         if g.is_sparse:

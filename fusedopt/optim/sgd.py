@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 from .._lists import any_none as _any_none
-from .base import FusedOptimizer, GroupBucket, check_hyperparameter
+from .base import FusedOptimizer, GroupBucket, check_hyperparameter, kernel_view
 
 Tensor = torch.Tensor
 
@@ -126,7 +126,7 @@ class SGD(FusedOptimizer):
         need a host sync.
         """
         for i in fresh:
-            buf = torch.zeros_like(bucket.params[i], memory_format=torch.preserve_format)
-            bucket.state_lists["momentum_buffer"][i] = buf
-            owner = bucket.owners[i]
-            self.state[owner]["momentum_buffer"] = torch.view_as_complex(buf) if owner.is_complex() else buf
+            owner = bucket.owners[i]  # the buffer is like it (complex, DTensor), the kernel's view real
+            buf = torch.zeros_like(owner, memory_format=torch.preserve_format)
+            self.state[owner]["momentum_buffer"] = buf
+            bucket.state_lists["momentum_buffer"][i] = kernel_view(buf)

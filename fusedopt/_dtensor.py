@@ -1,0 +1,103 @@
+"""DTensor parameters and gradients (``torch.distributed.tensor``: FSDP2's ``fully_shard``, tensor
+parallelism): what the optimizers and the clipping code need to know about them.
+
+The update rules are elementwise, so a step on DTensors is the same step on their local shards,
+provided that a param, its gradient and its state share one *layout* (device mesh and
+placements): then element ``i`` of every local shard is the same element of the global tensor.
+The kernels therefore get the local tensors; state stays a DTensor (torch.optim's state, so
+checkpoints interchange). A gradient with another layout than its param is redistributed to the
+param's first (what torch's own DTensor step does); state with another layout is an error.
+
+Norms are not elementwise: :func:`reduce_over_shards` combines the local contributions over the
+mesh dimensions where a layout shards the tensors (a collective, on the device: no host sync);
+along replicated dimensions every rank already holds the same values.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Optional, Sequence, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+#: (device mesh, placements) of a DTensor; None for a plain tensor.
+Layout = Tuple[Any, Tuple[Any, ...]]
+
+try:
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+except ImportError:  # torch built without distributed support: there are no DTensors
+    DTensor = Partial = Replicate = None
+
+
+def is_dtensor(t: Any) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def any_dtensor(tensors: Sequence[Any]) -> bool:
+    return DTensor is not None and any(map(isinstance, tensors, itertools.repeat(DTensor)))
+
+
+def layout_of(t: Tensor) -> Optional[Layout]:
+    """The (mesh, placements) of a DTensor, None for a plain tensor."""
+    return (t.device_mesh, tuple(t.placements)) if is_dtensor(t) else None
+
+
+def describe(layout: Optional[Layout]) -> str:
+    if layout is None:
+        return "a plain tensor"
+    mesh, placements = layout
+    return f"a DTensor with placements {placements} on mesh {mesh}"
+
+
+def local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (the tensor itself, not a copy; writes reach the DTensor), or
+    ``t`` if it is a plain tensor. (``DTensor.to_local()`` returns this tensor too under no_grad,
+    or a fresh view of it for a Parameter.)"""
+    return t._local_tensor if is_dtensor(t) else t
+
+
+def local_like(t: Tensor, layout: Optional[Layout], what: str, redistribute: bool = False) -> Tensor:
+    """The local tensor of ``t``, which belongs to a param of ``layout``: checked to have that
+    layout, or (``redistribute``: gradients) brought to it. ``what`` names ``t`` in errors."""
+    own = layout_of(t)
+    if own == layout:
+        return local(t)
+    if redistribute and own is not None and layout is not None:
+        mesh, placements = layout
+        return local(t.redistribute(mesh, placements))
+    raise ValueError(f"{what} is {describe(own)}, but its parameter is {describe(layout)}; "
+                     "fusedopt updates them elementwise and needs one layout for both")
+
+
+def reduce_over_shards(value: Tensor, layout: Layout, op: str) -> Tensor:
+    """``value`` (0-dim, one per rank) reduced with ``op`` ("sum", "max" or "min") over the mesh
+    dimensions along which ``layout`` shards its tensors; a plain tensor on every rank."""
+    mesh, placements = layout
+    if any(isinstance(p, Partial) for p in placements):
+        raise ValueError(f"cannot take the norm of a DTensor with placements {placements}: its "
+                         "local values are partial sums (redistribute it first)")
+    reduced = [p if isinstance(p, Replicate) else Partial(op) for p in placements]
+    if all(isinstance(p, Replicate) for p in reduced):
+        return value
+    return DTensor.from_local(value, mesh, reduced, run_check=False).full_tensor()
+
+
+def replicated_like(value: Tensor, tensors: Sequence[Tensor]) -> Tensor:
+    """``value`` as torch's clipping functions return it for ``tensors``: a replicated DTensor on
+    their mesh when they are all DTensors of one mesh, else ``value`` itself."""
+    if not tensors or not all(map(is_dtensor, tensors)):
+        return value
+    meshes = {t.device_mesh for t in tensors}
+    if len(meshes) != 1:
+        return value
+    mesh = meshes.pop()
+    return DTensor.from_local(value, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
+def plain(value: Tensor) -> Tensor:
+    """A 0-dim tensor given by the user (a norm, a scale) as a plain tensor with its full value."""
+    return value.full_tensor() if is_dtensor(value) else value
+
+
+__all__ = ["is_dtensor", "any_dtensor", "layout_of", "local", "local_like", "reduce_over_shards",
+           "replicated_like", "plain", "Layout"]

@@ -1,0 +1,356 @@
+"""DTensor params and gradients (FSDP2, tensor parallel): fusedopt._dtensor and its users.
+
+On one gloo rank (this process) a DTensor's local shard is the whole tensor, so a step on
+DTensors must equal the same step on plain tensors bit for bit, and torch.optim's step on the same
+DTensors within rounding. Two spawned gloo ranks check what needs real shards: norms reduced
+over the mesh (uneven shards, several layouts, 2-D meshes, NaN on one rank only), clipping in the
+step, and an FSDP2 (``fully_shard``) training loop against torch.optim's.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fusedopt
+from fusedopt import _dtensor
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or _dtensor.DTensor is None,
+                                reason="torch without distributed support")
+
+if _dtensor.DTensor is not None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+OPTIMIZERS = {
+    "adamw": ("AdamW", dict(lr=0.05, weight_decay=0.1)),
+    "adam-amsgrad": ("Adam", dict(lr=0.05, amsgrad=True, weight_decay=0.01)),
+    "adamw-maximize": ("AdamW", dict(lr=0.05, maximize=True)),
+    "sgd-nesterov": ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    "sgd-dampening": ("SGD", dict(lr=0.1, momentum=0.5, dampening=0.3)),
+    "sgd-plain": ("SGD", dict(lr=0.1)),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    """A one-rank gloo process group and its 1-D CPU mesh."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
+    yield init_device_mesh("cpu", (1,))
+    dist.destroy_process_group()
+
+
+def dtensor_params(mesh, placements, dtype=torch.float32, seed=0, shapes=((7, 5), (4,), (3, 2, 3))):
+    """DTensor params with DTensor grads, and plain clones of both."""
+    g = torch.Generator().manual_seed(seed)
+    dts, plains = [], []
+    for shape in shapes:
+        value = torch.randn(shape, generator=g).to(dtype)
+        grad = torch.randn(shape, generator=g).to(dtype)
+        placement = placements if len(shape) > 0 else [Replicate()]
+        p = torch.nn.Parameter(distribute_tensor(value.clone(), mesh, placement))
+        p.grad = distribute_tensor(grad.clone(), mesh, placement)
+        q = torch.nn.Parameter(value.clone())
+        q.grad = grad.clone()
+        dts.append(p)
+        plains.append(q)
+    return dts, plains
+
+
+def new_grads(params, seed):
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        value = torch.randn(p.shape, generator=g).to(p.dtype)
+        if isinstance(p, DTensor):
+            p.grad = distribute_tensor(value, p.device_mesh, p.placements)
+        else:
+            p.grad = value
+
+
+def full(t):
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+# ------------------------------------------------------------------------- one rank
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("placement", ["shard0", "replicate"])
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_step_on_dtensors_equals_step_on_plain_tensors(mesh, name, placement, dtype, backend):
+    cls_name, kw = OPTIMIZERS[name]
+    placements = [Shard(0)] if placement == "shard0" else [Replicate()]
+    dts, plains = dtensor_params(mesh, placements, dtype)
+    cls = getattr(fusedopt.optim, cls_name)
+    on_dt = cls(dts, backend=backend, **kw)
+    on_plain = cls(plains, backend=backend, **kw)
+    for step in range(3):
+        on_dt.step()
+        on_plain.step()
+        new_grads(dts, step)
+        new_grads(plains, step)
+    for p, q in zip(dts, plains):
+        assert isinstance(p, DTensor) and p.placements == tuple(placements) or p.ndim == 0
+        torch.testing.assert_close(full(p), q, rtol=0, atol=0)
+        for key, value in on_dt.state[p].items():
+            expected = on_plain.state[q][key]
+            if key == "step":
+                assert not isinstance(value, DTensor)
+            else:  # torch.optim's state layout: a DTensor like the param
+                assert isinstance(value, DTensor) and value.placements == p.placements, key
+            torch.testing.assert_close(full(value), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_step_on_dtensors_matches_torch_optim_and_checkpoints_interchange(mesh, name):
+    cls_name, kw = OPTIMIZERS[name]
+    ours_params, _ = dtensor_params(mesh, [Shard(0)])
+    torch_params, _ = dtensor_params(mesh, [Shard(0)])
+    ours = getattr(fusedopt.optim, cls_name)(ours_params, **kw)
+    theirs = getattr(torch.optim, cls_name)(torch_params, **kw)
+    for step in range(2):
+        ours.step()
+        theirs.step()
+        new_grads(ours_params, step)
+        new_grads(torch_params, step)
+    for p, q in zip(ours_params, torch_params):
+        torch.testing.assert_close(full(p), full(q), rtol=2e-6, atol=2e-6)
+    # torch's DTensor state into fusedopt and fusedopt's back into torch, then one more step each
+    resumed = getattr(fusedopt.optim, cls_name)(ours_params, **kw)
+    resumed.load_state_dict(copy.deepcopy(theirs.state_dict()))
+    back = getattr(torch.optim, cls_name)(torch_params, **kw)
+    back.load_state_dict(copy.deepcopy(ours.state_dict()))
+    with torch.no_grad():
+        for p, q in zip(ours_params, torch_params):
+            p.copy_(q)
+    resumed.step()
+    back.step()
+    for p, q in zip(ours_params, torch_params):
+        torch.testing.assert_close(full(p), full(q), rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.5, float("inf"), float("-inf")])
+def test_clip_grad_norm_on_dtensors_matches_torch(mesh, norm_type):
+    ours, _ = dtensor_params(mesh, [Shard(0)], seed=3)
+    theirs, _ = dtensor_params(mesh, [Shard(0)], seed=3)
+    got = fusedopt.clip_grad_norm_(ours, 0.5, norm_type)
+    want = torch.nn.utils.clip_grad_norm_(theirs, 0.5, norm_type, foreach=True)
+    assert isinstance(got, DTensor) and got.placements == (Replicate(),)
+    torch.testing.assert_close(full(got), full(want), rtol=2e-6, atol=0)
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(full(p.grad), full(q.grad), rtol=2e-6, atol=1e-7)
+    total = fusedopt.get_total_norm([p.grad for p in ours], norm_type)
+    assert isinstance(total, DTensor)
+    # clip_grads_with_norm_ takes the DTensor norm torch's get_total_norm returns
+    fusedopt.clip_grads_with_norm_(ours, 0.25, total)
+    torch.nn.utils.clip_grads_with_norm_(theirs, 0.25, torch.nn.utils.get_total_norm(
+        [q.grad for q in theirs], norm_type))
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(full(p.grad), full(q.grad), rtol=2e-6, atol=1e-7)
+
+
+def test_clip_grad_value_and_percentile_clipper_on_dtensors(mesh):
+    ours, plain = dtensor_params(mesh, [Shard(0)], seed=4)
+    fusedopt.clip_grad_value_(ours, 0.3)
+    fusedopt.clip_grad_value_(plain, 0.3)
+    for p, q in zip(ours, plain):
+        torch.testing.assert_close(full(p.grad), q.grad, rtol=0, atol=0)
+    on_dt, on_plain = fusedopt.PercentileClipper(percentile=50), fusedopt.PercentileClipper(percentile=50)
+    for step in range(3):
+        new_grads(ours, step)
+        new_grads(plain, step)
+        torch.testing.assert_close(on_dt(ours), on_plain(plain))
+    for p, q in zip(ours, plain):
+        torch.testing.assert_close(full(p.grad), q.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("skip_nonfinite", [False, True])
+def test_max_grad_norm_in_the_step_on_dtensors(mesh, skip_nonfinite):
+    ours, plain = dtensor_params(mesh, [Shard(0)], seed=5)
+    on_dt = fusedopt.optim.AdamW(ours, lr=0.05, max_grad_norm=0.5, skip_nonfinite=skip_nonfinite)
+    on_plain = fusedopt.optim.AdamW(plain, lr=0.05, max_grad_norm=0.5, skip_nonfinite=skip_nonfinite)
+    on_dt.step()
+    on_plain.step()
+    torch.testing.assert_close(on_dt.last_grad_norm, on_plain.last_grad_norm, rtol=1e-6, atol=0)
+    for p, q in zip(ours, plain):
+        torch.testing.assert_close(full(p), q, rtol=1e-6, atol=1e-7)
+    if skip_nonfinite:
+        before = [full(p).clone() for p in ours]
+        new_grads(ours, 9)
+        ours[0].grad.to_local()[1, 2] = float("inf")
+        on_dt.step()
+        assert int(on_dt.skipped_steps) == 1
+        for p, b in zip(ours, before):
+            torch.testing.assert_close(full(p), b, rtol=0, atol=0)
+
+
+def test_gradient_with_another_placement_is_redistributed(mesh):
+    ours, plain = dtensor_params(mesh, [Shard(0)], seed=6)
+    for p in ours:  # a Replicate gradient for a Shard(0) param
+        p.grad = p.grad.redistribute(mesh, [Replicate()])
+    on_dt = fusedopt.optim.SGD(ours, lr=0.1, momentum=0.9)
+    on_plain = fusedopt.optim.SGD(plain, lr=0.1, momentum=0.9)
+    on_dt.step()
+    on_plain.step()
+    for p, q in zip(ours, plain):
+        torch.testing.assert_close(full(p), q, rtol=0, atol=0)
+
+
+def test_functional_step_on_dtensors(mesh):
+    ours, plain = dtensor_params(mesh, [Shard(0)], seed=7)
+    def state(params):
+        return ([torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params],
+                [torch.zeros(()) for _ in params])
+    for params in (ours, plain):
+        m, v, steps = state(params)
+        fusedopt.functional.adam_(params, [p.grad for p in params], m, v, [], steps, lr=0.1,
+                                  beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0)
+    for p, q in zip(ours, plain):
+        torch.testing.assert_close(full(p), q, rtol=0, atol=0)
+    m, v, steps = state(plain)  # plain state for DTensor params: refused
+    with pytest.raises(ValueError, match="a state tensor is a plain tensor, but its parameter is a DTensor"):
+        fusedopt.functional.adam_(ours, [p.grad for p in ours], m, v, [], steps, lr=0.1,
+                                  beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0)
+
+
+def test_errors_name_the_problem(mesh):
+    ours, plain = dtensor_params(mesh, [Shard(0)], seed=8)
+    with pytest.raises(ValueError, match="DTensors and plain tensors together"):
+        fusedopt.clip_grad_norm_(ours + plain, 1.0)
+    with pytest.raises(ValueError, match="norm_type=0"):
+        fusedopt.get_total_norm([p.grad for p in ours], 0.0)
+    mixed = fusedopt.optim.AdamW(ours + plain, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="need every parameter to be a DTensor"):
+        mixed.step()
+    fusedopt.optim.AdamW(ours + plain).step()  # without a global norm, mixing is fine
+    opt = fusedopt.optim.AdamW(ours)
+    opt.step()
+    opt.state[ours[0]]["exp_avg"] = torch.zeros(ours[0].shape)  # e.g. a full-tensor checkpoint
+    opt._invalidate()
+    with pytest.raises(ValueError, match="state 'exp_avg' is a plain tensor, but its parameter is a DTensor"):
+        opt.step()
+
+
+# ------------------------------------------------------------------------- two ranks
+def _two_rank_worker(rank: int, port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        _check_sharded_norms(rank)
+        _check_step_with_clipping(rank)
+        _check_fsdp2_training(rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def _same_on_every_rank(value: torch.Tensor) -> None:
+    gathered = [torch.empty_like(value) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, value.contiguous())
+    for other in gathered:
+        torch.testing.assert_close(other, gathered[0], rtol=0, atol=0, equal_nan=True)
+
+
+def _check_sharded_norms(rank: int) -> None:
+    mesh = init_device_mesh("cpu", (2,))
+    mesh2d = init_device_mesh("cpu", (2, 1))
+    g = torch.Generator().manual_seed(11)  # the same full tensors on both ranks
+    values = [torch.randn(7, 3, generator=g), torch.randn(3, 5, generator=g),
+              torch.randn(6, generator=g), torch.randn(1, 4, generator=g),
+              torch.randn(5, 2, generator=g).to(torch.bfloat16)]
+    layouts = [(mesh, [Shard(0)]), (mesh, [Shard(1)]), (mesh, [Replicate()]), (mesh, [Shard(0)]),
+               (mesh2d, [Shard(0), Replicate()])]  # (1, 4) over 2 ranks: one shard is empty
+    dts = [distribute_tensor(v, m, pl) for v, (m, pl) in zip(values, layouts)]
+    for norm_type in (2.0, 1.0, 3.0, float("inf"), float("-inf")):
+        got = fusedopt.get_total_norm(dts, norm_type)
+        want = torch.nn.utils.get_total_norm([v.double() for v in values], norm_type)
+        torch.testing.assert_close(full(got), want.float(), rtol=1e-6, atol=0)
+        _same_on_every_rank(full(got))
+    # NaN in one rank's shard only: every norm is NaN on both ranks
+    poisoned = [distribute_tensor(v, mesh, [Shard(0)]) for v in values[:2]]
+    if rank == 1:
+        poisoned[0].to_local()[0, 0] = float("nan")
+    for norm_type in (2.0, float("inf"), float("-inf")):
+        got = full(fusedopt.get_total_norm(poisoned, norm_type))
+        assert torch.isnan(got), (norm_type, got)
+
+
+def _check_step_with_clipping(rank: int) -> None:
+    mesh = init_device_mesh("cpu", (2,))
+    g = torch.Generator().manual_seed(12)
+    values = [torch.randn(7, 3, generator=g), torch.randn(9, generator=g), torch.randn(2, 6, generator=g)]
+    grads = [[torch.randn(v.shape, generator=g) for v in values] for _ in range(3)]
+    placements = [[Shard(0)], [Shard(0)], [Shard(1)]]
+    dts = [torch.nn.Parameter(distribute_tensor(v, mesh, pl)) for v, pl in zip(values, placements)]
+    plain = [torch.nn.Parameter(v.clone()) for v in values]  # the whole model on this rank
+    on_dt = fusedopt.optim.AdamW(dts, lr=0.05, max_grad_norm=0.8, skip_nonfinite=True)
+    on_plain = fusedopt.optim.AdamW(plain, lr=0.05, max_grad_norm=0.8, skip_nonfinite=True)
+    for step_grads in grads:
+        for p, q, grad, pl in zip(dts, plain, step_grads, placements):
+            p.grad = distribute_tensor(grad, mesh, pl)
+            q.grad = grad.clone()
+        on_dt.step()
+        on_plain.step()
+        torch.testing.assert_close(on_dt.last_grad_norm, on_plain.last_grad_norm, rtol=1e-6, atol=0)
+    for p, q in zip(dts, plain):
+        torch.testing.assert_close(full(p), q, rtol=1e-6, atol=1e-7)
+    # an inf on rank 0 only: the step is skipped on both ranks
+    before = [full(p).clone() for p in dts]
+    for p, grad, pl in zip(dts, grads[0], placements):
+        p.grad = distribute_tensor(grad, mesh, pl)
+    if rank == 0:
+        dts[0].grad.to_local()[0, 0] = float("inf")
+    on_dt.step()
+    assert int(on_dt.skipped_steps) == 1
+    for p, b in zip(dts, before):
+        torch.testing.assert_close(full(p), b, rtol=0, atol=0)
+
+
+def _check_fsdp2_training(rank: int) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    def model():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        for layer in (net[0], net[2]):
+            fully_shard(layer)
+        fully_shard(net)
+        return net
+
+    ours, theirs = model(), model()
+    opt_ours = fusedopt.optim.AdamW(ours.parameters(), lr=0.01, max_grad_norm=0.5)
+    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(100 + rank)  # each rank its own batches
+    for _ in range(4):
+        x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
+        for net in (ours, theirs):
+            torch.nn.functional.mse_loss(net(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(list(theirs.parameters()), 0.5)
+        opt_ours.step()
+        opt_theirs.step()
+        opt_ours.zero_grad()
+        opt_theirs.zero_grad()
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        assert isinstance(p, DTensor)
+        torch.testing.assert_close(full(p), full(q), rtol=1e-5, atol=1e-6)
+        _same_on_every_rank(full(p))
+    for key in ("exp_avg", "exp_avg_sq"):
+        value = opt_ours.state[next(ours.parameters())][key]
+        assert isinstance(value, DTensor) and value.placements == (Shard(0),)
+
+
+def test_two_ranks_sharded_norms_clipped_steps_and_fsdp2_training():
+    os.environ.pop("FUSEDOPT_BACKEND", None)
+    mp.spawn(_two_rank_worker, args=(free_port(),), nprocs=2, join=True)
