@@ -209,6 +209,22 @@ def test_gradient_with_another_placement_is_redistributed(mesh):
         torch.testing.assert_close(full(p), q, rtol=0, atol=0)
 
 
+def test_a_param_given_a_new_local_tensor_is_stepped_there(mesh):
+    """FSDP2 may replace a sharded param's local tensor (reset_sharded_param, e.g. to pin CPU
+    memory): the next step must update the new one, not a cached view of the old one."""
+    ours, plain = dtensor_params(mesh, [Shard(0)], seed=10)
+    on_dt = fusedopt.optim.AdamW(ours, lr=0.05)
+    on_plain = fusedopt.optim.AdamW(plain, lr=0.05)
+    on_dt.step()
+    on_plain.step()
+    old = ours[0]._local_tensor
+    ours[0]._local_tensor = old.clone()
+    on_dt.step()
+    on_plain.step()
+    torch.testing.assert_close(ours[0].to_local(), plain[0].detach(), rtol=0, atol=0)
+    assert not torch.equal(old, ours[0]._local_tensor)
+
+
 def test_functional_step_on_dtensors(mesh):
     ours, plain = dtensor_params(mesh, [Shard(0)], seed=7)
     def state(params):

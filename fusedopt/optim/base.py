@@ -13,6 +13,7 @@ layout too, and a global norm (``max_grad_norm``) over DTensors is reduced over 
 """
 from __future__ import annotations
 
+import operator
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -32,8 +33,9 @@ Tensor = torch.Tensor
 class GroupBucket:
     """The tensors of one param group with one (device, dtype), in launch order."""
 
-    __slots__ = ("device", "dtype", "layout", "params", "owners", "state_lists", "complex_mask",
-                 "grad_index", "all_grads", "has_complex", "backend", "backend_request")
+    __slots__ = ("device", "dtype", "layout", "params", "owners", "shards", "state_lists",
+                 "complex_mask", "grad_index", "all_grads", "has_complex", "backend",
+                 "backend_request")
 
     def __init__(self, device: torch.device, layout: Optional[_dtensor.Layout] = None):
         self.device = device
@@ -41,6 +43,7 @@ class GroupBucket:
         self.layout = layout                    # DTensor layout of every entry (None: plain)
         self.params: List[Tensor] = []          # kernel_view of the params
         self.owners: List[Tensor] = []          # the params themselves (state dict keys)
+        self.shards: List[Tensor] = []          # DTensor buckets: each owner's local tensor then
         self.state_lists: Dict[str, List[Tensor]] = {}
         self.complex_mask: List[bool] = []      # grads of these entries need view_as_real
         self.grad_index: List[int] = []         # position of each entry in the group's params
@@ -48,6 +51,13 @@ class GroupBucket:
         self.has_complex = False                # True in complex_mask
         self.backend = None                     # the backend chosen for backend_request
         self.backend_request = None             # (backend=, FUSEDOPT_BACKEND, generation) it answered
+
+
+def _shards_current(bucket: GroupBucket) -> bool:
+    """Whether a bucket's DTensor params still hold the local tensors its views were made of
+    (FSDP2 may give a sharded param a new one, e.g. when it pins CPU-offloaded memory)."""
+    return bucket.layout is None or all(map(operator.is_, map(_dtensor.local, bucket.owners),
+                                            bucket.shards))
 
 
 class GroupCache:
@@ -333,7 +343,8 @@ class FusedOptimizer(Optimizer):
         present = tuple(g is not None for g in grads) if _any_none(grads) else None
         cache = self._group_caches.get(id(group))
         if (cache is not None and cache.params_ref is params and cache.present == present
-                and cache.state_version == self._state_version and len(params) == len(grads)):
+                and cache.state_version == self._state_version and len(params) == len(grads)
+                and all(map(_shards_current, cache.buckets))):
             return cache
         cache = self._build_cache(group, grads, present)
         self._group_caches[id(group)] = cache
@@ -359,6 +370,8 @@ class FusedOptimizer(Optimizer):
                 bucket.state_lists = {name: [] for name in self.STATE_KEYS}
             bucket.params.append(real)
             bucket.owners.append(p)
+            if layout is not None:
+                bucket.shards.append(_dtensor.local(p))
             bucket.complex_mask.append(p.is_complex())
             bucket.grad_index.append(index)
             for name in self.STATE_KEYS:
