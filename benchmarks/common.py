@@ -174,15 +174,32 @@ def format_count(n: float) -> str:
 
 
 def make_tensors(workload: Workload, device: torch.device, dtype: torch.dtype,
-                 seed: int = 0) -> List[torch.Tensor]:
-    """Parameters of ``workload`` with gradients populated once (N(0, 1) values, no subnormals)."""
+                 seed: int = 0, mesh: Any = None) -> List[torch.Tensor]:
+    """Parameters of ``workload`` with gradients populated once (N(0, 1) values, no subnormals);
+    with a device ``mesh``, DTensors sharded along dim 0 over it (FSDP2's layout)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     params = []
     for shape in workload.shapes:
         p = torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
-        p.grad = torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+        g = torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+        if mesh is not None:
+            from torch.distributed.tensor import Shard, distribute_tensor
+            p = torch.nn.Parameter(distribute_tensor(p, mesh, [Shard(0)]))
+            g = distribute_tensor(g, mesh, [Shard(0)])
+        p.grad = g
         params.append(p)
     return params
+
+
+def one_rank_mesh(device: torch.device):
+    """A device mesh of this process alone (a one-rank process group, gloo or nccl, with an
+    in-memory store): DTensors on it have the whole tensor as their local shard."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                store=dist.HashStore(), rank=0, world_size=1)
+    return init_device_mesh(device.type, (1,))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -737,6 +754,7 @@ class RunContext:
     run_id: str
     guard_cache: Dict[Tuple[str, str, str], Optional[str]] = field(default_factory=dict)
     printed_skips: set = field(default_factory=set)
+    mesh: Any = None  # --dtensor: the one-rank device mesh of the params
 
 
 def all_providers(ctx: RunContext, algo: str, dtype: torch.dtype) -> List[Any]:
@@ -744,8 +762,11 @@ def all_providers(ctx: RunContext, algo: str, dtype: torch.dtype) -> List[Any]:
     cfg = ctx.spec.algos[algo]
     providers = torch_providers(cfg, ctx.with_compile)
     providers += fusedopt_providers(cfg, ctx.device, dtype)
-    providers += ctx.spec.external_providers(algo, cfg, ctx.device, dtype)
-    return providers
+    external = ctx.spec.external_providers(algo, cfg, ctx.device, dtype)
+    if ctx.mesh is not None:  # their kernels read raw memory (DeepSpeedCPUAdam segfaults on one)
+        external = [c if isinstance(c, Skip) else Skip(c.name, "takes no DTensor params")
+                    for c in external]
+    return providers + external
 
 
 def candidate_providers(ctx: RunContext, algo: str, dtype: torch.dtype) -> List[Any]:
@@ -783,7 +804,8 @@ def memory_available(device: torch.device) -> Optional[int]:
 def base_record(ctx: RunContext, workload: Workload, algo: str, dtype: torch.dtype) -> Dict[str, Any]:
     """Fields shared by all records of one timing group (numbers left None)."""
     rec: Dict[str, Any] = {
-        "benchmark": ctx.spec.benchmark, "workload": workload.name, "provider": "", "algo": algo,
+        "benchmark": ctx.spec.benchmark, "provider": "", "algo": algo,
+        "workload": workload.name + ("-dtensor" if ctx.mesh is not None else ""),
         "dtype": dtype_name(dtype), "numel": workload.numel, "tensors": workload.tensors,
         "status": "ok", "ms_median": None, "ms_min": None, "gbps": None, "gbps_median": None,
         "frac_bw": None, "speedup_vs_torch_fused": None, "speedup_vs_torch_fused_median": None,
@@ -834,7 +856,7 @@ def time_providers(ctx: RunContext, workload: Workload, cfg: AlgoConfig, dtype: 
     """Build every provider's optimizer over one shared set of params (grads set once) and time
     their steps interleaved with the bandwidth reference. Returns the timings (bandwidth under
     :data:`BANDWIDTH_NAME`), the probe, and an error per provider that could not be built or run."""
-    params = make_tensors(workload, ctx.device, dtype)
+    params = make_tensors(workload, ctx.device, dtype, mesh=ctx.mesh)
     errors: Dict[str, str] = {}
     fns: Dict[str, Callable[[], Any]] = {}
     for p in providers:
@@ -909,7 +931,8 @@ def run_group(ctx: RunContext, workload: Workload, algo: str, dtype: torch.dtype
 def group_header(workload: Workload, records: Sequence[Mapping[str, Any]]) -> str:
     """Title lines of one group's table."""
     r = records[0]
-    lines = [f"== {r['benchmark']}/{r['algo']} | {workload.describe()} | {r['dtype']} | "
+    dtensor = " | DTensor params (1-rank mesh)" if r["workload"].endswith("-dtensor") else ""
+    lines = [f"== {r['benchmark']}/{r['algo']} | {workload.describe()}{dtensor} | {r['dtype']} | "
              f"{r['device']} ({r['device_type']}, {r['num_threads']} threads) =="]
     if r["bandwidth_gbps"]:
         lines.append(f"bandwidth reference ({r['bandwidth_ref']}): {r['bandwidth_gbps']:.1f} GB/s | "
@@ -991,6 +1014,9 @@ def build_parser(spec: BenchSpec) -> argparse.ArgumentParser:
                         "[1 on CPU (short samples let the min dodge a busy machine), 5 on GPU "
                         "(amortises the synchronisation)]")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--dtensor", action="store_true",
+                   help="params and grads as DTensors sharded over a one-rank device mesh (FSDP2's "
+                   "layout): what each provider's step costs on them (workload names get -dtensor)")
     p.add_argument("--out", default=None,
                    help="JSON-lines file to append to [benchmarks/results/<benchmark>-<device>-<date>.jsonl;"
                         " --quick: benchmarks/results/quick/...]; 'none' to write nothing")
@@ -1071,7 +1097,8 @@ def run(spec: BenchSpec, args: argparse.Namespace) -> List[Dict[str, Any]]:
                      provider_patterns=args.providers, with_compile=args.compile, quick=args.quick,
                      bw_bytes=args.bw_mib * 2 ** 20 if args.bw_mib else None,
                      sample_s=args.sample_ms / 1e3,
-                     env=environment(args.device), run_id=now_iso())
+                     env=environment(args.device), run_id=now_iso(),
+                     mesh=one_rank_mesh(args.device) if args.dtensor else None)
     if args.quick:
         print("note: --quick is a smoke test; its numbers are not meaningful")
     load, cores = load_average(), os.cpu_count() or 1

@@ -297,6 +297,19 @@ def test_quick_run_end_to_end(tmp_path, script, algo):
             assert r["note"] and r["ms_min"] is None
 
 
+def test_quick_run_on_dtensor_params(tmp_path):
+    """--dtensor: the same providers on DTensor params (a one-rank mesh); external providers, whose
+    kernels read raw memory, are skipped instead of crashing."""
+    stdout, records = _run_script("bench_adam.py", tmp_path, "--algo", "adamw", "--dtensor")
+    assert "DTensor params (1-rank mesh)" in stdout
+    ok = [r for r in records if r["status"] == "ok"]
+    assert {r["workload"] for r in records} == {"tiny-dtensor", "sweep-dtensor"}
+    assert {"torch-foreach", "torch-fused", "fusedopt-reference"} <= {r["provider"] for r in ok}
+    for r in records:
+        if r["provider"].startswith(("deepspeed", "apex")):
+            assert r["status"] == "skipped"
+
+
 def test_main_in_process_provider_filter(tmp_path, monkeypatch, capsys):
     import bench_sgd
 
