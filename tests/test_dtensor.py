@@ -225,6 +225,20 @@ def test_a_param_given_a_new_local_tensor_is_stepped_there(mesh):
     assert not torch.equal(old, ours[0]._local_tensor)
 
 
+@pytest.mark.parametrize("max_grad_norm", [None, 0.5])
+def test_compiled_step_on_dtensors(mesh, max_grad_norm):
+    """torch.compile(fullgraph=True) of a step over DTensor params: eager's numbers on plain ones."""
+    ours, plain = dtensor_params(mesh, [Shard(0)], seed=11)
+    on_dt = fusedopt.optim.AdamW(ours, lr=0.05, max_grad_norm=max_grad_norm)
+    on_plain = fusedopt.optim.AdamW(plain, lr=0.05, max_grad_norm=max_grad_norm)
+    step = torch.compile(on_dt.step, fullgraph=True, backend="aot_eager")
+    for _ in range(3):
+        step()
+        on_plain.step()
+    for p, q in zip(ours, plain):
+        torch.testing.assert_close(full(p), q, rtol=0, atol=0)
+
+
 def test_functional_step_on_dtensors(mesh):
     ours, plain = dtensor_params(mesh, [Shard(0)], seed=7)
     def state(params):
