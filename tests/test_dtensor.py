@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -37,19 +36,12 @@ OPTIMIZERS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mesh():
     """A one-rank gloo process group and its 1-D CPU mesh."""
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
-                            world_size=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     yield init_device_mesh("cpu", (1,))
     dist.destroy_process_group()
 
@@ -275,9 +267,9 @@ def test_errors_name_the_problem(mesh):
 
 
 # ------------------------------------------------------------------------- two ranks
-def _two_rank_worker(rank: int, port: int) -> None:
+def _two_rank_worker(rank: int, store_path: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
     try:
         _check_sharded_norms(rank)
         _check_step_with_clipping(rank)
@@ -381,6 +373,6 @@ def _check_fsdp2_training(rank: int) -> None:
         assert isinstance(value, DTensor) and value.placements == (Shard(0),)
 
 
-def test_two_ranks_sharded_norms_clipped_steps_and_fsdp2_training():
+def test_two_ranks_sharded_norms_clipped_steps_and_fsdp2_training(tmp_path):
     os.environ.pop("FUSEDOPT_BACKEND", None)
-    mp.spawn(_two_rank_worker, args=(free_port(),), nprocs=2, join=True)
+    mp.spawn(_two_rank_worker, args=(str(tmp_path / "store"),), nprocs=2, join=True)

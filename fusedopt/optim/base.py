@@ -56,7 +56,7 @@ class GroupBucket:
 def _shards_current(bucket: GroupBucket) -> bool:
     """Whether a bucket's DTensor params still hold the local tensors its views were made of
     (FSDP2 may give a sharded param a new one, e.g. when it pins CPU-offloaded memory)."""
-    return bucket.layout is None or all(map(operator.is_, map(_dtensor.local, bucket.owners),
+    return bucket.layout is None or all(map(operator.is_, _dtensor.shards_of(bucket.owners),
                                             bucket.shards))
 
 
@@ -328,8 +328,7 @@ class FusedOptimizer(Optimizer):
     def _bucket_grads(self, bucket: GroupBucket, grads: List[Optional[Tensor]], backend) -> List[Tensor]:
         out = grads if bucket.all_grads else [grads[i] for i in bucket.grad_index]
         if bucket.layout is not None:
-            layout = bucket.layout
-            out = [_dtensor.local_like(g, layout, "a gradient", redistribute=True) for g in out]
+            out = _dtensor.locals_like(out, bucket.layout, "a gradient", redistribute=True)
         # Backends whose kernels reject non-strided grads themselves (before writing anything)
         # spare the step this Python loop; the others rely on it.
         if not getattr(backend, "rejects_sparse_grads", False) and _any_sparse(out):
