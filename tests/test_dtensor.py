@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fusedopt
-from fusedopt import _dtensor
+from fusedopt import _dtensor, backends
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or _dtensor.DTensor is None,
                                 reason="torch without distributed support")
@@ -37,13 +37,20 @@ OPTIMIZERS = {
 
 
 @pytest.fixture(scope="module")
-def mesh():
-    """A one-rank gloo process group and its 1-D CPU mesh."""
+def process_group():
+    """A one-rank process group: gloo, plus nccl for CUDA tensors where there is a GPU."""
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield init_device_mesh("cpu", (1,))
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    yield
     dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def mesh(process_group):
+    """The 1-D CPU mesh of the one-rank process group."""
+    return init_device_mesh("cpu", (1,))
 
 
 def dtensor_params(mesh, placements, dtype=torch.float32, seed=0, shapes=((7, 5), (4,), (3, 2, 3))):
@@ -376,3 +383,40 @@ def _check_fsdp2_training(rank: int) -> None:
 def test_two_ranks_sharded_norms_clipped_steps_and_fsdp2_training(tmp_path):
     os.environ.pop("FUSEDOPT_BACKEND", None)
     mp.spawn(_two_rank_worker, args=(str(tmp_path / "store"),), nprocs=2, join=True)
+
+
+# ------------------------------------------------------------------------- GPU (one rank)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_step_on_dtensors_equals_plain_and_does_not_sync(process_group, backend):
+    reason = backends.available().get(backend)
+    if reason:
+        pytest.skip(f"{backend} backend unavailable: {reason}")
+    cuda_mesh = init_device_mesh("cuda", (1,))
+    ours, plain = [], []
+    g = torch.Generator().manual_seed(13)
+    for shape in [(33, 7), (4097,), (2, 3, 5)]:
+        value, grad = torch.randn(shape, generator=g).cuda(), torch.randn(shape, generator=g).cuda()
+        p = torch.nn.Parameter(distribute_tensor(value.clone(), cuda_mesh, [Shard(0)]))
+        p.grad = distribute_tensor(grad.clone(), cuda_mesh, [Shard(0)])
+        q = torch.nn.Parameter(value.clone())
+        q.grad = grad.clone()
+        ours.append(p)
+        plain.append(q)
+    kw = dict(lr=0.05, max_grad_norm=0.5, skip_nonfinite=True, backend=backend)
+    on_dt, on_plain = fusedopt.optim.AdamW(ours, **kw), fusedopt.optim.AdamW(plain, **kw)
+    on_dt.step()  # the first step creates state and tables
+    on_plain.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        on_dt.step()
+        fusedopt.clip_grad_norm_(ours, 1.0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    on_plain.step()
+    fusedopt.clip_grad_norm_(plain, 1.0)
+    for p, q in zip(ours, plain):
+        torch.testing.assert_close(full(p), q, rtol=0, atol=0)
+        torch.testing.assert_close(full(p.grad), q.grad, rtol=0, atol=0)
