@@ -525,7 +525,7 @@ def test_state_dict_interchange_with_torch(backend):
     ours = fusedopt.optim.AdamW(params, lr=1e-2, max_grad_norm=1.0, skip_nonfinite=True, backend=backend)
     set_grads([params], 0)
     ours.step()
-    # fusedopt -> torch: the extra group keys are ignored
+    # fusedopt -> torch: the state dict has torch.optim's keys only
     theirs = clone_params(params)
     ref = torch.optim.AdamW(theirs, lr=1e-2)
     ref.load_state_dict(ours.state_dict())
@@ -542,11 +542,19 @@ def test_state_dict_interchange_with_torch(backend):
     again.step()
     assert again.param_groups[0]["max_grad_norm"] == 2.0
     assert again.param_groups[0]["skip_nonfinite"] is False
-    # fusedopt -> fusedopt keeps the saved options
+    # fusedopt -> fusedopt: the options are the running optimizer's, not the checkpoint's
+    assert "max_grad_norm" not in ours.state_dict()["param_groups"][0]
     third = fusedopt.optim.AdamW(clone_params(params), lr=1e-2, backend=backend)
     third.load_state_dict(ours.state_dict())
-    assert third.param_groups[0]["max_grad_norm"] == 1.0
-    assert third.param_groups[0]["skip_nonfinite"] is True
+    assert third.param_groups[0]["max_grad_norm"] is None
+    assert third.param_groups[0]["skip_nonfinite"] is False
+    fourth = fusedopt.optim.AdamW(clone_params(params), lr=1e-2, max_grad_norm=3.0, backend=backend)
+    old_format = ours.state_dict()  # checkpoints written before the keys were left out
+    old_format["param_groups"][0].update(max_grad_norm=1.0, skip_nonfinite=True, backend="reference")
+    fourth.load_state_dict(old_format)
+    assert fourth.param_groups[0]["max_grad_norm"] == 3.0
+    assert fourth.param_groups[0]["skip_nonfinite"] is False
+    assert fourth.param_groups[0]["backend"] == backend
 
 
 def test_clip_options_are_validated():

@@ -281,6 +281,7 @@ def _two_rank_worker(rank: int, store_path: str) -> None:
         _check_sharded_norms(rank)
         _check_step_with_clipping(rank)
         _check_fsdp2_training(rank)
+        _check_distributed_checkpoints(rank, os.path.dirname(store_path))
     finally:
         dist.destroy_process_group()
 
@@ -347,18 +348,73 @@ def _check_step_with_clipping(rank: int) -> None:
         torch.testing.assert_close(full(p), b, rtol=0, atol=0)
 
 
-def _check_fsdp2_training(rank: int) -> None:
+def _fsdp2_model():
     from torch.distributed.fsdp import fully_shard
 
-    def model():
-        torch.manual_seed(0)
-        net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
-        for layer in (net[0], net[2]):
-            fully_shard(layer)
-        fully_shard(net)
-        return net
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    for layer in (net[0], net[2]):
+        fully_shard(layer)
+    fully_shard(net)
+    return net
 
-    ours, theirs = model(), model()
+
+def _train(net, opt, steps: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed + dist.get_rank())  # each rank its own batches
+    for _ in range(steps):
+        x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
+        torch.nn.functional.mse_loss(net(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _check_distributed_checkpoints(rank: int, directory: str) -> None:
+    """torch.distributed.checkpoint's state-dict APIs (sharded and full) and dcp.save / load move
+    optimizer state between torch.optim and fusedopt: loading into fusedopt gives what loading
+    into torch.optim gives (both then take the same steps)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    classes = {"torch": torch.optim.AdamW, "fusedopt": fusedopt.optim.AdamW}
+    sharded = (StateDictOptions(), StateDictOptions())
+    gathered = (StateDictOptions(full_state_dict=True, cpu_offload=True),
+                StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for source in classes:
+        src_net = _fsdp2_model()
+        src_opt = classes[source](src_net.parameters(), lr=0.01)
+        _train(src_net, src_opt, 3, 0)
+        for get_options, set_options in (sharded, gathered):
+            saved = get_optimizer_state_dict(src_net, src_opt, options=get_options)
+            results = {}
+            for dest in classes:
+                net = _fsdp2_model()
+                net.load_state_dict(src_net.state_dict())
+                opt = classes[dest](net.parameters(), lr=0.01)
+                set_optimizer_state_dict(net, opt, copy.deepcopy(saved), options=set_options)
+                _train(net, opt, 2, 10)
+                results[dest] = [full(p) for p in net.parameters()]
+            for ours, theirs in zip(results["fusedopt"], results["torch"]):
+                torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+        # dcp.save of this optimizer's state, dcp.load into each kind
+        checkpoint = os.path.join(directory, f"dcp-{source}")
+        dcp.save({"optim": get_optimizer_state_dict(src_net, src_opt)}, checkpoint_id=checkpoint)
+        results = {}
+        for dest in classes:
+            net = _fsdp2_model()
+            net.load_state_dict(src_net.state_dict())
+            opt = classes[dest](net.parameters(), lr=0.01)
+            target = {"optim": get_optimizer_state_dict(net, opt)}
+            dcp.load(target, checkpoint_id=checkpoint)
+            set_optimizer_state_dict(net, opt, target["optim"])
+            _train(net, opt, 2, 10)
+            results[dest] = [full(p) for p in net.parameters()]
+        for ours, theirs in zip(results["fusedopt"], results["torch"]):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def _check_fsdp2_training(rank: int) -> None:
+    ours, theirs = _fsdp2_model(), _fsdp2_model()
     opt_ours = fusedopt.optim.AdamW(ours.parameters(), lr=0.01, max_grad_norm=0.5)
     opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=0.01)
     g = torch.Generator().manual_seed(100 + rank)  # each rank its own batches

@@ -379,7 +379,8 @@ def test_state_dict_has_torch_keys():
     ours.step()
     sd = ours.state_dict()
     assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
-    assert set(theirs.state_dict()["param_groups"][0]) <= set(sd["param_groups"][0])
+    assert set(theirs.state_dict()["param_groups"][0]) == set(sd["param_groups"][0])
+    assert "backend" in ours.param_groups[0] and "max_grad_norm" in ours.param_groups[0]
     assert sd["state"][0]["step"].dtype == torch.float32 and sd["state"][0]["step"].dim() == 0
 
 

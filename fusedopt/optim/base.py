@@ -82,6 +82,14 @@ def check_hyperparameter(ok: bool, message: str) -> None:
 CLIP_DEFAULTS: Dict[str, Any] = {"max_grad_norm": None, "skip_nonfinite": False}
 
 
+#: The group keys fusedopt adds to torch.optim's. They are options of the running optimizer, not
+#: part of its checkpoints: state_dict() leaves them out, so its groups have exactly
+#: torch.optim's keys (torch.distributed.checkpoint refuses to load a checkpoint that lacks a key
+#: of the target, so an extra key would stop torch.optim checkpoints from loading into fusedopt),
+#: and load_state_dict() keeps the values the groups had.
+OWN_GROUP_KEYS = ("backend", "max_grad_norm", "skip_nonfinite")
+
+
 def check_clip_options(max_grad_norm, skip_nonfinite) -> None:
     check_hyperparameter(max_grad_norm is None or float(max_grad_norm) > 0.0,
                          f"Invalid max_grad_norm: {max_grad_norm} (None or > 0)")
@@ -159,7 +167,7 @@ class FusedOptimizer(Optimizer):
 
     def _fill_group_defaults(self, group: Dict[str, Any]) -> None:
         """Give groups loaded from a torch.optim checkpoint the keys fusedopt reads."""
-        group.setdefault("backend", "auto")
+        group.setdefault("backend", self.defaults.get("backend", "auto"))
         for key in ("max_grad_norm", "skip_nonfinite"):
             group.setdefault(key, self.defaults.get(key, CLIP_DEFAULTS[key]))
         for flag, default in self.COMPAT_DEFAULTS.items():
@@ -172,8 +180,21 @@ class FusedOptimizer(Optimizer):
         check_clip_options(group.get("max_grad_norm"), group.get("skip_nonfinite", False))
         self._validate_group(group)
 
+    def state_dict(self) -> Dict[str, Any]:
+        """torch.optim's state dict (same keys, same layout; see :data:`OWN_GROUP_KEYS`)."""
+        saved = super().state_dict()
+        for group in saved["param_groups"]:  # (copies of the groups: the live ones keep theirs)
+            for key in OWN_GROUP_KEYS:
+                group.pop(key, None)
+        return saved
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load torch.optim's or fusedopt's state dict; the groups keep their fusedopt options."""
+        own = [{key: group[key] for key in OWN_GROUP_KEYS if key in group}
+               for group in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, values in zip(self.param_groups, own):
+            group.update(values)
         self._invalidate()
 
     def _invalidate(self) -> None:
