@@ -282,6 +282,7 @@ def _two_rank_worker(rank: int, store_path: str) -> None:
         _check_step_with_clipping(rank)
         _check_fsdp2_training(rank)
         _check_distributed_checkpoints(rank, os.path.dirname(store_path))
+        _check_grad_scaler_with_fsdp2(rank)
     finally:
         dist.destroy_process_group()
 
@@ -411,6 +412,34 @@ def _check_distributed_checkpoints(rank: int, directory: str) -> None:
             results[dest] = [full(p) for p in net.parameters()]
         for ours, theirs in zip(results["fusedopt"], results["torch"]):
             torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def _check_grad_scaler_with_fsdp2(rank: int) -> None:
+    """GradScaler with FSDP2: fusedopt's steps equal torch.optim's, and an inf in one rank's
+    shard skips the step on both ranks (params, state and step counters unchanged)."""
+    nets = {"torch": _fsdp2_model(), "fusedopt": _fsdp2_model()}
+    opts = {"torch": torch.optim.AdamW(nets["torch"].parameters(), lr=0.01),
+            "fusedopt": fusedopt.optim.AdamW(nets["fusedopt"].parameters(), lr=0.01)}
+    scalers = {name: torch.amp.GradScaler("cpu", init_scale=2.0 ** 4) for name in nets}
+    g = torch.Generator().manual_seed(200 + rank)
+    for step in range(4):
+        x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
+        for name, net in nets.items():
+            scalers[name].scale(torch.nn.functional.mse_loss(net(x), y)).backward()
+            if step == 2 and rank == 1:
+                next(net.parameters()).grad.to_local()[0, 0] = float("inf")
+            before = [full(p).clone() for p in net.parameters()]
+            scalers[name].step(opts[name])
+            scalers[name].update()
+            opts[name].zero_grad()
+            if step == 2:
+                for p, b in zip(net.parameters(), before):
+                    torch.testing.assert_close(full(p), b, rtol=0, atol=0)
+    assert scalers["fusedopt"].get_scale() == scalers["torch"].get_scale()
+    for p, q in zip(nets["fusedopt"].parameters(), nets["torch"].parameters()):
+        torch.testing.assert_close(full(p), full(q), rtol=1e-5, atol=1e-6)
+    first = next(nets["fusedopt"].parameters())
+    assert float(opts["fusedopt"].state[first]["step"]) == 3  # the skipped step was not counted
 
 
 def _check_fsdp2_training(rank: int) -> None:
