@@ -21,6 +21,7 @@ BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 SCHEDULERS = ("cosine", "linear", "wsd", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+PARALLEL_MODES = ("ddp", "fsdp2")
 
 
 class ConfigError(ValueError):
@@ -109,6 +110,11 @@ class TrainConfig:
         AMP_MODES, group="runtime",
     )
     device: str = _opt("auto", "device: auto picks cuda:LOCAL_RANK when available", DEVICES, group="runtime")
+    parallel: str = _opt(
+        "ddp", "with several ranks: ddp (a model replica per rank, gradients all-reduced) or fsdp2 "
+        "(fully_shard: params, gradients and optimizer state sharded over the ranks; checkpoints "
+        "are the same either way)", PARALLEL_MODES, group="runtime",
+    )
     seed: int = _opt(0, "random seed (model init, data order, dropout)", group="runtime")
     num_threads: int = _opt(0, "torch CPU threads per process (0 = torch default)", group="runtime")
 

@@ -2,7 +2,8 @@
 
 One optimizer step = ``grad_accum`` micro-batches.  Under DDP every micro-batch
 but the last runs forward AND backward inside ``model.no_sync()`` so gradients
-are all-reduced once per step.  Steps are numbered from 1; ``self.step`` is the
+are all-reduced once per step; under FSDP2 (``--parallel fsdp2``, see :mod:`.sharding`)
+only the last micro-batch's backward reduce-scatters.  Steps are numbered from 1; ``self.step`` is the
 number of completed optimizer steps (what checkpoints store).
 """
 
@@ -22,9 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from fusedopt import _dtensor
 from fusedopt.lr_scheduler import SkipAwareScheduler
 
 from . import checkpoint as ckpt
+from . import sharding
 from .config import TrainConfig
 from .data import VOCAB_SIZE, ShardedBatchSampler, load_corpus, make_splits
 from .distributed import (DistContext, all_reduce_sum, barrier, broadcast_object, cleanup,
@@ -68,7 +71,12 @@ class Trainer:
         self.sampler = ShardedBatchSampler(len(self.train_set), cfg.batch_size, self.ctx.rank,
                                            self.ctx.world_size, cfg.seed)
         self.raw_model = build_model(cfg, VOCAB_SIZE).to(self.device)
-        if self.ctx.distributed:
+        # FSDP2 shards the model in place (its params become DTensors); one rank has nothing to
+        # shard, and trains the plain model like ddp does.
+        self.sharded = self.ctx.distributed and cfg.parallel == "fsdp2"
+        if self.sharded:
+            self.model = sharding.shard(self.raw_model)
+        elif self.ctx.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DDP(self.raw_model, device_ids=device_ids)
         else:
@@ -123,8 +131,12 @@ class Trainer:
             x, y = self.train_set.batch(self.sampler.next_indices())
             last = micro == cfg.grad_accum - 1
             # no_sync must cover the forward too: DDP decides in forward whether
-            # the following backward all-reduces.
-            sync_ctx = self.model.no_sync() if (self.ctx.distributed and not last) else contextlib.nullcontext()
+            # the following backward all-reduces. FSDP2 reduce-scatters only the last one.
+            if self.sharded:
+                self.model.set_requires_gradient_sync(last)
+                sync_ctx = contextlib.nullcontext()
+            else:
+                sync_ctx = self.model.no_sync() if (self.ctx.distributed and not last) else contextlib.nullcontext()
             with sync_ctx:
                 with self.autocast():
                     logits = self.model(x)
@@ -157,6 +169,7 @@ class Trainer:
             self.scheduler.step()
         self.step += 1
         step_time = time.perf_counter() - t0
+        grad_norm = _dtensor.plain(grad_norm)  # (a replicated DTensor for sharded gradients)
         return {"loss": loss_sum / cfg.grad_accum, "grad_norm": torch.as_tensor(grad_norm),
                 "lr": lr, "step_time": step_time, "opt_time": opt_time}
 
@@ -193,6 +206,11 @@ class Trainer:
         """Write a checkpoint of the current step (collective; rank 0 writes)."""
         rank_state = {"rng": ckpt.capture_rng_state(), "window": self.window.state_dict()}
         rank_states = gather_objects(rank_state, self.ctx)
+        if self.sharded:  # full tensors, gathered on rank 0 (collectives: every rank calls)
+            model_state = sharding.full_model_state(self.model)
+            optimizer_state = sharding.full_optimizer_state(self.model, self.optimizer)
+        elif self.ctx.is_main:
+            model_state, optimizer_state = self.raw_model.state_dict(), self.optimizer.state_dict()
         path = None
         if self.ctx.is_main:
             payload = {
@@ -200,8 +218,8 @@ class Trainer:
                 "step": self.step,
                 "world_size": self.ctx.world_size,
                 "config": self.cfg.to_dict(),
-                "model": self.raw_model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                "model": model_state,
+                "optimizer": optimizer_state,
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "data": self.sampler.state_dict(),
@@ -256,8 +274,12 @@ class Trainer:
             details = ", ".join(f"{k}={saved_cfg[k]!r} (now {getattr(self.cfg, k)!r})" for k in changed)
             raise ckpt.CheckpointError(f"checkpoint {str(path)!r} does not fit this run: it was written with {details}")
         try:
-            self.raw_model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.sharded:  # every rank keeps its shards of the full tensors
+                sharding.load_model_state(self.model, state["model"])
+                sharding.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+            else:
+                self.raw_model.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             if self.scaler is not None and state.get("scaler") is not None:
                 self.scaler.load_state_dict(state["scaler"])
@@ -333,7 +355,7 @@ class Trainer:
                 f"model {count_parameters(self.raw_model):,} params; "
                 f"optimizer {describe_optimizer(cfg, self.optimizer)}; clipping "
                 f"{describe_fn(self.clip_fn) if cfg.clip_grad_norm > 0 else 'off'}; world size {self.ctx.world_size} "
-                f"({self.ctx.backend}) on {self.device}"
+                f"({self.ctx.backend}{', ' + cfg.parallel if self.ctx.distributed else ''}) on {self.device}"
                 + (f"; resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else "")
             )
         while self.step < cfg.max_steps:

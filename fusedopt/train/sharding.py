@@ -1,0 +1,99 @@
+"""``--parallel fsdp2``: the model sharded with FSDP2 (``fully_shard``), and its checkpoints.
+
+Every transformer block is one FSDP2 unit and the root holds the rest (embeddings, final norm,
+head), so params, gradients and optimizer state are DTensors sharded over the ranks; the
+optimizers (fusedopt's or torch's) step the local shards.
+
+Checkpoints of a sharded run hold full tensors in exactly the layout of an unsharded one: the
+model's ``state_dict()`` (FSDP2 keeps the parameter names) and ``optimizer.state_dict()``
+(torch.optim's layout, state keyed by the parameter's position in the groups). A run can
+therefore resume with the other ``--parallel`` mode or another world size. Gathering and
+scattering go through ``torch.distributed.checkpoint.state_dict``, whose full optimizer state is
+keyed by parameter name: :func:`_by_position` and :func:`_by_name` translate.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import torch
+import torch.nn as nn
+
+
+def shard(model: nn.Module) -> nn.Module:
+    """Apply ``fully_shard`` to every block of ``model``, then to ``model`` itself (in place)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def _options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kwargs)
+
+
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> List[str]:
+    """Names of the optimizer's params, in the order of its state dict."""
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    return [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _by_position(named: Dict[str, Any], names: List[str]) -> Dict[str, Any]:
+    """A name-keyed optimizer state dict in torch.optim's layout (keyed by position)."""
+    position = {name: i for i, name in enumerate(names)}
+    return {
+        "state": {position[name]: value for name, value in named["state"].items()},
+        "param_groups": [dict(group, params=[position[name] for name in group["params"]])
+                         for group in named["param_groups"]],
+    }
+
+
+def _by_name(positional: Dict[str, Any], names: List[str]) -> Dict[str, Any]:
+    """torch.optim's state dict layout keyed by parameter name instead of position."""
+    return {
+        "state": {names[index]: value for index, value in positional["state"].items()},
+        "param_groups": [dict(group, params=[names[index] for index in group["params"]])
+                         for group in positional["param_groups"]],
+    }
+
+
+def full_model_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The full model state dict on rank 0, on the CPU (empty elsewhere). Collective."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_options(cpu_offload=True))
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
+    """``optimizer.state_dict()`` as an unsharded run has it, on rank 0 (empty elsewhere).
+    Collective."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    named = get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
+    if not named:  # not rank 0
+        return {}
+    return _by_position(named, _param_names(model, optimizer))
+
+
+def load_model_state(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Load a full model state dict (every rank passes it) into the sharded model."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, state, options=_options())
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                         state: Dict[str, Any]) -> None:
+    """Load an unsharded run's ``optimizer.state_dict()`` (every rank passes it) into the
+    optimizer of the sharded model: each rank keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, _by_name(state, _param_names(model, optimizer)),
+                             options=_options())
+
+
+__all__ = ["shard", "full_model_state", "full_optimizer_state", "load_model_state",
+           "load_optimizer_state"]
