@@ -60,9 +60,8 @@ def dtensor_params(mesh, placements, dtype=torch.float32, seed=0, shapes=((7, 5)
     for shape in shapes:
         value = torch.randn(shape, generator=g).to(dtype)
         grad = torch.randn(shape, generator=g).to(dtype)
-        placement = placements if len(shape) > 0 else [Replicate()]
-        p = torch.nn.Parameter(distribute_tensor(value.clone(), mesh, placement))
-        p.grad = distribute_tensor(grad.clone(), mesh, placement)
+        p = torch.nn.Parameter(distribute_tensor(value.clone(), mesh, placements))
+        p.grad = distribute_tensor(grad.clone(), mesh, placements)
         q = torch.nn.Parameter(value.clone())
         q.grad = grad.clone()
         dts.append(p)
@@ -84,6 +83,15 @@ def full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def step_both(first, first_params, second, second_params, steps: int) -> None:
+    """``steps`` steps of two optimizers, both given the same new gradients after each."""
+    for step in range(steps):
+        first.step()
+        second.step()
+        new_grads(first_params, step)
+        new_grads(second_params, step)
+
+
 # ------------------------------------------------------------------------- one rank
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -96,13 +104,9 @@ def test_step_on_dtensors_equals_step_on_plain_tensors(mesh, name, placement, dt
     cls = getattr(fusedopt.optim, cls_name)
     on_dt = cls(dts, backend=backend, **kw)
     on_plain = cls(plains, backend=backend, **kw)
-    for step in range(3):
-        on_dt.step()
-        on_plain.step()
-        new_grads(dts, step)
-        new_grads(plains, step)
+    step_both(on_dt, dts, on_plain, plains, 3)
     for p, q in zip(dts, plains):
-        assert isinstance(p, DTensor) and p.placements == tuple(placements) or p.ndim == 0
+        assert isinstance(p, DTensor) and p.placements == tuple(placements)
         torch.testing.assert_close(full(p), q, rtol=0, atol=0)
         for key, value in on_dt.state[p].items():
             expected = on_plain.state[q][key]
@@ -120,11 +124,7 @@ def test_step_on_dtensors_matches_torch_optim_and_checkpoints_interchange(mesh, 
     torch_params, _ = dtensor_params(mesh, [Shard(0)])
     ours = getattr(fusedopt.optim, cls_name)(ours_params, **kw)
     theirs = getattr(torch.optim, cls_name)(torch_params, **kw)
-    for step in range(2):
-        ours.step()
-        theirs.step()
-        new_grads(ours_params, step)
-        new_grads(torch_params, step)
+    step_both(ours, ours_params, theirs, torch_params, 2)
     for p, q in zip(ours_params, torch_params):
         torch.testing.assert_close(full(p), full(q), rtol=2e-6, atol=2e-6)
     # torch's DTensor state into fusedopt and fusedopt's back into torch, then one more step each
