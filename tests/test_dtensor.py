@@ -4,7 +4,8 @@ On one gloo rank (this process) a DTensor's local shard is the whole tensor, so 
 DTensors must equal the same step on plain tensors bit for bit, and torch.optim's step on the same
 DTensors within rounding. Two spawned gloo ranks check what needs real shards: norms reduced
 over the mesh (uneven shards, several layouts, 2-D meshes, NaN on one rank only), clipping in the
-step, and an FSDP2 (``fully_shard``) training loop against torch.optim's.
+step, FSDP2 (``fully_shard``) and tensor-parallel training loops against torch.optim's, GradScaler
+with FSDP2, and torch.distributed.checkpoint between torch.optim and fusedopt.
 """
 from __future__ import annotations
 
@@ -283,6 +284,7 @@ def _two_rank_worker(rank: int, store_path: str) -> None:
         _check_fsdp2_training(rank)
         _check_distributed_checkpoints(rank, os.path.dirname(store_path))
         _check_grad_scaler_with_fsdp2(rank)
+        _check_tensor_parallel_training(rank)
     finally:
         dist.destroy_process_group()
 
@@ -440,6 +442,39 @@ def _check_grad_scaler_with_fsdp2(rank: int) -> None:
         torch.testing.assert_close(full(p), full(q), rtol=1e-5, atol=1e-6)
     first = next(nets["fusedopt"].parameters())
     assert float(opts["fusedopt"].state[first]["step"]) == 3  # the skipped step was not counted
+
+
+def _check_tensor_parallel_training(rank: int) -> None:
+    """Tensor parallelism (colwise then rowwise Linear: Shard(0), Shard(1) and Replicate params
+    in one optimizer): AdamW with max_grad_norm equals torch's clip_grad_norm_ + AdamW."""
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   parallelize_module)
+
+    mesh = init_device_mesh("cpu", (2,))
+
+    def model():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+        return parallelize_module(net, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+
+    ours, theirs = model(), model()
+    assert {tuple(p.placements) for p in ours.parameters()} == {
+        (Shard(0),), (Shard(1),), (Replicate(),)}
+    opt_ours = fusedopt.optim.AdamW(ours.parameters(), lr=0.01, max_grad_norm=0.3)
+    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(5)  # the same batches on both ranks
+    for _ in range(4):
+        x, y = torch.randn(8, 6, generator=g), torch.randn(8, 4, generator=g)
+        for net in (ours, theirs):
+            torch.nn.functional.mse_loss(net(x), y).backward()
+        norm = torch.nn.utils.clip_grad_norm_(list(theirs.parameters()), 0.3)
+        opt_ours.step()
+        opt_theirs.step()
+        torch.testing.assert_close(opt_ours.last_grad_norm, full(norm), rtol=1e-6, atol=0)
+        opt_ours.zero_grad()
+        opt_theirs.zero_grad()
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(full(p), full(q), rtol=1e-5, atol=1e-6)
 
 
 def _check_fsdp2_training(rank: int) -> None:
