@@ -5,7 +5,8 @@ DTensors must equal the same step on plain tensors bit for bit, and torch.optim'
 DTensors within rounding. Two spawned gloo ranks check what needs real shards: norms reduced
 over the mesh (uneven shards, several layouts, 2-D meshes, NaN on one rank only), clipping in the
 step, FSDP2 (``fully_shard``) and tensor-parallel training loops against torch.optim's, GradScaler
-with FSDP2, and torch.distributed.checkpoint between torch.optim and fusedopt.
+with FSDP2, and torch.distributed.checkpoint between torch.optim and fusedopt; and, in the same
+spawn, ZeroRedundancyOptimizer with fusedopt as its optimizer class.
 """
 from __future__ import annotations
 
@@ -285,6 +286,7 @@ def _two_rank_worker(rank: int, store_path: str) -> None:
         _check_distributed_checkpoints(rank, os.path.dirname(store_path))
         _check_grad_scaler_with_fsdp2(rank)
         _check_tensor_parallel_training(rank)
+        _check_zero_redundancy_optimizer(rank)
     finally:
         dist.destroy_process_group()
 
@@ -475,6 +477,27 @@ def _check_tensor_parallel_training(rank: int) -> None:
         opt_theirs.zero_grad()
     for p, q in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(full(p), full(q), rtol=1e-5, atol=1e-6)
+
+
+def _check_zero_redundancy_optimizer(rank: int) -> None:
+    """Not DTensors, but the same two ranks: ZeRO-1 (torch's ZeroRedundancyOptimizer over DDP)
+    with fusedopt.optim.AdamW as its optimizer_class trains like it does with torch's."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    result = {}
+    for name, cls in (("torch", torch.optim.AdamW), ("fusedopt", fusedopt.optim.AdamW)):
+        torch.manual_seed(0)
+        net = DistributedDataParallel(torch.nn.Sequential(
+            torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)))
+        opt = ZeroRedundancyOptimizer(net.parameters(), optimizer_class=cls, lr=0.01)
+        _train(net, opt, 4, 300)
+        opt.consolidate_state_dict(to=0)
+        if rank == 0:
+            assert len(opt.state_dict()["state"]) == 4
+        result[name] = [p.detach().clone() for p in net.parameters()]
+    for ours, theirs in zip(result["fusedopt"], result["torch"]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
 def _check_fsdp2_training(rank: int) -> None:
