@@ -4,9 +4,9 @@ On one gloo rank (this process) a DTensor's local shard is the whole tensor, so 
 DTensors must equal the same step on plain tensors bit for bit, and torch.optim's step on the same
 DTensors within rounding. Two spawned gloo ranks check what needs real shards: norms reduced
 over the mesh (uneven shards, several layouts, 2-D meshes, NaN on one rank only), clipping in the
-step, FSDP2 (``fully_shard``) and tensor-parallel training loops against torch.optim's, GradScaler
-with FSDP2, and torch.distributed.checkpoint between torch.optim and fusedopt; and, in the same
-spawn, ZeroRedundancyOptimizer with fusedopt as its optimizer class.
+step (eager and compiled), FSDP2 (``fully_shard``) and tensor-parallel training loops against
+torch.optim's, GradScaler with FSDP2, and torch.distributed.checkpoint between torch.optim and
+fusedopt; and, in the same spawn, ZeroRedundancyOptimizer with fusedopt as its optimizer class.
 """
 from __future__ import annotations
 
@@ -282,6 +282,7 @@ def _two_rank_worker(rank: int, store_path: str) -> None:
     try:
         _check_sharded_norms(rank)
         _check_step_with_clipping(rank)
+        _check_compiled_step_with_clipping()
         _check_fsdp2_training(rank)
         _check_distributed_checkpoints(rank, os.path.dirname(store_path))
         _check_grad_scaler_with_fsdp2(rank)
@@ -351,6 +352,27 @@ def _check_step_with_clipping(rank: int) -> None:
     assert int(on_dt.skipped_steps) == 1
     for p, b in zip(dts, before):
         torch.testing.assert_close(full(p), b, rtol=0, atol=0)
+
+
+def _check_compiled_step_with_clipping() -> None:
+    """torch.compile(fullgraph=True) of a step whose norm is reduced over 2 ranks: eager's numbers."""
+    mesh = init_device_mesh("cpu", (2,))
+    g = torch.Generator().manual_seed(14)
+    values = [torch.randn(7, 3, generator=g), torch.randn(9, generator=g)]
+    grads = [[torch.randn(v.shape, generator=g) for v in values] for _ in range(3)]
+    result = {}
+    for mode in ("eager", "compiled"):
+        params = [torch.nn.Parameter(distribute_tensor(v.clone(), mesh, [Shard(0)])) for v in values]
+        opt = fusedopt.optim.AdamW(params, lr=0.05, max_grad_norm=0.5, skip_nonfinite=True)
+        step = opt.step if mode == "eager" else torch.compile(opt.step, fullgraph=True,
+                                                               backend="aot_eager")
+        for step_grads in grads:
+            for p, grad in zip(params, step_grads):
+                p.grad = distribute_tensor(grad, mesh, [Shard(0)])
+            step()
+        result[mode] = [full(p) for p in params] + [opt.last_grad_norm]
+    for compiled, eager in zip(result["compiled"], result["eager"]):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
 
 
 def _fsdp2_model():
