@@ -376,8 +376,9 @@ def _check_compiled_step_with_clipping() -> None:
 
 
 def _fsdp2_model():
-    from torch.distributed.fsdp import fully_shard
+    from fusedopt.train.sharding import fully_shard_fn
 
+    fully_shard = fully_shard_fn()
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
     for layer in (net[0], net[2]):

@@ -19,10 +19,18 @@ import torch
 import torch.nn as nn
 
 
+def fully_shard_fn():
+    """FSDP2's ``fully_shard`` (public in torch.distributed.fsdp since torch 2.6)."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch 2.5
+        from torch.distributed._composable.fsdp import fully_shard
+    return fully_shard
+
+
 def shard(model: nn.Module) -> nn.Module:
     """Apply ``fully_shard`` to every block of ``model``, then to ``model`` itself (in place)."""
-    from torch.distributed.fsdp import fully_shard
-
+    fully_shard = fully_shard_fn()
     for block in model.blocks:
         fully_shard(block)
     fully_shard(model)
@@ -95,5 +103,5 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
                              options=_options())
 
 
-__all__ = ["shard", "full_model_state", "full_optimizer_state", "load_model_state",
+__all__ = ["fully_shard_fn", "shard", "full_model_state", "full_optimizer_state", "load_model_state",
            "load_optimizer_state"]
