@@ -586,3 +586,40 @@ def test_gpu_step_on_dtensors_equals_plain_and_does_not_sync(process_group, back
     for p, q in zip(ours, plain):
         torch.testing.assert_close(full(p), q, rtol=0, atol=0)
         torch.testing.assert_close(full(p.grad), q.grad, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_fsdp2_training_matches_torch_optim(process_group):
+    """FSDP2 on one GPU: fusedopt.optim.AdamW (the backend auto picks for CUDA) with
+    max_grad_norm equals torch's clip_grad_norm_ + AdamW(fused=True)."""
+    from fusedopt.train.sharding import fully_shard_fn
+
+    fully_shard = fully_shard_fn()
+    mesh = init_device_mesh("cuda", (1,))
+
+    def model():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
+        net = net.cuda()
+        for layer in (net[0], net[2]):
+            fully_shard(layer, mesh=mesh)
+        return fully_shard(net, mesh=mesh)
+
+    ours, theirs = model(), model()
+    opt_ours = fusedopt.optim.AdamW(ours.parameters(), lr=0.01, max_grad_norm=0.5)
+    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=0.01, fused=True)
+    g = torch.Generator(device="cuda").manual_seed(7)
+    for _ in range(4):
+        x = torch.randn(16, 32, device="cuda", generator=g)
+        y = torch.randn(16, 8, device="cuda", generator=g)
+        for net in (ours, theirs):
+            torch.nn.functional.mse_loss(net(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(list(theirs.parameters()), 0.5)
+        opt_ours.step()
+        opt_theirs.step()
+        opt_ours.zero_grad()
+        opt_theirs.zero_grad()
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        assert isinstance(p, DTensor) and p.device.type == "cuda"
+        torch.testing.assert_close(full(p), full(q), rtol=1e-5, atol=1e-6)
