@@ -101,18 +101,26 @@ def shards_of(dtensors: Sequence[Tensor]) -> List[Tensor]:
     return list(map(_local_tensor, dtensors))
 
 
-def reduce_over_shards(value: Tensor, layout: Layout, op: str) -> Tensor:
-    """``value`` (0-dim, one per rank) reduced with ``op`` ("sum", "max" or "min") over the mesh
-    dimensions along which ``layout`` shards its tensors; a plain tensor on every rank. (Not a
-    DTensor op: from_local + full_tensor, which torch.compile traces.)"""
+def sharded_dims(layout: Layout) -> List[int]:
+    """The mesh dimensions over which ``layout`` splits its tensors: not ``Replicate``, and of
+    more than one rank (a dimension of one rank has nothing to combine)."""
     mesh, placements = layout
     if any(isinstance(p, Partial) for p in placements):
         raise ValueError(f"cannot take the norm of a DTensor with placements {placements}: its "
                          "local values are partial sums (redistribute it first)")
-    reduced = [Replicate() if isinstance(p, Replicate) or mesh.size(dim) == 1 else Partial(op)
-               for dim, p in enumerate(placements)]  # (a dimension of one rank: nothing to reduce)
-    if all(isinstance(p, Replicate) for p in reduced):
+    return [dim for dim, p in enumerate(placements)
+            if not isinstance(p, Replicate) and mesh.size(dim) > 1]
+
+
+def reduce_over_shards(value: Tensor, layout: Layout, op: str) -> Tensor:
+    """``value`` (0-dim, one per rank) reduced with ``op`` ("sum", "max" or "min") over the
+    :func:`sharded_dims` of ``layout``; a plain tensor, the same on every rank. (Not a DTensor op:
+    from_local + full_tensor, which torch.compile traces.)"""
+    mesh, placements = layout
+    dims = sharded_dims(layout)
+    if not dims:
         return value
+    reduced = [Partial(op) if dim in dims else Replicate() for dim in range(len(placements))]
     return DTensor.from_local(value, mesh, reduced, run_check=False).full_tensor()
 
 
@@ -134,4 +142,4 @@ def plain(value: Tensor) -> Tensor:
 
 
 __all__ = ["is_dtensor", "any_dtensor", "layout_of", "local", "local_like", "locals_like",
-           "shards_of", "reduce_over_shards", "replicated_like", "plain", "Layout"]
+           "shards_of", "sharded_dims", "reduce_over_shards", "replicated_like", "plain", "Layout"]

@@ -314,6 +314,11 @@ def _check_sharded_norms(rank: int) -> None:
         want = torch.nn.utils.get_total_norm([v.double() for v in values], norm_type)
         torch.testing.assert_close(full(got), want.float(), rtol=1e-6, atol=0)
         _same_on_every_rank(full(got))
+    # huge values: each shard's sum of squares fits float32, their sum does not, the norm does
+    huge = [distribute_tensor(torch.full((2, 1), 1.5e19), mesh, [Shard(0)])]
+    want = torch.nn.utils.get_total_norm([torch.full((2, 1), 1.5e19, dtype=torch.float64)], 2.0)
+    torch.testing.assert_close(full(fusedopt.get_total_norm(huge, 2.0)), want.float(), rtol=1e-6,
+                               atol=0)
     # NaN in one rank's shard only: every norm is NaN on both ranks
     poisoned = [distribute_tensor(v, mesh, [Shard(0)]) for v in values[:2]]
     if rank == 1:

@@ -270,17 +270,25 @@ def sharded_norm(groups: Dict[_dtensor.Layout, List[Tensor]], norm_type: float,
 
 
 def _reduce_norm(norm: Tensor, layout: _dtensor.Layout, norm_type: float) -> Tensor:
-    """One layout's global norm from its local norm on every rank (see :func:`sharded_norm`)."""
+    """One layout's global norm from its local norm on every rank (see :func:`sharded_norm`).
+    The shards' p-th powers are summed in float64: each shard's may fit float32 while their sum
+    does not (the native kernels likewise combine their per-chunk partials in float64). A layout
+    with nothing to reduce keeps its norm bit for bit."""
+    if not _dtensor.sharded_dims(layout):
+        return norm
     if norm_type in (float("inf"), float("-inf")):
         extreme = _dtensor.reduce_over_shards(norm, layout, "max" if norm_type > 0 else "min")
         # A collective max/min need not propagate NaN: count the ranks that have one.
         nans = _dtensor.reduce_over_shards(torch.isnan(norm).to(norm.dtype), layout, "sum")
         return torch.where(nans > 0, torch.full_like(extreme, float("nan")), extreme)
+    wide = norm.to(torch.float64)
     if norm_type == 1.0:
-        return _dtensor.reduce_over_shards(norm, layout, "sum")
-    if norm_type == 2.0:
-        return torch.sqrt(_dtensor.reduce_over_shards(norm * norm, layout, "sum"))
-    return _dtensor.reduce_over_shards(norm ** norm_type, layout, "sum") ** (1.0 / norm_type)
+        total = _dtensor.reduce_over_shards(wide, layout, "sum")
+    elif norm_type == 2.0:
+        total = torch.sqrt(_dtensor.reduce_over_shards(wide * wide, layout, "sum"))
+    else:
+        total = _dtensor.reduce_over_shards(wide ** norm_type, layout, "sum") ** (1.0 / norm_type)
+    return total.to(norm.dtype)
 
 
 def check_finite(norm: Tensor, norm_type: float) -> None:
