@@ -14,19 +14,16 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from . import _dtensor, backends
+from ._views import as_real
 
 Tensor = torch.Tensor
-
-
-def _real(t: Tensor) -> Tensor:
-    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def _kernel_view(t: Tensor, param: Tensor, what: str, redistribute: bool) -> Tensor:
     """``t`` (an entry of a list, for ``param``) as the kernels see it: local shard, real view."""
     if _dtensor.is_dtensor(t) or _dtensor.is_dtensor(param):
         t = _dtensor.local_like(t, _dtensor.layout_of(param), what, redistribute)
-    return _real(t)
+    return as_real(t)
 
 
 def _check_lists(name: str, reference: Sequence[Tensor], **others: Sequence[Tensor]) -> None:
@@ -41,7 +38,7 @@ def _partition(params: Sequence[Tensor]) -> Dict[Tuple[torch.device, torch.dtype
     for i, p in enumerate(params):
         if p.is_sparse:
             raise RuntimeError("fusedopt does not support sparse tensors")
-        parts.setdefault((p.device, _real(p).dtype), []).append(i)
+        parts.setdefault((p.device, as_real(p).dtype), []).append(i)
     return parts
 
 
@@ -52,7 +49,7 @@ def _pick(lists: Sequence[Sequence[Optional[Tensor]]], idx: List[int]) -> List[L
     """Entries ``idx`` of each list (``lists[0]`` is the params, ``lists[1]`` the grads)."""
     params = lists[0]
     if not (_dtensor.any_dtensor(params) or _dtensor.any_dtensor(lists[1])):
-        return [[_real(lst[i]) for i in idx] if lst else [] for lst in lists]
+        return [[as_real(lst[i]) for i in idx] if lst else [] for lst in lists]
     return [[_kernel_view(lst[i], params[i], _LIST_NAMES[min(k, 2)], k == 1) for i in idx]
             if lst else [] for k, lst in enumerate(lists)]
 

@@ -7,9 +7,10 @@ between steps, so the per-step Python work is one list comprehension over the gr
 The cache is dropped when the group's params, the set of params with gradients, or the state
 (``load_state_dict``) change.
 
-Kernels see :func:`kernel_view` of every tensor: the local shard of a DTensor (FSDP2, tensor
-parallel; see :mod:`fusedopt._dtensor`), as real numbers if complex. Buckets split by DTensor
-layout too, and a global norm (``max_grad_norm``) over DTensors is reduced over their meshes.
+Kernels see :func:`fusedopt._views.kernel_view` of every tensor: the local shard of a DTensor
+(FSDP2, tensor parallel; see :mod:`fusedopt._dtensor`), as real numbers if complex. Buckets split
+by DTensor layout too, and a global norm (``max_grad_norm``) over DTensors is reduced over their
+meshes.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from .. import _dtensor, backends
 from .._lists import any_none as _any_none
 from .._lists import any_sparse as _any_sparse
 from .._lists import grads_of as _grads_of
+from .._views import as_real, kernel_view
 from ..clip import _norm as clip_norm
 from ..clip import _step as clip_step
 
@@ -95,15 +97,6 @@ def check_clip_options(max_grad_norm, skip_nonfinite) -> None:
                          f"Invalid max_grad_norm: {max_grad_norm} (None or > 0)")
     check_hyperparameter(isinstance(skip_nonfinite, bool),
                          f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
-
-
-def as_real(t: Tensor) -> Tensor:
-    return torch.view_as_real(t) if t.is_complex() else t
-
-
-def kernel_view(t: Tensor) -> Tensor:
-    """What a kernel updates for ``t``: the local shard if a DTensor, as real numbers if complex."""
-    return as_real(_dtensor.local(t))
 
 
 class FusedOptimizer(Optimizer):

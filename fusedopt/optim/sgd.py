@@ -22,7 +22,8 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 from .._lists import any_none as _any_none
-from .base import FusedOptimizer, GroupBucket, check_hyperparameter, kernel_view
+from .._views import kernel_view
+from .base import FusedOptimizer, GroupBucket, check_hyperparameter
 
 Tensor = torch.Tensor
 
