@@ -1,6 +1,7 @@
 """Shared fixtures: the CPU-capable backends this build has, and small tensor factories."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -49,3 +50,14 @@ def _isolate_backend_env(monkeypatch):
 def seeded():
     torch.manual_seed(1234)
     return torch.Generator().manual_seed(1234)
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Inside the block, any CUDA operation that waits for the device raises
+    (``torch.cuda.set_sync_debug_mode("error")``); the default mode comes back after it."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -31,6 +31,7 @@ from fusedopt import _norm_ops, _ops, backends
 from fusedopt.backends import cuda as cuda_backend
 from fusedopt.clip import _clip, _norm
 
+from conftest import no_host_sync
 from test_optim import DEVICE_STEP_CASES, check_compiled_step, check_graphed_step
 
 CUDA = cuda_backend.BACKEND
@@ -509,12 +510,9 @@ def test_step_does_not_synchronize():
     old_grads = [p.grad for p in params]
     for p in params:  # new gradient addresses: the step uploads them (pinned, async)
         p.grad = torch.randn_like(p)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         opt.step()
         opt.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     del old_grads
 
@@ -691,14 +689,11 @@ def test_clip_ops_deterministic_without_sync():
     first = bits(torch.ops.fusedopt.total_norm([p.grad for p in params], 2.0))
     one = torch.tensor(1.0, device="cuda")  # made before: a copy from pageable memory syncs
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         again = [torch.ops.fusedopt.total_norm([p.grad for p in params], 2.0) for _ in range(5)]
         norm = fusedopt.clip_grad_norm_(params, 1.0, backend="cuda")
         fusedopt.clip_grad_value_(params, 0.01)
         torch.ops.fusedopt.scale_([p.grad for p in params], one)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert all(torch.equal(bits(n), first) for n in again)
     assert torch.equal(bits(norm), first)
     assert all(p.grad.abs().max().item() <= 0.01 for p in params)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fusedopt
+from conftest import no_host_sync
 from fusedopt import _dtensor, backends
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or _dtensor.DTensor is None,
@@ -83,6 +84,23 @@ def new_grads(params, seed):
 
 def full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def train_clipped_pair(ours, opt_ours, theirs, opt_theirs, batches, max_norm: float):
+    """Train two copies of a model on the same ``(x, y)`` batches: ``opt_ours`` clips inside
+    its step (``max_grad_norm``), ``opt_theirs`` after torch's ``clip_grad_norm_``. Returns the
+    pre-clip norms of each step as (ours, torch's) pairs."""
+    norms = []
+    for x, y in batches:
+        for net in (ours, theirs):
+            torch.nn.functional.mse_loss(net(x), y).backward()
+        theirs_norm = torch.nn.utils.clip_grad_norm_(list(theirs.parameters()), max_norm)
+        opt_ours.step()
+        opt_theirs.step()
+        norms.append((opt_ours.last_grad_norm, full(theirs_norm)))
+        opt_ours.zero_grad()
+        opt_theirs.zero_grad()
+    return norms
 
 
 def step_both(first, first_params, second, second_params, steps: int) -> None:
@@ -493,16 +511,9 @@ def _check_tensor_parallel_training(rank: int) -> None:
     opt_ours = fusedopt.optim.AdamW(ours.parameters(), lr=0.01, max_grad_norm=0.3)
     opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=0.01)
     g = torch.Generator().manual_seed(5)  # the same batches on both ranks
-    for _ in range(4):
-        x, y = torch.randn(8, 6, generator=g), torch.randn(8, 4, generator=g)
-        for net in (ours, theirs):
-            torch.nn.functional.mse_loss(net(x), y).backward()
-        norm = torch.nn.utils.clip_grad_norm_(list(theirs.parameters()), 0.3)
-        opt_ours.step()
-        opt_theirs.step()
-        torch.testing.assert_close(opt_ours.last_grad_norm, full(norm), rtol=1e-6, atol=0)
-        opt_ours.zero_grad()
-        opt_theirs.zero_grad()
+    batches = [(torch.randn(8, 6, generator=g), torch.randn(8, 4, generator=g)) for _ in range(4)]
+    for our_norm, torch_norm in train_clipped_pair(ours, opt_ours, theirs, opt_theirs, batches, 0.3):
+        torch.testing.assert_close(our_norm, torch_norm, rtol=1e-6, atol=0)
     for p, q in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(full(p), full(q), rtol=1e-5, atol=1e-6)
 
@@ -533,15 +544,8 @@ def _check_fsdp2_training(rank: int) -> None:
     opt_ours = fusedopt.optim.AdamW(ours.parameters(), lr=0.01, max_grad_norm=0.5)
     opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=0.01)
     g = torch.Generator().manual_seed(100 + rank)  # each rank its own batches
-    for _ in range(4):
-        x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
-        for net in (ours, theirs):
-            torch.nn.functional.mse_loss(net(x), y).backward()
-        torch.nn.utils.clip_grad_norm_(list(theirs.parameters()), 0.5)
-        opt_ours.step()
-        opt_theirs.step()
-        opt_ours.zero_grad()
-        opt_theirs.zero_grad()
+    batches = [(torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)) for _ in range(4)]
+    train_clipped_pair(ours, opt_ours, theirs, opt_theirs, batches, 0.5)
     for p, q in zip(ours.parameters(), theirs.parameters()):
         assert isinstance(p, DTensor)
         torch.testing.assert_close(full(p), full(q), rtol=1e-5, atol=1e-6)
@@ -580,12 +584,9 @@ def test_gpu_step_on_dtensors_equals_plain_and_does_not_sync(process_group, back
     on_dt.step()  # the first step creates state and tables
     on_plain.step()
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         on_dt.step()
         fusedopt.clip_grad_norm_(ours, 1.0)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     on_plain.step()
     fusedopt.clip_grad_norm_(plain, 1.0)
     for p, q in zip(ours, plain):
@@ -615,16 +616,9 @@ def test_gpu_fsdp2_training_matches_torch_optim(process_group):
     opt_ours = fusedopt.optim.AdamW(ours.parameters(), lr=0.01, max_grad_norm=0.5)
     opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=0.01, fused=True)
     g = torch.Generator(device="cuda").manual_seed(7)
-    for _ in range(4):
-        x = torch.randn(16, 32, device="cuda", generator=g)
-        y = torch.randn(16, 8, device="cuda", generator=g)
-        for net in (ours, theirs):
-            torch.nn.functional.mse_loss(net(x), y).backward()
-        torch.nn.utils.clip_grad_norm_(list(theirs.parameters()), 0.5)
-        opt_ours.step()
-        opt_theirs.step()
-        opt_ours.zero_grad()
-        opt_theirs.zero_grad()
+    batches = [(torch.randn(16, 32, device="cuda", generator=g),
+                torch.randn(16, 8, device="cuda", generator=g)) for _ in range(4)]
+    train_clipped_pair(ours, opt_ours, theirs, opt_theirs, batches, 0.5)
     for p, q in zip(ours.parameters(), theirs.parameters()):
         assert isinstance(p, DTensor) and p.device.type == "cuda"
         torch.testing.assert_close(full(p), full(q), rtol=1e-5, atol=1e-6)
