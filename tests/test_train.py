@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -54,7 +55,7 @@ def curve(out_dir):
 
 def final_model(out_dir):
     latest = ckpt.latest_checkpoint(os.path.join(out_dir, "checkpoints"))
-    return ckpt.load_checkpoint(latest)["model"]
+    return ckpt.load_full_checkpoint(latest)["model"]
 
 
 def assert_curves_close(a, b, rtol=1e-5, atol=1e-6):
@@ -173,6 +174,49 @@ def test_fsdp2_matches_ddp_resumes_exactly_and_checkpoints_cross_modes(tmp_path)
     reference.load_state_dict(state)
 
 
+def test_sharded_checkpoints_are_written_by_every_rank_and_resume_under_any_world_size(tmp_path):
+    """--checkpoint-format sharded with fsdp2 on 2 ranks: each rank writes its own half; a run
+    resumed from one equals the uninterrupted one bit for bit (AdamW state in DTensors); the
+    checkpoint resumes under ddp, and in one process (another world size), on the same path."""
+    sharded = dict(checkpoint_format="sharded", save_every=2, keep_last=5, n_layer=2)
+    sgd = dict(optimizer="sgd", lr=0.3, max_steps=4, **sharded)
+    fsdp = tiny_cfg(tmp_path / "fsdp", parallel="fsdp2", **sgd)
+    fsdp_step2 = Path(fsdp.checkpoint_dir) / ckpt.checkpoint_name(2, sharded=True)
+    ddp_from_fsdp = tiny_cfg(tmp_path / "ddp_from_fsdp", parallel="ddp", resume=str(fsdp_step2), **sgd)
+    adam = dict(optimizer="adamw", parallel="fsdp2", scheduler="constant", **sharded)
+    straight = tiny_cfg(tmp_path / "straight", max_steps=4, **adam)
+    first_half = tiny_cfg(tmp_path / "halves", max_steps=2, **adam)
+    second_half = tiny_cfg(tmp_path / "halves", max_steps=4, resume="auto", **adam)
+    configs = [fsdp, ddp_from_fsdp, straight, first_half, second_half]
+    mp.spawn(_train_worker, args=(2, free_port(), [c.to_dict() for c in configs]), nprocs=2,
+             join=True)
+    with pytest.warns(UserWarning, match="written by 2 ranks, now 1"):
+        train(tiny_cfg(tmp_path / "one_from_fsdp", resume=str(fsdp_step2), **sgd))
+
+    # every rank wrote the shards it holds: two files of about half the state each
+    files = {p.name: p.stat().st_size for p in fsdp_step2.iterdir()}
+    assert set(files) == {".metadata", "__0_0.distcp", "__1_0.distcp", ckpt.META_NAME}
+    assert 0.35 < files["__0_0.distcp"] / (files["__0_0.distcp"] + files["__1_0.distcp"]) < 0.65
+    assert ckpt.load_checkpoint(fsdp_step2)["world_size"] == 2
+
+    later = [r for r in curve(tmp_path / "fsdp") if r["step"] > 2]
+    assert_curves_close(curve(tmp_path / "ddp_from_fsdp"), later)
+    assert_curves_close(curve(tmp_path / "one_from_fsdp"), later)
+    def train_records(run):  # (the first half also evaluated when it ended, at step 2)
+        return [r for r in curve(tmp_path / run) if "loss" in r]
+    assert train_records("halves") == train_records("straight")
+    a, b = final_model(tmp_path / "halves"), final_model(tmp_path / "straight")
+    assert set(a) == set(build_model(straight, VOCAB_SIZE).state_dict())
+    for name in a:
+        assert type(a[name]) is torch.Tensor and torch.equal(a[name], b[name]), name
+    # consolidated, it is a full checkpoint in torch.optim's layout
+    full = ckpt.load_full_checkpoint(ckpt.latest_checkpoint(straight.checkpoint_dir))
+    reference = torch.optim.AdamW(param_groups(build_model(straight, VOCAB_SIZE),
+                                               straight.weight_decay))
+    reference.load_state_dict(full["optimizer"])
+    assert len(reference.state) == len(a) and full["step"] == 4
+
+
 def test_ddp_two_ranks_match_one_process_and_accumulation_uses_no_sync(tmp_path):
     """2 ranks x b equals 1 process x 2b; with grad_accum the DDP all-reduce runs once per step."""
     # SGD: its update is linear in the gradient, so fp32 rounding differences stay
@@ -214,9 +258,10 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 
 
 # --------------------------------------------------------------- resume / fault tolerance
-def test_killed_and_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("checkpoint_format", ["full", "sharded"])
+def test_killed_and_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path, checkpoint_format):
     common = dict(max_steps=9, save_every=3, eval_every=4, grad_accum=2, dropout=0.1,
-                  optimizer="adamw", resume="auto")
+                  optimizer="adamw", resume="auto", checkpoint_format=checkpoint_format)
     train(tiny_cfg(tmp_path / "straight", **common))
 
     killed = tiny_cfg(tmp_path / "killed", fail_at_step=6, **common)
@@ -224,7 +269,8 @@ def test_killed_and_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path):
     first = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert first.returncode == -signal.SIGKILL, first.stderr
     assert (tmp_path / "killed" / "fail_at_step_6.marker").exists()
-    assert ckpt.latest_checkpoint(str(tmp_path / "killed" / "checkpoints")).name == "step_00000003.pt"
+    assert ckpt.latest_checkpoint(str(tmp_path / "killed" / "checkpoints")).name == \
+        ckpt.checkpoint_name(3, sharded=checkpoint_format == "sharded")
     second = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert second.returncode == 0, second.stderr
     assert "resumed from" in second.stdout + second.stderr
@@ -315,6 +361,60 @@ def test_checkpoints_keep_last_k_and_writes_are_atomic(tmp_path):
     assert not stale.exists()
     assert [p.name for p in ckpt.list_checkpoints(cfg.checkpoint_dir)] == ["step_00000005.pt",
                                                                           "step_00000006.pt"]
+
+
+def test_sharded_checkpoints_keep_last_k_are_atomic_and_consolidate_to_a_full_one(tmp_path, capsys):
+    cfg = tiny_cfg(tmp_path / "sharded", max_steps=4, save_every=1, keep_last=2,
+                   checkpoint_format="sharded", optimizer="adamw", scheduler="constant")
+    train(cfg)  # (constant: a schedule over max_steps would change when a run is extended)
+    ckpt_dir = Path(cfg.checkpoint_dir)
+    assert [p.name for p in ckpt.list_checkpoints(str(ckpt_dir))] == ["step_00000003", "step_00000004"]
+
+    # What a save killed before its rename leaves: a temp directory of shards without meta.pt.
+    # Resuming ignores it (and a step directory without meta.pt); the next save removes it.
+    stale = ckpt_dir / ".step_00000005.tmp"
+    shutil.copytree(ckpt_dir / "step_00000004", stale)
+    (stale / ckpt.META_NAME).unlink()
+    incomplete = ckpt_dir / "step_00000009"
+    incomplete.mkdir()
+    assert ckpt.latest_checkpoint(str(ckpt_dir)).name == "step_00000004"
+    with pytest.raises(ckpt.CheckpointError, match="step_00000009.*without meta.pt"):
+        train(cfg.replace(resume=str(incomplete)))
+    incomplete.rmdir()
+    train(cfg.replace(resume="auto", max_steps=5))
+    assert not stale.exists()
+    assert [p.name for p in ckpt.list_checkpoints(str(ckpt_dir))] == ["step_00000004", "step_00000005"]
+
+    # Consolidated, it is the file a --checkpoint-format full run writes at the same step.
+    from fusedopt.train.checkpoint import main
+
+    out = tmp_path / "consolidated.pt"
+    assert main(["consolidate", str(ckpt_dir / "step_00000005"), str(out)]) == 0
+    assert "step 5" in capsys.readouterr().out
+    full_cfg = tiny_cfg(tmp_path / "full", max_steps=5, save_every=5, optimizer="adamw",
+                        scheduler="constant")
+    train(full_cfg)
+    a = torch.load(out, weights_only=True)
+    b = ckpt.load_checkpoint(ckpt.latest_checkpoint(full_cfg.checkpoint_dir))
+    assert set(a) == set(b) and a["step"] == b["step"] == 5
+    for key in ("model", "scheduler", "data", "last_train_loss"):
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    torch.testing.assert_close(a["optimizer"]["state"], b["optimizer"]["state"], rtol=0, atol=0)
+    # ... which the harness resumes from, bit for bit.
+    train(full_cfg.replace(out_dir=str(tmp_path / "from_consolidated"), max_steps=7, resume=str(out)))
+    train(full_cfg.replace(max_steps=7, resume="auto"))
+    assert curve(tmp_path / "from_consolidated") == [r for r in curve(tmp_path / "full")
+                                                     if r["step"] > 5]
+
+    # Damaged shards are a clear error, when resuming and when consolidating.
+    shard = ckpt_dir / "step_00000005" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ckpt.CheckpointError, match="step_00000005.*could not be restored"):
+        train(cfg.replace(resume="auto", max_steps=6))
+    with pytest.raises(SystemExit, match="step_00000005.*corrupt or unreadable"):
+        main(["consolidate", str(ckpt_dir / "step_00000005"), str(tmp_path / "x.pt")])
+    assert not (tmp_path / "x.pt").exists()
 
 
 def test_resuming_a_finished_run_trains_nothing_and_reports_no_timings(tmp_path):

@@ -22,6 +22,7 @@ SCHEDULERS = ("cosine", "linear", "wsd", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 PARALLEL_MODES = ("ddp", "fsdp2")
+CHECKPOINT_FORMATS = ("full", "sharded")
 
 
 class ConfigError(ValueError):
@@ -113,7 +114,7 @@ class TrainConfig:
     parallel: str = _opt(
         "ddp", "with several ranks: ddp (a model replica per rank, gradients all-reduced) or fsdp2 "
         "(fully_shard: params, gradients and optimizer state sharded over the ranks; checkpoints "
-        "are the same either way)", PARALLEL_MODES, group="runtime",
+        "of either mode resume under the other)", PARALLEL_MODES, group="runtime",
     )
     seed: int = _opt(0, "random seed (model init, data order, dropout)", group="runtime")
     num_threads: int = _opt(0, "torch CPU threads per process (0 = torch default)", group="runtime")
@@ -131,6 +132,12 @@ class TrainConfig:
     # checkpoints / fault tolerance
     save_every: int = _opt(100, "write a checkpoint every N steps (0 = only at the end)", group="checkpoint")
     keep_last: int = _opt(3, "keep only the newest K checkpoints", group="checkpoint")
+    checkpoint_format: str = _opt(
+        "full", "full: one file step_N.pt, full tensors gathered on rank 0; sharded: a directory "
+        "step_N/ of torch.distributed.checkpoint files, every rank writing its shards (for models "
+        "too big to gather; the directory must be shared by the ranks). Resuming reads either, "
+        "under any world size and --parallel mode", CHECKPOINT_FORMATS, group="checkpoint",
+    )
     ckpt_dir: str = _opt("", "checkpoint directory (default: OUT_DIR/checkpoints)", group="checkpoint")
     resume: str = _opt(
         "",

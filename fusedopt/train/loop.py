@@ -203,32 +203,40 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
     def save(self) -> Optional[Path]:
-        """Write a checkpoint of the current step (collective; rank 0 writes)."""
+        """Write a checkpoint of the current step (collective; rank 0 writes all of a full one,
+        every rank its shards of a sharded one)."""
         rank_state = {"rng": ckpt.capture_rng_state(), "window": self.window.state_dict()}
         rank_states = gather_objects(rank_state, self.ctx)
-        if self.sharded:  # full tensors, gathered on rank 0 (collectives: every rank calls)
-            model_state = sharding.full_model_state(self.model)
-            optimizer_state = sharding.full_optimizer_state(self.model, self.optimizer)
-        elif self.ctx.is_main:
-            model_state, optimizer_state = self.raw_model.state_dict(), self.optimizer.state_dict()
+        payload = {
+            "format": ckpt.FORMAT,
+            "step": self.step,
+            "world_size": self.ctx.world_size,
+            "config": self.cfg.to_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "data": self.sampler.state_dict(),
+            "rank_states": rank_states,
+            "last_eval_loss": self.last_eval_loss,
+            "last_train_loss": self.last_train_loss,
+            "skipped_steps": self.skipped_steps,
+        }
         path = None
-        if self.ctx.is_main:
-            payload = {
-                "format": ckpt.FORMAT,
-                "step": self.step,
-                "world_size": self.ctx.world_size,
-                "config": self.cfg.to_dict(),
-                "model": model_state,
-                "optimizer": optimizer_state,
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "data": self.sampler.state_dict(),
-                "rank_states": rank_states,
-                "last_eval_loss": self.last_eval_loss,
-                "last_train_loss": self.last_train_loss,
-                "skipped_steps": self.skipped_steps,
-            }
-            path = ckpt.save_checkpoint(payload, self.cfg.checkpoint_dir, self.cfg.keep_last)
+        if self.cfg.checkpoint_format == "sharded":
+            tmp = Path(self._on_rank0(lambda: str(ckpt.begin_sharded_checkpoint(
+                self.cfg.checkpoint_dir, self.step))))
+            sharding.save_sharded(self.raw_model, self.optimizer, tmp)  # every rank its shards
+            if self.ctx.is_main:
+                path = ckpt.finish_sharded_checkpoint(dict(payload, sharded=True), tmp,
+                                                      self.cfg.keep_last)
+        else:
+            if self.sharded:  # full tensors, gathered on rank 0 (collectives: every rank calls)
+                model_state = sharding.full_model_state(self.model)
+                optimizer_state = sharding.full_optimizer_state(self.model, self.optimizer)
+            elif self.ctx.is_main:
+                model_state, optimizer_state = self.raw_model.state_dict(), self.optimizer.state_dict()
+            if self.ctx.is_main:
+                payload.update(model=model_state, optimizer=optimizer_state)
+                path = ckpt.save_checkpoint(payload, self.cfg.checkpoint_dir, self.cfg.keep_last)
         barrier(self.ctx)
         return path
 
@@ -274,7 +282,9 @@ class Trainer:
             details = ", ".join(f"{k}={saved_cfg[k]!r} (now {getattr(self.cfg, k)!r})" for k in changed)
             raise ckpt.CheckpointError(f"checkpoint {str(path)!r} does not fit this run: it was written with {details}")
         try:
-            if self.sharded:  # every rank keeps its shards of the full tensors
+            if state.get("sharded"):  # every rank reads its part of each tensor
+                sharding.load_sharded(self.raw_model, self.optimizer, path)
+            elif self.sharded:  # every rank keeps its shards of the full tensors
                 sharding.load_model_state(self.model, state["model"])
                 sharding.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
             else:

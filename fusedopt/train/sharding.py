@@ -1,4 +1,5 @@
-"""``--parallel fsdp2``: the model sharded with FSDP2 (``fully_shard``), and its checkpoints.
+"""``--parallel fsdp2``: the model sharded with FSDP2 (``fully_shard``); model and optimizer
+state in and out of checkpoints, in either ``--checkpoint-format``.
 
 Every transformer block is one FSDP2 unit and the root holds the rest (embeddings, final norm,
 head), so params, gradients and optimizer state are DTensors sharded over the ranks; the
@@ -10,9 +11,21 @@ model's ``state_dict()`` (FSDP2 keeps the parameter names) and ``optimizer.state
 therefore resume with the other ``--parallel`` mode or another world size. Gathering and
 scattering go through ``torch.distributed.checkpoint.state_dict``, whose full optimizer state is
 keyed by parameter name: :func:`_by_position` and :func:`_by_name` translate.
+
+Sharded checkpoints (:func:`save_sharded`, :func:`load_sharded`) are
+``torch.distributed.checkpoint`` (DCP) files: every rank writes the shards it holds (a
+replicated tensor once), nothing is gathered, and loading reads each rank's part of every
+tensor, whatever the world size or ``--parallel`` mode that wrote it. Their keys are
+``model.<name>`` and ``optimizer.state.<name>.<key>``, as in torchtitan's checkpoints, and
+:func:`consolidate` turns one into a full checkpoint's model and optimizer state.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
+import warnings
+from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
@@ -103,5 +116,72 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
                              options=_options())
 
 
+def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
+    """Model and optimizer state as DCP saves and loads it: each rank's DTensor shards (plain
+    tensors when the model is not sharded), keyed by parameter name. An optimizer without state
+    gets it first (torch's ``get_state_dict`` takes one step with lr 0 and zero gradients)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+@contextlib.contextmanager
+def _dcp_call():
+    """Around DCP calls: its failures (``CheckpointException``, a BaseException, raised on every
+    rank) become RuntimeErrors callers can catch, and its warning that it "assumes" one process
+    without a process group is dropped (that is what it is for in a one-process run; torch < 2.7
+    has no ``no_dist`` argument to say so)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)")
+        try:
+            yield
+        except CheckpointException as exc:
+            failures = getattr(exc, "failures", None) or {}
+            causes = "; ".join(f"rank {rank}: {type(failure[0]).__name__}: {failure[0]}".rstrip(": ")
+                               for rank, failure in sorted(failures.items())) or str(exc)
+            raise RuntimeError(f"torch.distributed.checkpoint failed ({causes})") from exc
+
+
+def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Write the model and optimizer into ``directory`` as DCP files. Collective: every rank
+    calls it with the same (shared) directory and writes its own shards."""
+    import torch.distributed.checkpoint as dcp
+
+    with _dcp_call():
+        dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(directory))
+
+
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Load DCP files written by :func:`save_sharded` under any world size and mode. Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = _dcp_state(model, optimizer)
+    with _dcp_call():
+        dcp.load(state, checkpoint_id=str(directory))
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
+
+
+def consolidate(directory: Path) -> Dict[str, Any]:
+    """``{"model": ..., "optimizer": ...}`` of a sharded checkpoint as a full checkpoint holds
+    them: full plain tensors, and the optimizer in torch.optim's positional layout. One process,
+    no process group; it holds every tensor in memory."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory(prefix=".consolidate-",
+                                     dir=os.path.dirname(os.path.abspath(directory))) as tmp:
+        path = os.path.join(tmp, "full.pt")
+        with _dcp_call():
+            dcp_to_torch_save(str(directory), path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    named = state["optimizer"]
+    names = [name for group in named["param_groups"] for name in group["params"]]
+    return {"model": state["model"], "optimizer": _by_position(named, names)}
+
+
 __all__ = ["fully_shard_fn", "shard", "full_model_state", "full_optimizer_state", "load_model_state",
-           "load_optimizer_state"]
+           "load_optimizer_state", "save_sharded", "load_sharded", "consolidate"]
