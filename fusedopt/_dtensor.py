@@ -112,15 +112,14 @@ def sharded_dims(layout: Layout) -> List[int]:
             if not isinstance(p, Replicate) and mesh.size(dim) > 1]
 
 
-def reduce_over_shards(value: Tensor, layout: Layout, op: str) -> Tensor:
-    """``value`` (0-dim, one per rank) reduced with ``op`` ("sum", "max" or "min") over the
-    :func:`sharded_dims` of ``layout``; a plain tensor, the same on every rank. (Not a DTensor op:
-    from_local + full_tensor, which torch.compile traces.)"""
-    mesh, placements = layout
-    dims = sharded_dims(layout)
+def reduce_over_shards(value: Tensor, mesh: Any, dims: Sequence[int], op: str) -> Tensor:
+    """``value`` (one per rank, any shape) reduced elementwise with ``op`` ("sum", "max" or
+    "min") over the mesh dimensions ``dims`` (:func:`sharded_dims`), in one collective; a plain
+    tensor, the same on every rank. (Not a DTensor op: from_local + full_tensor, which
+    torch.compile traces.)"""
     if not dims:
         return value
-    reduced = [Partial(op) if dim in dims else Replicate() for dim in range(len(placements))]
+    reduced = [Partial(op) if dim in dims else Replicate() for dim in range(mesh.ndim)]
     return DTensor.from_local(value, mesh, reduced, run_check=False).full_tensor()
 
 

@@ -327,11 +327,25 @@ def _check_sharded_norms(rank: int) -> None:
     layouts = [(mesh, [Shard(0)]), (mesh, [Shard(1)]), (mesh, [Replicate()]), (mesh, [Shard(0)]),
                (mesh2d, [Shard(0), Replicate()])]  # (1, 4) over 2 ranks: one shard is empty
     dts = [distribute_tensor(v, m, pl) for v, (m, pl) in zip(values, layouts)]
-    for norm_type in (2.0, 1.0, 3.0, float("inf"), float("-inf")):
-        got = fusedopt.get_total_norm(dts, norm_type)
-        want = torch.nn.utils.get_total_norm([v.double() for v in values], norm_type)
-        torch.testing.assert_close(full(got), want.float(), rtol=1e-6, atol=0)
-        _same_on_every_rank(full(got))
+    collectives = []
+    reduce = fusedopt._dtensor.reduce_over_shards
+
+    def counted(value, mesh_, dims, op):
+        collectives.append((mesh_, tuple(dims)))
+        return reduce(value, mesh_, dims, op)
+
+    fusedopt._dtensor.reduce_over_shards = counted
+    try:
+        for norm_type in (2.0, 1.0, 3.0, float("inf"), float("-inf")):
+            collectives.clear()
+            got = fusedopt.get_total_norm(dts, norm_type)
+            want = torch.nn.utils.get_total_norm([v.double() for v in values], norm_type)
+            torch.testing.assert_close(full(got), want.float(), rtol=1e-6, atol=0)
+            _same_on_every_rank(full(got))
+            # one collective per (mesh, sharded dims): Shard(0) and Shard(1) share one
+            assert sorted(collectives, key=str) == sorted([(mesh, (0,)), (mesh2d, (0,))], key=str)
+    finally:
+        fusedopt._dtensor.reduce_over_shards = reduce
     # huge values: each shard's sum of squares fits float32, their sum does not, the norm does
     huge = [distribute_tensor(torch.full((2, 1), 1.5e19), mesh, [Shard(0)])]
     want = torch.nn.utils.get_total_norm([torch.full((2, 1), 1.5e19, dtype=torch.float64)], 2.0)

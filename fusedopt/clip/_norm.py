@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -258,37 +258,57 @@ def sharded_norm(groups: Dict[_dtensor.Layout, List[Tensor]], norm_type: float,
         \|x\|_p = \Big(\sum_{\text{shards}} \|x_{\text{shard}}\|_p^p\Big)^{1/p},
         \qquad \|x\|_{\pm\infty} = \max / \min_{\text{shards}} \|x_{\text{shard}}\|_{\pm\infty}
 
-    (a NaN on any shard makes the norm NaN). ``p = 0`` (torch counts the *tensors* with a
-    nonzero element, which no shard knows alone) is refused.
+    (a NaN on any shard makes the norm NaN). Layouts reduced over the same mesh dimensions (as
+    ``(Shard(0), Shard(0))`` and ``(Shard(0), Shard(1))`` under FSDP2 + tensor parallelism)
+    share one collective: one per (mesh, sharded dimensions), whatever the norm type. ``p = 0``
+    (torch counts the *tensors* with a nonzero element, which no shard knows alone) is refused.
     """
     if norm_type == 0.0:
         raise ValueError("norm_type=0 (the number of nonzero tensors) is not supported for "
                          "DTensor gradients")
-    norms = [_reduce_norm(total_norm(local, norm_type, backend), layout, norm_type)
-             for layout, local in groups.items()]
+    by_reduction: Dict[Tuple[Any, Tuple[int, ...]], List[Tensor]] = {}
+    for layout, local in groups.items():
+        key = (layout[0], tuple(_dtensor.sharded_dims(layout)))
+        by_reduction.setdefault(key, []).append(total_norm(local, norm_type, backend))
+    norms = [_reduce_norms(local_norms, mesh, dims, norm_type)
+             for (mesh, dims), local_norms in by_reduction.items()]
     return combine_norms(norms, norm_type)
 
 
-def _reduce_norm(norm: Tensor, layout: _dtensor.Layout, norm_type: float) -> Tensor:
-    """One layout's global norm from its local norm on every rank (see :func:`sharded_norm`).
-    The shards' p-th powers are summed in float64: each shard's may fit float32 while their sum
-    does not (the native kernels likewise combine their per-chunk partials in float64). A layout
-    with nothing to reduce keeps its norm bit for bit."""
-    if not _dtensor.sharded_dims(layout):
-        return norm
+def _reduce_norms(norms: List[Tensor], mesh: Any, dims: Tuple[int, ...],
+                  norm_type: float) -> Tensor:
+    """The global norm of layouts reduced over the same mesh dimensions, from their local norms
+    on every rank, in one collective (see :func:`sharded_norm`). The shards' p-th powers are
+    summed in float64: each shard's may fit float32 while their sum does not (the native
+    kernels likewise combine their per-chunk partials in float64). Layouts with nothing to
+    reduce keep their norms bit for bit."""
+    if not dims:
+        return combine_norms(norms, norm_type)
+    dtype = functools.reduce(torch.promote_types, (n.dtype for n in norms))
     if norm_type in (float("inf"), float("-inf")):
-        extreme = _dtensor.reduce_over_shards(norm, layout, "max" if norm_type > 0 else "min")
-        # A collective max/min need not propagate NaN: count the ranks that have one.
-        nans = _dtensor.reduce_over_shards(torch.isnan(norm).to(norm.dtype), layout, "sum")
-        return torch.where(nans > 0, torch.full_like(extreme, float("nan")), extreme)
-    wide = norm.to(torch.float64)
+        # A collective max/min need not propagate NaN, so NaN rides along as a flag in the
+        # same collective: max of [norm with NaN as -inf, 1 if NaN] (min: +inf and -1).
+        sign = 1.0 if norm_type > 0 else -1.0
+        local = torch.stack([n.to(dtype) for n in norms])
+        local = local.amax() if sign > 0 else local.amin()  # NaN if any is
+        nan = torch.isnan(local)
+        pair = torch.stack([torch.where(nan, torch.full_like(local, -sign * float("inf")), local),
+                            nan.to(dtype) * sign])
+        pair = _dtensor.reduce_over_shards(pair, mesh, dims, "max" if sign > 0 else "min")
+        return torch.where(pair[1] * sign > 0, torch.full_like(pair[0], float("nan")), pair[0])
+    wide = torch.stack([n.to(torch.float64) for n in norms])
     if norm_type == 1.0:
-        total = _dtensor.reduce_over_shards(wide, layout, "sum")
+        powers = wide.sum()
     elif norm_type == 2.0:
-        total = torch.sqrt(_dtensor.reduce_over_shards(wide * wide, layout, "sum"))
+        powers = (wide * wide).sum()
     else:
-        total = _dtensor.reduce_over_shards(wide ** norm_type, layout, "sum") ** (1.0 / norm_type)
-    return total.to(norm.dtype)
+        powers = (wide ** norm_type).sum()
+    total = _dtensor.reduce_over_shards(powers, mesh, dims, "sum")
+    if norm_type == 2.0:
+        total = torch.sqrt(total)
+    elif norm_type != 1.0:
+        total = total ** (1.0 / norm_type)
+    return total.to(dtype)
 
 
 def check_finite(norm: Tensor, norm_type: float) -> None:
