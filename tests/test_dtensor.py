@@ -29,6 +29,7 @@ if _dtensor.DTensor is not None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
+CPU_MISSING = backends.available()["cpu"]
 OPTIMIZERS = {
     "adamw": ("AdamW", dict(lr=0.05, weight_decay=0.1)),
     "adam-amsgrad": ("Adam", dict(lr=0.05, amsgrad=True, weight_decay=0.01)),
@@ -635,4 +636,42 @@ def test_gpu_fsdp2_training_matches_torch_optim(process_group):
     train_clipped_pair(ours, opt_ours, theirs, opt_theirs, batches, 0.5)
     for p, q in zip(ours.parameters(), theirs.parameters()):
         assert isinstance(p, DTensor) and p.device.type == "cuda"
+        torch.testing.assert_close(full(p), full(q), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.skipif(CPU_MISSING is not None, reason=f"cpu backend: {CPU_MISSING}")
+def test_gpu_fsdp2_cpu_offload_steps_the_shards_on_the_cpu(process_group):
+    """FSDP2 with CPUOffloadPolicy (params, grads and state on the CPU, compute on the GPU):
+    fusedopt's CPU kernels step the shards (what DeepSpeed's CPUAdam does for ZeRO-Offload),
+    with max_grad_norm, and match torch's clip_grad_norm_ + AdamW on the same setup."""
+    from fusedopt.train.sharding import fully_shard_fn
+
+    try:
+        from torch.distributed.fsdp import CPUOffloadPolicy
+    except ImportError:  # torch 2.5
+        from torch.distributed._composable.fsdp import CPUOffloadPolicy
+    fully_shard = fully_shard_fn()
+    mesh = init_device_mesh("cuda", (1,))
+
+    def model():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
+        for layer in (net[0], net[2]):
+            fully_shard(layer, mesh=mesh, offload_policy=CPUOffloadPolicy())
+        return fully_shard(net, mesh=mesh, offload_policy=CPUOffloadPolicy())
+
+    ours, theirs = model(), model()
+    opt_ours = fusedopt.optim.AdamW(ours.parameters(), lr=0.01, max_grad_norm=0.5, backend="cpu")
+    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=0.01)
+    g = torch.Generator(device="cuda").manual_seed(8)
+    batches = [(torch.randn(16, 32, device="cuda", generator=g),
+                torch.randn(16, 8, device="cuda", generator=g)) for _ in range(4)]
+    norms = train_clipped_pair(ours, opt_ours, theirs, opt_theirs, batches, 0.5)
+    for ours_norm, theirs_norm in norms:
+        torch.testing.assert_close(full(ours_norm).cpu(), theirs_norm.cpu(), rtol=1e-5, atol=0)
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        assert isinstance(p, DTensor) and p.to_local().device.type == "cpu"
+        assert opt_ours.state[p]["exp_avg"].to_local().device.type == "cpu"
         torch.testing.assert_close(full(p), full(q), rtol=1e-5, atol=1e-6)
