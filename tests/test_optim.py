@@ -6,6 +6,7 @@ against ``torch.optim`` with ``foreach=False`` for fp32/fp64, and against the re
 """
 from __future__ import annotations
 
+import collections
 import io
 import itertools
 import os
@@ -369,6 +370,138 @@ def test_resume_mid_run_is_bit_identical(backend):
         opt_full.step()
         opt_resumed.step()
     assert_state_equal(opt_resumed, resumed, opt_full, full, rtol=0, atol=0)
+
+
+# ---- edits between steps: torch.optim reads its state afresh every step; fusedopt caches it ------
+
+def _replace_param(opt, params):
+    """A re-initialised layer: a new tensor in place of the first param, same list object."""
+    new = torch.linspace(-1, 1, params[0].numel()).reshape(params[0].shape).requires_grad_()
+    opt.param_groups[0]["params"][0] = new
+    params[0] = new
+
+
+STATE_EDITS = {
+    "state.clear()": lambda opt, params: opt.state.clear(),
+    "del state[p]": lambda opt, params: opt.state.__delitem__(params[0]),
+    "state[p] = {}": lambda opt, params: opt.state.__setitem__(params[1], {}),
+    "state = defaultdict(dict)": lambda opt, params: setattr(opt, "state",
+                                                              collections.defaultdict(dict)),
+    "state[p].update(copy)": lambda opt, params: opt.state[params[0]].update(
+        {k: v.clone() * 0.5 if v.dim() else v.clone() for k, v in opt.state[params[0]].items()}),
+    "params[0] = new tensor": _replace_param,
+    "in-place zero_()": lambda opt, params: [v.zero_() for v in opt.state[params[2]].values()
+                                            if v.dim()],
+}
+ADAM_EDITS = {
+    "state[p]['step'] = 0": lambda opt, params: opt.state[params[0]].__setitem__(
+        "step", torch.tensor(0.0)),
+    "state[p]['exp_avg'] = zeros": lambda opt, params: opt.state[params[1]].__setitem__(
+        "exp_avg", torch.zeros_like(params[1])),
+}
+SGD_EDITS = {
+    "state[p]['momentum_buffer'] = None": lambda opt, params: opt.state[params[0]].__setitem__(
+        "momentum_buffer", None),
+    "state[p].pop('momentum_buffer')": lambda opt, params: opt.state[params[1]].pop(
+        "momentum_buffer"),
+    "state[p]['momentum_buffer'] = zeros": lambda opt, params: opt.state[params[2]].__setitem__(
+        "momentum_buffer", torch.zeros_like(params[2])),
+}
+EDIT_CASES = ([(name, edit) for name in ("SGD", "Adam") for edit in STATE_EDITS]
+              + [("Adam", edit) for edit in ADAM_EDITS] + [("SGD", edit) for edit in SGD_EDITS])
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("name,edit", EDIT_CASES, ids=[f"{n}-{e}" for n, e in EDIT_CASES])
+def test_edits_of_state_and_params_between_steps_are_seen(name, edit, backend):
+    """Reset a step, drop or replace state, swap a param in its group's list: the next steps
+    equal torch.optim's, which reads everything afresh, and a checkpoint holds what they used."""
+    apply_edit = {**STATE_EDITS, **ADAM_EDITS, **SGD_EDITS}[edit]
+    ours_cls, torch_cls = PAIRS[name]
+    kwargs = dict(lr=0.05, momentum=0.9, dampening=0.2) if name == "SGD" else dict(lr=0.05)
+    params = make_params(SHAPES[:3])
+    theirs = clone_params(params)
+    ours, ref = ours_cls(params, backend=backend, **kwargs), torch_cls(theirs, foreach=False, **kwargs)
+    for step in range(5):
+        if step == 2:
+            apply_edit(ours, params)
+            apply_edit(ref, theirs)
+        set_grads([params, theirs], step)
+        ours.step()
+        ref.step()
+    assert_state_equal(ours, params, ref, theirs, rtol=1e-5, atol=1e-6)
+    if edit == "params[0] = new tensor":  # (torch's state_dict() raises: state of a param that
+        return                            # is in no group any more)
+    saved, wanted = _roundtrip(ours.state_dict()), ref.state_dict()
+    assert all(type(s) is dict for s in ours.state_dict()["state"].values())
+    assert saved["state"].keys() == wanted["state"].keys()
+    for index, state in wanted["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(saved["state"][index][key], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_complex_param_given_new_memory_keeps_training(name, backend):
+    """``p.data = ...`` on a complex param: its cached real view is of the old memory."""
+    ours_cls, torch_cls = PAIRS[name]
+    kwargs = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.1)
+    params = [torch.randn(6, dtype=torch.complex64, generator=torch.Generator().manual_seed(3))
+              .requires_grad_()]
+    theirs = clone_params(params)
+    ours, ref = ours_cls(params, backend=backend, **kwargs), torch_cls(theirs, foreach=False, **kwargs)
+    for step in range(4):
+        if step == 2:
+            for p in params + theirs:
+                p.data = p.data.clone()
+        set_grads([params, theirs], step)
+        ours.step()
+        ref.step()
+    assert_state_equal(ours, params, ref, theirs, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_amsgrad_turned_on_after_the_first_steps(backend):
+    """torch.optim raises KeyError (its state lacks max_exp_avg_sq); fusedopt creates it at zero,
+    as for a checkpoint saved without amsgrad: the steps then equal amsgrad from a zero max."""
+    params = make_params(SHAPES[:3])
+    opt = fusedopt.optim.Adam(params, lr=0.05, backend=backend)
+    for step in range(2):
+        set_grads([params], step)
+        opt.step()
+    opt.param_groups[0]["amsgrad"] = True
+    theirs = clone_params(params)
+    ref = torch.optim.Adam(theirs, lr=0.05, amsgrad=True, foreach=False)
+    ref.load_state_dict(_roundtrip(opt.state_dict()))  # (copies; max_exp_avg_sq missing)
+    for p in theirs:
+        ref.state[p]["max_exp_avg_sq"] = torch.zeros_like(p)
+    for step in range(2, 5):
+        set_grads([params, theirs], step)
+        opt.step()
+        ref.step()
+    assert_state_equal(opt, params, ref, theirs, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_copied_and_pickled_optimizers_track_their_own_state(backend):
+    """deepcopy / pickle give an optimizer whose state edits are seen too, apart from the
+    original's; state_dict() is plain dicts either way."""
+    import copy
+    import pickle
+
+    params = make_params(SHAPES[:3])
+    opt = fusedopt.optim.Adam(params, lr=0.05, backend=backend)
+    set_grads([params], 0)
+    opt.step()
+    for other in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        other_params = [p for g in other.param_groups for p in g["params"]]
+        before = {k: v.clone() for k, v in opt.state[params[0]].items()}
+        other.state[other_params[0]]["step"] = torch.tensor(0.0)
+        set_grads([other_params], 1)
+        other.step()
+        assert float(other.state[other_params[0]]["step"]) == 1.0
+        assert all(torch.equal(opt.state[params[0]][k], v) for k, v in before.items())
+        assert type(other.state_dict()["state"][0]) is dict
 
 
 def test_state_dict_has_torch_keys():

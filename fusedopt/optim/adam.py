@@ -108,10 +108,10 @@ class Adam(FusedOptimizer):
     def _prepare_state(self, group, p: Tensor, state: Dict[str, Any]) -> None:
         step = state.get("step")
         if not torch.is_tensor(step):  # very old checkpoints stored a Python number
-            step = torch.tensor(float(step), dtype=_get_scalar_dtype())
+            state["step"] = step = torch.tensor(float(step), dtype=_get_scalar_dtype())
         if step.device != p.device:  # e.g. a CPU step from a torch.optim checkpoint, CUDA param
-            step = step.to(device=p.device, dtype=torch.float32)
-        state["step"] = step
+            state["step"] = step.to(device=p.device, dtype=torch.float32)
+        # (assigned only when it changes: every assignment makes the caches rebuild)
         if group["amsgrad"] and state.get("max_exp_avg_sq") is None:
             # torch.optim creates it lazily too: a checkpoint saved without amsgrad may lack it
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -126,6 +126,9 @@ class Adam(FusedOptimizer):
                     maximize=group["maximize"],
                     decoupled_weight_decay=group["decoupled_weight_decay"],
                     grad_scale=grad_scale, found_inf=found_inf)
+
+    def _cache_flags(self, group) -> tuple:
+        return (group["amsgrad"],)  # (turned on later: max_exp_avg_sq is created then)
 
     def _state_args(self, group, bucket: GroupBucket) -> List[List[Tensor]]:
         lists = bucket.state_lists

@@ -4,8 +4,10 @@ A step of a param group gathers ``params``, ``grads`` and the algorithm's state 
 them by device, and hands each bucket to the backend chosen by :func:`fusedopt.backends.select`.
 Everything except the gradients is cached per group: params and state tensors do not change
 between steps, so the per-step Python work is one list comprehension over the gradients.
-The cache is dropped when the group's params, the set of params with gradients, or the state
-(``load_state_dict``) change.
+The cache is rebuilt when the group's params list (the list or any of its entries), the set of
+params with gradients, or the state change: ``load_state_dict``, and any change of
+``optimizer.state`` or of its per-param dicts, which a :class:`~fusedopt.optim._state.TrackedState`
+reports by a version number (replacing a state tensor, resetting ``step``, ``state.clear()``).
 
 Kernels see :func:`fusedopt._views.kernel_view` of every tensor: the local shard of a DTensor
 (FSDP2, tensor parallel; see :mod:`fusedopt._dtensor`), as real numbers if complex. Buckets split
@@ -25,9 +27,11 @@ from .. import _dtensor, backends
 from .._lists import any_none as _any_none
 from .._lists import any_sparse as _any_sparse
 from .._lists import grads_of as _grads_of
+from .._lists import same_objects as _same_objects
 from .._views import as_real, kernel_view
 from ..clip import _norm as clip_norm
 from ..clip import _step as clip_step
+from . import _state
 
 Tensor = torch.Tensor
 
@@ -62,16 +66,37 @@ def _shards_current(bucket: GroupBucket) -> bool:
                                             bucket.shards))
 
 
+def _views_current(bucket: GroupBucket) -> bool:
+    """Whether the real views of a bucket's complex params still view their memory (``p.data =
+    ...`` gives a param new memory; a real param is its own kernel view and needs no check)."""
+    return not bucket.has_complex or all(
+        view.data_ptr() == owner.data_ptr()
+        for view, owner, is_complex in zip(bucket.params, bucket.owners, bucket.complex_mask)
+        if is_complex)
+
+
+def _buckets_current(cache: "GroupCache") -> bool:
+    return all(_shards_current(b) and _views_current(b) for b in cache.buckets)
+
+
 class GroupCache:
     """What a group's step needs besides the gradients, valid while ``key`` matches."""
 
-    __slots__ = ("params_ref", "present", "buckets", "state_version")
+    __slots__ = ("params_ref", "params", "present", "buckets", "state_version", "flags")
 
-    def __init__(self, params_ref, present, buckets, state_version):
-        self.params_ref = params_ref
+    def __init__(self, params_ref, present, buckets, state_version, flags):
+        self.params_ref = params_ref          # the group's params list
+        self.params = list(params_ref)        # and what it held (entries may be replaced)
         self.present = present
         self.buckets = buckets
         self.state_version = state_version
+        self.flags = flags                    # the group options the state lists depend on
+
+    def current(self, params: List[Tensor], state_version: int, flags: tuple) -> bool:
+        """Whether the group's params list, the state and the group options that shape the
+        state are what the cache was built from."""
+        return (self.params_ref is params and self.state_version == state_version
+                and self.flags == flags and _same_objects(params, self.params))
 
 
 def check_hyperparameter(ok: bool, message: str) -> None:
@@ -127,11 +152,23 @@ class FusedOptimizer(Optimizer):
         if defaults.get("fused") and defaults.get("foreach"):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         self._group_caches: Dict[int, GroupCache] = {}
-        self._state_version = 0
-        super().__init__(params, defaults)
+        super().__init__(params, defaults)  # (it sets self.state: see the property)
 
     # torch.amp.GradScaler passes grad_scale / found_inf as attributes when this is True.
     _step_supports_amp_scaling = True
+
+    @property
+    def state(self) -> "_state.TrackedState":
+        """torch.optim's ``state`` (param -> dict of its state), tracked: any change of it or its
+        dicts makes the next step rebuild its cache (see :mod:`fusedopt.optim._state`)."""
+        return self._tracked_state
+
+    @state.setter
+    def state(self, value) -> None:
+        self._tracked_state = _state.tracked(value, self.__dict__.get("_tracked_state"))
+
+    def _state_version(self) -> int:
+        return self._tracked_state._version.value
 
     @property
     def last_grad_norm(self) -> Optional[Tensor]:
@@ -151,10 +188,15 @@ class FusedOptimizer(Optimizer):
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
+        # torch's __setstate__ (load_state_dict and unpickling call it) writes __dict__, which
+        # the state property shadows: hand the new state to the property.
+        if "state" in self.__dict__:
+            self.state = self.__dict__.pop("state")
+        self.__dict__.pop("_state_version", None)  # (an int attribute, before the property)
         old = {key: self.__dict__.pop(key, None) for key in ("last_grad_norm", "skipped_steps")}
         self.__dict__.setdefault("_step_stats", old)  # objects pickled before the dict existed
         self._group_caches = {}
-        self._state_version = getattr(self, "_state_version", 0) + 1
+        self._tracked_state._version.value += 1
         for group in self.param_groups:
             self._fill_group_defaults(group)
 
@@ -174,8 +216,11 @@ class FusedOptimizer(Optimizer):
         self._validate_group(group)
 
     def state_dict(self) -> Dict[str, Any]:
-        """torch.optim's state dict (same keys, same layout; see :data:`OWN_GROUP_KEYS`)."""
+        """torch.optim's state dict (same keys, same layout, plain dicts; see
+        :data:`OWN_GROUP_KEYS`)."""
         saved = super().state_dict()
+        saved["state"] = {key: dict(value) if isinstance(value, _state.ParamState) else value
+                          for key, value in saved["state"].items()}
         for group in saved["param_groups"]:  # (copies of the groups: the live ones keep theirs)
             for key in OWN_GROUP_KEYS:
                 group.pop(key, None)
@@ -192,7 +237,7 @@ class FusedOptimizer(Optimizer):
 
     def _invalidate(self) -> None:
         self._group_caches = {}
-        self._state_version += 1
+        self._tracked_state._version.value += 1
 
     def _validate_group(self, group: Dict[str, Any]) -> None:
         """Subclasses check per-group hyperparameters given to ``add_param_group``."""
@@ -258,13 +303,12 @@ class FusedOptimizer(Optimizer):
         the cache is current and was built with every param having a grad, all of them real
         plain tensors and in one bucket. None otherwise."""
         cache = self._group_caches.get(id(group))
-        params = group["params"]
-        if (cache is None or cache.present is not None or cache.params_ref is not params
-                or cache.state_version != self._state_version or len(cache.buckets) != 1):
+        if (cache is None or cache.present is not None or len(cache.buckets) != 1
+                or not cache.current(group["params"], self._state_version(),
+                                     self._cache_flags(group))):
             return None
         bucket = cache.buckets[0]
-        if (not bucket.all_grads or bucket.has_complex or bucket.layout is not None
-                or len(bucket.params) != len(params)):
+        if not bucket.all_grads or bucket.has_complex or bucket.layout is not None:
             return None
         return bucket
 
@@ -355,15 +399,31 @@ class FusedOptimizer(Optimizer):
         params = group["params"]
         present = tuple(g is not None for g in grads) if _any_none(grads) else None
         cache = self._group_caches.get(id(group))
-        if (cache is not None and cache.params_ref is params and cache.present == present
-                and cache.state_version == self._state_version and len(params) == len(grads)
-                and all(map(_shards_current, cache.buckets))):
+        if (cache is not None and cache.present == present and len(params) == len(grads)
+                and cache.current(params, self._state_version(), self._cache_flags(group))
+                and _buckets_current(cache)):
             return cache
         cache = self._build_cache(group, grads, present)
         self._group_caches[id(group)] = cache
         return cache
 
+    def _rebase_caches(self, before: int) -> None:
+        """After the optimizer's own writes to the state (creating it, fixing it up), which
+        advanced its version from ``before``: caches that were current then still are (the
+        writes keep them consistent), so they move to the new version instead of rebuilding."""
+        after = self._state_version()
+        if after != before:
+            for cache in self._group_caches.values():
+                if cache.state_version == before:
+                    cache.state_version = after
+
     def _build_cache(self, group, grads, present) -> GroupCache:
+        before = self._state_version()
+        cache = self._collect_buckets(group, grads, present)
+        self._rebase_caches(before)
+        return cache
+
+    def _collect_buckets(self, group, grads, present) -> GroupCache:
         buckets: Dict[tuple, GroupBucket] = {}
         for index, (p, g) in enumerate(zip(group["params"], grads)):
             if g is None:
@@ -392,7 +452,8 @@ class FusedOptimizer(Optimizer):
         for bucket in buckets.values():
             bucket.all_grads = bucket.grad_index == list(range(len(grads)))
             bucket.has_complex = True in bucket.complex_mask
-        return GroupCache(group["params"], present, list(buckets.values()), self._state_version)
+        return GroupCache(group["params"], present, list(buckets.values()), self._state_version(),
+                          self._cache_flags(group))
 
     def _state_view(self, name: str, value: Optional[Tensor],
                     layout: Optional[_dtensor.Layout]) -> Optional[Tensor]:
@@ -431,6 +492,10 @@ class FusedOptimizer(Optimizer):
         return bucket.backend
 
     # ---- subclass hooks ---------------------------------------------------------------------
+    def _cache_flags(self, group: Dict[str, Any]) -> tuple:
+        """Group options that decide which state tensors the cache holds (a change rebuilds)."""
+        return ()
+
     def _init_state(self, group: Dict[str, Any], p: Tensor, state: Dict[str, Any]) -> None:
         raise NotImplementedError
 
