@@ -233,6 +233,52 @@ def test_clip_grad_value_matches_torch(impl, dtype, monkeypatch):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, equal_nan=True)
 
 
+def _embedding_model(device):
+    """An Embedding(sparse=True) (sparse COO grads) feeding a Linear (dense grads)."""
+    torch.manual_seed(5)
+    return torch.nn.Sequential(torch.nn.Embedding(50, 4, sparse=True),
+                               torch.nn.Linear(4, 3)).to(device)
+
+
+@pytest.mark.parametrize("impl", norm_impls())
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.5, INF, -INF, 0.0], ids=str)
+def test_sparse_gradients_are_normed_and_clipped_like_torch(impl, norm_type, monkeypatch):
+    """nn.Embedding(sparse=True) grads: torch's norm of a sparse tensor is that of its values
+    with repeated indices summed (the grads here are uncoalesced), and clipping scales them."""
+    if impl == "reference":
+        monkeypatch.setenv(backends.ENV_VAR, "reference")
+    ours = _embedding_model(dev(impl))
+    theirs = copy.deepcopy(ours)
+    idx = torch.tensor([1, 2, 2, 7, 7, 7, 30], device=dev(impl))
+    for model in (ours, theirs):
+        model(idx).square().sum().backward()
+    assert ours[0].weight.grad.is_sparse and not ours[0].weight.grad.is_coalesced()
+    sparse_only = fusedopt.get_total_norm([ours[0].weight.grad], norm_type)
+    torch.testing.assert_close(sparse_only, torch.nn.utils.get_total_norm(
+        [theirs[0].weight.grad], norm_type), rtol=2e-6, atol=0)
+    got = fusedopt.clip_grad_norm_(ours.parameters(), 0.5, norm_type)
+    want = torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.5, norm_type)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=0)
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        assert p.grad.layout == q.grad.layout
+        torch.testing.assert_close(p.grad.to_dense(), q.grad.to_dense(), rtol=2e-6, atol=1e-7)
+
+
+def test_clip_grad_value_refuses_sparse_gradients_and_follows_torch_on_negative_values():
+    model = _embedding_model("cpu")
+    model(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="clip_grad_value_ does not support sparse gradients"):
+        fusedopt.clip_grad_value_(model.parameters(), 0.1)
+    # a negative clip value is an empty range: torch makes every element but NaN clip_value
+    ours = [torch.zeros(5, requires_grad=True)]
+    theirs = clone_params(ours)
+    for ps in (ours, theirs):
+        ps[0].grad = torch.tensor([-1.0, -0.1, 0.0, float("nan"), 1.0])
+    fusedopt.clip_grad_value_(ours, -0.3)
+    torch.nn.utils.clip_grad_value_(theirs, -0.3)
+    torch.testing.assert_close(ours[0].grad, theirs[0].grad, rtol=0, atol=0, equal_nan=True)
+
+
 def test_clip_accepts_a_tensor_and_a_generator():
     p = torch.zeros(4, requires_grad=True)
     p.grad = torch.full((4,), 2.0)

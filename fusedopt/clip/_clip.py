@@ -74,7 +74,8 @@ def _native(device: torch.device, group: Sequence[Tensor], op: str, backend: str
         return False
     if not _norm_ops.has_kernel(op, device.type):
         return False
-    return not Summary.of(group, summary).any_complex
+    summary = Summary.of(group, summary)
+    return not (summary.any_complex or summary.any_sparse)  # (torch ops scale sparse grads)
 
 
 def clip_grads_with_norm_(parameters: TensorOrTensors, max_norm: float, total_norm: Tensor,
@@ -133,9 +134,15 @@ def clip_grad_value_(parameters: TensorOrTensors, clip_value: float,
         if summary.any_dtensor:  # elementwise: the local shards
             grads = [_dtensor.local(g) for g in grads]
             summary = Summary(grads)
+        if summary.any_sparse:
+            raise RuntimeError("clip_grad_value_ does not support sparse gradients (neither does "
+                               "torch's: there is no sparse clamp); clip their values instead")
         groups = by_device(grads, summary)
         for device, group in groups.items():
-            if _native(device, group, "clamp_", summary=summary if len(groups) == 1 else None):
+            if clip_value < 0:  # an empty range: torch's ops decide (everything but NaN becomes
+                for g in group:  # clip_value), not the kernels' order of min and max
+                    g.clamp_(min=-clip_value, max=clip_value)
+            elif _native(device, group, "clamp_", summary=summary if len(groups) == 1 else None):
                 torch.ops.fusedopt.clamp_(group, -clip_value, clip_value)
             elif device.type == "cuda":  # two multi-tensor launches rather than one per tensor
                 torch._foreach_clamp_min_(group, -clip_value)

@@ -163,7 +163,8 @@ def _native_ok(device: torch.device, summary: Summary) -> bool:
 
 
 def _triton_ok(device: torch.device, summary: Summary, norm_type: float) -> bool:
-    if norm_type not in _TRITON_NORMS or not summary.dtypes <= set(_TRITON_DTYPES):
+    if (norm_type not in _TRITON_NORMS or not summary.dtypes <= set(_TRITON_DTYPES)
+            or summary.any_sparse):
         return False
     try:
         triton_backend = backends.get("triton")
@@ -191,6 +192,8 @@ def reference_norm(tensors: Sequence[Tensor], norm_type: float) -> Tensor:
     acc = accumulate_dtype(tensors)
     groups: Dict[torch.dtype, List[Tensor]] = {}
     for t in tensors:
+        if t.layout != torch.strided:  # a sparse grad (Embedding(sparse=True)): its values
+            t = _sparse_values(t)
         groups.setdefault(t.dtype, []).append(t.abs() if t.is_complex() else t)
     norms: List[Tensor] = []
     for group in groups.values():
@@ -201,6 +204,13 @@ def reference_norm(tensors: Sequence[Tensor], norm_type: float) -> Tensor:
     if not norms:
         return torch.zeros((), dtype=acc, device=tensors[0].device)
     return torch.linalg.vector_norm(torch.stack(norms), norm_type)
+
+
+def _sparse_values(t: Tensor) -> Tensor:
+    """The specified values of a sparse tensor, duplicates of a COO tensor summed: torch's norm
+    of a sparse tensor is theirs (the dense tensor's for p > 0; for -inf and 0 the unspecified
+    zeros do not count, as in torch)."""
+    return t.coalesce().values() if t.layout == torch.sparse_coo else t.values()
 
 
 def total_norm(tensors: Sequence[Tensor], norm_type: float = 2.0, backend: str = "auto",
