@@ -14,12 +14,15 @@ import itertools
 import operator
 from typing import Any, Iterable, List, Optional
 
+import torch
+
 from ._compiling import is_compiling
 from ._ops import _C
 
 _grad = operator.attrgetter("grad")
 _is_sparse = operator.attrgetter("is_sparse")
 _same_objects = getattr(_C, "_same_objects", None)  # (None without the extension)
+_sparse_positions = getattr(_C, "_sparse_positions", None)
 
 
 def grads_of(params: Iterable[Any]) -> List[Optional[Any]]:
@@ -42,6 +45,14 @@ def same_objects(a: List[Any], b: List[Any]) -> bool:
     if is_compiling() or _same_objects is None:
         return len(a) == len(b) and all(x is y for x, y in zip(a, b))
     return _same_objects(a, b)
+
+
+def sparse_positions(tensors: List[Optional[Any]]) -> List[int]:
+    """Positions of the sparse (not strided) tensors of a list of tensors and Nones: one C++
+    pass (``fusedopt._C._sparse_positions``, ~2 ns an element) where the extension has it."""
+    if is_compiling() or _sparse_positions is None:
+        return [i for i, t in enumerate(tensors) if t is not None and t.layout != torch.strided]
+    return _sparse_positions(tensors)
 
 
 def any_sparse(tensors: Iterable[Any]) -> bool:

@@ -1053,3 +1053,14 @@ def test_plot_command_runs_as_module(tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"{0.1 * 0.9 ** 19:.8g}" in result.stdout
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_reachable_as_attributes_like_torch_optim_lr_scheduler():
+    """``import fusedopt`` is enough, and ``fusedopt.optim.lr_scheduler`` mirrors
+    ``torch.optim.lr_scheduler`` for code that swaps the whole ``torch.optim`` module."""
+    import subprocess
+    import sys
+
+    code = ("import fusedopt; assert fusedopt.lr_scheduler.CosineAnnealingLR; "
+            "assert fusedopt.optim.lr_scheduler is fusedopt.lr_scheduler")
+    subprocess.run([sys.executable, "-c", code], check=True)

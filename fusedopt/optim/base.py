@@ -260,6 +260,7 @@ class FusedOptimizer(Optimizer):
         scaling = self._fold_clipping_reading_grads(grad_scale, found_inf, max_norms, skip) \
             if clipping else None
         work = []
+        sparse_work = []  # (group, [(param, sparse grad)]): stepped apart, by torch ops
         for group in self.param_groups:
             if not clipping or scaling is not None:
                 scale, inf = (grad_scale, found_inf) if scaling is None else \
@@ -267,20 +268,30 @@ class FusedOptimizer(Optimizer):
                 if self._step_reading_grads(group, scale, inf):
                     continue
             grads = _grads_of(group["params"])
+            sparse = self._sparse_grad_positions(grads)
+            if sparse:
+                sparse_work.append((group, [(group["params"][i], grads[i]) for i in sparse]))
+                for i in sparse:  # (the kernels see these params as having no grad)
+                    grads[i] = None
             cache = self._group_cache(group, grads)
             for bucket in cache.buckets:
                 backend = self._select_backend(group, bucket)
                 work.append((group, bucket, self._bucket_grads(bucket, grads, backend), backend))
         if scaling is None:
-            if not work:  # every group took the fast path (no clipping)
+            if not work and not sparse_work:  # every group took the fast path (no clipping)
                 self._count_skipped(found_inf)
                 return loss
-            scaling = self._fold_clipping(work, grad_scale, found_inf, max_norms, skip)
+            sparse_grads = [g for _, pairs in sparse_work for _, g in pairs]
+            scaling = self._fold_clipping(work, grad_scale, found_inf, max_norms, skip,
+                                          sparse_grads)
         for group, bucket, bucket_grads, backend in work:
             scale = scaling.grad_scale_for(group.get("max_grad_norm"))
             if scale is not None and scale.device != bucket.device:
                 scale = clip_norm.to_device(scale, bucket.device)
             self._apply(group, bucket, bucket_grads, scale, scaling.found_inf, backend)
+        for group, pairs in sparse_work:
+            self._step_sparse(group, pairs, scaling.grad_scale_for(group.get("max_grad_norm")),
+                              scaling.found_inf)
         return loss
 
     def _step_reading_grads(self, group: Dict[str, Any], grad_scale: Optional[Tensor],
@@ -349,7 +360,8 @@ class FusedOptimizer(Optimizer):
                 counter.add_(skipped.to(counter.device))
 
     def _fold_clipping(self, work, grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
-                       max_norms: List[Optional[float]], skip: bool):
+                       max_norms: List[Optional[float]], skip: bool,
+                       sparse_grads: Sequence[Tensor] = ()):
         """``max_grad_norm`` / ``skip_nonfinite``: fold the global-norm clip coefficient into the
         grad scale each kernel divides by, and non-finite gradients into ``found_inf``, all on the
         device (see :mod:`fusedopt.clip._step`). Sets ``last_grad_norm`` and ``skipped_steps``."""
@@ -358,11 +370,12 @@ class FusedOptimizer(Optimizer):
             if any(b.layout is not None for _, b, _, _ in work):
                 norm = clip_norm.sharded_norm(self._grads_by_layout(work), 2.0, backend)
             else:
-                all_grads = [g for _, _, grads, _ in work for g in grads]
+                all_grads = [g for _, _, grads, _ in work for g in grads] + list(sparse_grads)
                 # Buckets know their device and (real) dtype; sparse grads were refused by
-                # _bucket_grads or are refused by the native norm op before anything is written.
-                summary = clip_norm.Summary.from_parts([b.device for _, b, _, _ in work],
-                                                       [b.dtype for _, b, _, _ in work])
+                # _bucket_grads or are refused by the native norm op before anything is
+                # written, except those an optimizer steps apart (SGD), read here.
+                summary = None if sparse_grads else clip_norm.Summary.from_parts(
+                    [b.device for _, b, _, _ in work], [b.dtype for _, b, _, _ in work])
                 norm = clip_norm.total_norm(all_grads, 2.0, backend, summary)
             scaling = clip_step.fold_norm(norm, max_norms, grad_scale, found_inf, skip)
             self._step_stats["last_grad_norm"] = scaling.norm
@@ -492,6 +505,16 @@ class FusedOptimizer(Optimizer):
         return bucket.backend
 
     # ---- subclass hooks ---------------------------------------------------------------------
+    def _sparse_grad_positions(self, grads: List[Optional[Tensor]]) -> List[int]:
+        """Positions of the grads this optimizer steps apart with :meth:`_step_sparse` (sparse
+        ones, for an optimizer that takes them); none by default (the checks refuse them)."""
+        return []
+
+    def _step_sparse(self, group: Dict[str, Any], pairs, grad_scale: Optional[Tensor],
+                     found_inf: Optional[Tensor]) -> None:
+        """Step ``(param, sparse grad)`` pairs of ``group`` (see :meth:`_sparse_grad_positions`)."""
+        raise NotImplementedError
+
     def _cache_flags(self, group: Dict[str, Any]) -> tuple:
         """Group options that decide which state tensors the cache holds (a change rebuilds)."""
         return ()

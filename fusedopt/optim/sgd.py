@@ -14,6 +14,11 @@ weight decay :math:`\lambda`, momentum :math:`\mu`, dampening :math:`\tau`:
 
 (the momentum lines only when :math:`\mu \ne 0`). State per parameter, with torch.optim's key:
 ``momentum_buffer`` (b), present only when momentum is nonzero.
+
+Sparse gradients (``nn.Embedding(sparse=True)``) are taken, as torch.optim.SGD takes them: those
+params are stepped apart with torch's own ops (its single-tensor formula, so a sparse grad gives
+a sparse momentum buffer, as in torch), the others by the kernels. With GradScaler,
+``found_inf`` is then read on the host once per step, as torch's non-fused SGD does.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 from .._lists import any_none as _any_none
+from .._lists import sparse_positions as _sparse_positions
 from .._views import kernel_view
 from .base import FusedOptimizer, GroupBucket, check_hyperparameter
 
@@ -73,6 +79,35 @@ class SGD(FusedOptimizer):
     def _validate_group(self, group: Dict[str, Any]) -> None:
         _validate_sgd(group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
                       group["nesterov"])
+
+    def _sparse_grad_positions(self, grads: List[Optional[Tensor]]) -> List[int]:
+        return _sparse_positions(grads)
+
+    def _step_sparse(self, group, pairs, grad_scale: Optional[Tensor],
+                     found_inf: Optional[Tensor]) -> None:
+        """torch.optim.SGD's single-tensor step, with its ops, for params with sparse grads."""
+        if found_inf is not None and bool(found_inf.ne(0).any()):  # (the one host read)
+            return
+        lr, momentum, dampening = group["lr"], group["momentum"], group["dampening"]
+        weight_decay, nesterov, maximize = group["weight_decay"], group["nesterov"], group["maximize"]
+        before = self._state_version()
+        for p, grad in pairs:
+            if grad_scale is not None:
+                grad = grad * grad_scale.to(grad.device).reciprocal()
+            if maximize:
+                grad = -grad
+            if weight_decay != 0:
+                grad = grad.add(p, alpha=weight_decay)
+            if momentum != 0:
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = torch.clone(grad).detach()
+                else:
+                    buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+                grad = grad.add(buf, alpha=momentum) if nesterov else buf
+            p.add_(grad, alpha=-lr)
+        self._rebase_caches(before)  # (new buffers of params the kernels' caches do not hold)
 
     def _init_state(self, group, p: Tensor, state: Dict[str, Any]) -> None:
         """Nothing up front: like torch.optim, the buffer appears at the first step."""
