@@ -760,6 +760,37 @@ def test_sgd_sparse_grads_with_clipping_and_grad_scaler_like_torch(backend):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dampening", [0.0, 0.5])
+def test_grad_scaler_skipping_the_first_sgd_step_leaves_no_momentum_buffer(dampening, backend):
+    """torch's default SGD under GradScaler takes no step on an overflow, so the first real step
+    starts the buffer from g; fusedopt's masked first step must end the same way with dampening
+    (a zero buffer would give (1 - dampening) g). torch's fused SGD is no reference here: its
+    CPU kernel gives ~1e13 weights in this very loop (torch 2.14)."""
+    results = []
+    for make in (lambda ps: fusedopt.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=dampening,
+                                               backend=backend),
+                 lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=dampening,
+                                            foreach=False)):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        opt, scaler = make(list(model.parameters())), torch.amp.GradScaler("cpu", init_scale=256.0)
+        for step in range(3):
+            x = torch.randn(8, 4, generator=torch.Generator().manual_seed(step))
+            scaler.scale(model(x).square().mean()).backward()
+            if step == 0:
+                model.bias.grad[0] = float("nan")
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        results.append((model, opt))
+    (ours, opt_ours), (theirs, opt_theirs) = results
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(opt_ours.state[p]["momentum_buffer"],
+                                   opt_theirs.state[q]["momentum_buffer"], rtol=1e-6, atol=1e-7)
+
+
 def test_sgd_sparse_grads_with_weight_decay_raise_like_torch():
     """torch's step adds the dense param to the sparse grad, which torch refuses: same error."""
     for cls in (fusedopt.optim.SGD, torch.optim.SGD):

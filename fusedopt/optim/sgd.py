@@ -144,6 +144,15 @@ class SGD(FusedOptimizer):
             backend.sgd_(bucket.params, grads, buffers, is_first_step=False, **hyper)
             return
         fresh = [i for i, b in enumerate(buffers) if b is None]
+        if found_inf is not None and hyper["dampening"] != 0 and bool(found_inf.ne(0).any()):
+            # A first step that GradScaler skips: torch.optim creates no buffer then, and the
+            # next step starts it from g, which a zero buffer would not give when dampening != 0
+            # (b = mu * 0 + (1 - tau) g). One host read, on first steps with dampening only.
+            old = [i for i in range(len(buffers)) if buffers[i] is not None]
+            if old:
+                backend.sgd_([bucket.params[i] for i in old], [grads[i] for i in old],
+                             [buffers[i] for i in old], is_first_step=False, **hyper)
+            return
         self._create_buffers(bucket, fresh)
         if len(fresh) < len(buffers):
             fresh_set = set(fresh)
@@ -158,8 +167,9 @@ class SGD(FusedOptimizer):
 
         They start at zero and the kernel writes ``b = g`` into them (``is_first_step``). If
         GradScaler skips that very step (``found_inf``), they stay zero and the next step treats
-        them as existing, exactly like ``torch.optim.SGD(fused=True)``; deciding otherwise would
-        need a host sync.
+        them as existing, as ``torch.optim.SGD(fused=True)`` does: the same as torch's default
+        path (no buffer until a step is taken) when dampening is 0; with dampening the caller
+        reads ``found_inf`` first and creates no buffer on a skipped step.
         """
         before = self._state_version()
         for i in fresh:
