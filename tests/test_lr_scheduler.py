@@ -6,6 +6,7 @@ state_dict, and the deprecated step(epoch) closed form.
 """
 from __future__ import annotations
 
+import io
 import math
 import pickle
 import subprocess
@@ -91,11 +92,15 @@ def compare_runs(build, steps, lrs=(0.1, 0.03, 0.5), kind="sgd", metrics=None, t
 
 
 def resumed_run(build, steps, stop, lrs=(0.1, 0.03, 0.5), kind="sgd", metrics=None):
-    """Our scheduler run for ``stop`` steps, checkpointed (pickled), rebuilt, reloaded, continued."""
+    """Our scheduler run for ``stop`` steps, checkpointed (torch.save, then torch.load with
+    weights_only=True, torch's default), rebuilt, reloaded, continued."""
     optimizer = make_optimizer(lrs, kind)
     scheduler = build(fls, optimizer)
     trace = run(scheduler, optimizer, stop, metrics)
-    checkpoint = pickle.loads(pickle.dumps({"opt": optimizer.state_dict(), "sched": scheduler.state_dict()}))
+    buffer = io.BytesIO()
+    torch.save({"opt": optimizer.state_dict(), "sched": scheduler.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
     optimizer = make_optimizer(lrs, kind)
     scheduler = build(fls, optimizer)
     optimizer.load_state_dict(checkpoint["opt"])
@@ -288,6 +293,25 @@ def test_resume_from_state_dict_matches_uninterrupted_torch(name, data):
     theirs = torch_run(build, steps, kind=kind)
     for step, (a, b) in enumerate(zip(ours, theirs)):
         assert_close(a, b, f"step {step} (resumed at {stop})")
+
+
+@pytest.mark.skipif(tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 14),
+                    reason="torch's private scheduler attributes vary between versions; "
+                           "checked against the CI's torch 2.14")
+@pytest.mark.parametrize("name", sorted(SHARED))
+@SETTINGS
+@given(data=st.data())
+def test_state_dict_has_exactly_torchs_keys(name, data):
+    """Same keys as torch's scheduler (2.14), so a checkpoint reads the same with either."""
+    build = data.draw(SHARED[name], label="scheduler")
+    kind = "adam" if name in ("CyclicLR", "OneCycleLR") else "sgd"
+    states = []
+    for module in (tls, fls):
+        optimizer = make_optimizer(kind=kind)
+        scheduler = build(module, optimizer)
+        run(scheduler, optimizer, 3, None)
+        states.append(scheduler.state_dict())
+    assert set(states[1]) == set(states[0])
 
 
 @pytest.mark.parametrize("name", ["StepLR", "MultiStepLR", "ExponentialLR", "CosineAnnealingLR", "LinearLR",

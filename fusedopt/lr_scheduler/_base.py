@@ -236,6 +236,7 @@ class LRScheduler:
             require_group_keys(optimizer, ["initial_lr"])
         self.base_lrs: List[Any] = self._initial_base_lrs()
         self.last_epoch = last_epoch
+        self._get_lr_called_within_step = False  # True while step() computes (torch's flag)
         self._initial_step()
 
     # -- hooks for subclasses ------------------------------------------------------------------
@@ -280,12 +281,16 @@ class LRScheduler:
         epoch with the closed-form schedule.
         """
         self._step_count += 1
-        if epoch is None:
-            self.last_epoch += 1
-            self._set_lrs(self.get_lr())
-        else:
-            warnings.warn(_EPOCH_ARGUMENT_WARNING, UserWarning, stacklevel=2)
-            self._jump_to(epoch)
+        self._get_lr_called_within_step = True
+        try:
+            if epoch is None:
+                self.last_epoch += 1
+                self._set_lrs(self.get_lr())
+            else:
+                warnings.warn(_EPOCH_ARGUMENT_WARNING, UserWarning, stacklevel=2)
+                self._jump_to(epoch)
+        finally:
+            self._get_lr_called_within_step = False
 
     def _jump_to(self, epoch: int) -> None:
         """Set ``last_epoch`` to ``epoch`` and apply the schedule's value there."""

@@ -6,7 +6,7 @@ CyclicLR and OneCycleLR can also cycle the momentum (``momentum`` for SGD-like o
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from ._base import (
     LRScheduler,
@@ -44,20 +44,23 @@ class _MomentumCycle:
     """Stores ``max_momentum`` / ``base_momentum`` in the groups and writes the momentum."""
 
     def _setup_momentum(self, optimizer: Any, cycle_momentum: bool, base_momentum: FloatOrList,
-                        max_momentum: FloatOrList, last_epoch: int) -> None:
+                        max_momentum: FloatOrList, last_epoch: int) -> Optional[tuple]:
+        """(base momentums, max momentums) per group, written into the groups on a new
+        schedule; None without ``cycle_momentum``."""
         self.cycle_momentum = bool(cycle_momentum)
         if not self.cycle_momentum:
-            return
+            return None
         self.use_beta1 = _uses_beta1(optimizer)
-        self.base_momentums = per_group("base_momentum", base_momentum, optimizer)
-        self.max_momentums = per_group("max_momentum", max_momentum, optimizer)
-        _check_non_negative_each("base_momentum", self.base_momentums)
-        _check_non_negative_each("max_momentum", self.max_momentums)
+        base_momentums = per_group("base_momentum", base_momentum, optimizer)
+        max_momentums = per_group("max_momentum", max_momentum, optimizer)
+        _check_non_negative_each("base_momentum", base_momentums)
+        _check_non_negative_each("max_momentum", max_momentums)
         if last_epoch == -1:
-            for group, low, high in zip(optimizer.param_groups, self.base_momentums, self.max_momentums):
+            for group, low, high in zip(optimizer.param_groups, base_momentums, max_momentums):
                 write_momentum(group, high, self.use_beta1)
                 group["max_momentum"] = high
                 group["base_momentum"] = low
+        return base_momentums, max_momentums
 
     def _write_momentums(self, momentums: Sequence[Any]) -> None:
         for group, momentum in zip(self.optimizer.param_groups, momentums):
@@ -115,9 +118,9 @@ class CyclicLR(_MomentumCycle, LRScheduler):
                  cycle_momentum: bool = True, base_momentum: FloatOrList = 0.8, max_momentum: FloatOrList = 0.9,
                  last_epoch: int = -1, verbose: Any = "deprecated") -> None:
         check_optimizer(optimizer)
-        self._base_lr_bounds = per_group("base_lr", base_lr, optimizer)
+        base_lrs = per_group("base_lr", base_lr, optimizer)
         self.max_lrs = per_group("max_lr", max_lr, optimizer)
-        _check_non_negative_each("base_lr", self._base_lr_bounds)
+        _check_non_negative_each("base_lr", base_lrs)
         _check_non_negative_each("max_lr", self.max_lrs)
         check_real("step_size_up", step_size_up, low=0.0, low_inclusive=False)
         if step_size_down is not None:
@@ -138,13 +141,17 @@ class CyclicLR(_MomentumCycle, LRScheduler):
             self.scale_mode = "iterations" if mode == "exp_range" else "cycle"
         check_int("last_epoch", last_epoch, minimum=-1)
         if last_epoch == -1:
-            for group, lr in zip(optimizer.param_groups, self._base_lr_bounds):
+            for group, lr in zip(optimizer.param_groups, base_lrs):
                 write_group_value(group, "lr", lr)
-        self._setup_momentum(optimizer, cycle_momentum, base_momentum, max_momentum, last_epoch)
+        momentums = self._setup_momentum(optimizer, cycle_momentum, base_momentum, max_momentum,
+                                         last_epoch)
+        if momentums is not None:  # (attributes, as torch keeps them)
+            self.base_momentums, self.max_momentums = momentums
+        self.__dict__["_base_lrs_given"] = base_lrs  # read by _initial_base_lrs, then dropped
         super().__init__(optimizer, last_epoch, verbose)
 
     def _initial_base_lrs(self) -> List[Any]:
-        return list(self._base_lr_bounds)
+        return list(self.__dict__.pop("_base_lrs_given"))
 
     def scale_fn(self, x: float) -> float:
         """The amplitude scale at ``x`` (cycle number or iteration, per ``scale_mode``)."""
@@ -180,14 +187,13 @@ class CyclicLR(_MomentumCycle, LRScheduler):
 # OneCycleLR
 # --------------------------------------------------------------------------------------------
 
-class _Phase(NamedTuple):
-    """One phase of the 1cycle policy: anneal from ``group[lr_from]`` to ``group[lr_to]``."""
-
-    end_step: float
-    lr_from: str
-    lr_to: str
-    momentum_from: str
-    momentum_to: str
+def _phase(end_step: float, start_lr: str, end_lr: str, start_momentum: str,
+           end_momentum: str) -> Dict[str, Any]:
+    """One phase of the 1cycle policy: anneal from ``group[start_lr]`` to ``group[end_lr]`` (and
+    the momentum likewise) until ``end_step``. A plain dict with torch's keys, so the state dict
+    is torch's and loads with ``torch.load(weights_only=True)``."""
+    return {"end_step": end_step, "start_lr": start_lr, "end_lr": end_lr,
+            "start_momentum": start_momentum, "end_momentum": end_momentum}
 
 
 def _anneal_cos(start: Any, end: Any, pct: float) -> Any:
@@ -248,7 +254,7 @@ class OneCycleLR(_MomentumCycle, LRScheduler):
         check_real("div_factor", div_factor, low=0.0, low_inclusive=False)
         check_real("final_div_factor", final_div_factor, low=0.0, low_inclusive=False)
         check_int("last_epoch", last_epoch, minimum=-1)
-        self._phases = self._make_phases(float(pct_start), bool(three_phase))
+        self._schedule_phases = self._make_phases(float(pct_start), bool(three_phase))
 
         max_lrs = per_group("max_lr", max_lr, optimizer)
         _check_non_negative_each("max_lr", max_lrs)
@@ -264,29 +270,29 @@ class OneCycleLR(_MomentumCycle, LRScheduler):
             require_group_keys(optimizer, ["max_momentum", "base_momentum"])
         super().__init__(optimizer, last_epoch, verbose)
 
-    def _make_phases(self, pct_start: float, three_phase: bool) -> List[_Phase]:
+    def _make_phases(self, pct_start: float, three_phase: bool) -> List[Dict[str, Any]]:
         peak_step = float(pct_start * self.total_steps) - 1
         last_step = self.total_steps - 1
         if three_phase:
             return [
-                _Phase(peak_step, "initial_lr", "max_lr", "max_momentum", "base_momentum"),
-                _Phase(float(2 * pct_start * self.total_steps) - 2, "max_lr", "initial_lr",
+                _phase(peak_step, "initial_lr", "max_lr", "max_momentum", "base_momentum"),
+                _phase(float(2 * pct_start * self.total_steps) - 2, "max_lr", "initial_lr",
                        "base_momentum", "max_momentum"),
-                _Phase(last_step, "initial_lr", "min_lr", "max_momentum", "max_momentum"),
+                _phase(last_step, "initial_lr", "min_lr", "max_momentum", "max_momentum"),
             ]
         return [
-            _Phase(peak_step, "initial_lr", "max_lr", "max_momentum", "base_momentum"),
-            _Phase(last_step, "max_lr", "min_lr", "base_momentum", "max_momentum"),
+            _phase(peak_step, "initial_lr", "max_lr", "max_momentum", "base_momentum"),
+            _phase(last_step, "max_lr", "min_lr", "base_momentum", "max_momentum"),
         ]
 
     def _locate(self, step: int) -> tuple:
         """(phase, progress within it) for ``step``; the last phase extends past its end."""
         start = 0.0
-        for index, phase in enumerate(self._phases):
-            if step <= phase.end_step or index == len(self._phases) - 1:
-                length = phase.end_step - start
+        for index, phase in enumerate(self._schedule_phases):
+            if step <= phase["end_step"] or index == len(self._schedule_phases) - 1:
+                length = phase["end_step"] - start
                 return phase, ((step - start) / length if length != 0 else 1.0)
-            start = phase.end_step
+            start = phase["end_step"]
         raise AssertionError("unreachable: the last phase always matches")
 
     def get_lr(self) -> List[Any]:
@@ -301,8 +307,9 @@ class OneCycleLR(_MomentumCycle, LRScheduler):
         phase, pct = self._locate(step)
         groups = self.optimizer.param_groups
         if self.cycle_momentum:
-            self._write_momentums([anneal(g[phase.momentum_from], g[phase.momentum_to], pct) for g in groups])
-        return [anneal(g[phase.lr_from], g[phase.lr_to], pct) for g in groups]
+            self._write_momentums([anneal(g[phase["start_momentum"]], g[phase["end_momentum"]], pct)
+                                   for g in groups])
+        return [anneal(g[phase["start_lr"]], g[phase["end_lr"]], pct) for g in groups]
 
 
 # --------------------------------------------------------------------------------------------

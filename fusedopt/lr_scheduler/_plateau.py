@@ -70,7 +70,6 @@ class ReduceLROnPlateau(LRScheduler):
         self.threshold_mode = check_choice("threshold_mode", threshold_mode, ["rel", "abs"])
         self.mode_worse = math.inf if mode == "min" else -math.inf
         self.last_epoch = 0
-        self._step_count = 0
         self._last_lr = group_values(optimizer, "lr")
         self._reset()
 
@@ -97,7 +96,6 @@ class ReduceLROnPlateau(LRScheduler):
     def step(self, metrics: SupportsFloat, epoch: Optional[int] = None) -> None:  # type: ignore[override]
         """Record one epoch's metric (a number or a one-element tensor) and reduce the lr if due."""
         current = float(metrics)
-        self._step_count += 1
         if epoch is None:
             epoch = self.last_epoch + 1
         else:
