@@ -47,9 +47,6 @@ def _changing(name: str):
     return changed
 
 
-_MUTATORS = ("__delitem__", "clear", "pop", "popitem", "update", "__ior__")
-
-
 class ParamState(dict):
     """The state of one parameter (``opt.state[p]``): a dict whose changes advance the version."""
 
@@ -67,10 +64,6 @@ class ParamState(dict):
         if key not in self:
             self[key] = default
         return dict.__getitem__(self, key)
-
-    for _name in _MUTATORS:
-        locals()[_name] = _changing(_name)
-    del _name
 
     def __reduce__(self):
         return (ParamState, (self._version, dict(self)))
@@ -127,10 +120,6 @@ class TrackedState(collections.defaultdict):
         self.update(other)
         return self
 
-    for _name in ("__delitem__", "clear", "pop", "popitem"):
-        locals()[_name] = _changing(_name)
-    del _name
-
     def copy(self) -> "TrackedState":
         return TrackedState(self, StateVersion(self._version.value + 1))
 
@@ -141,6 +130,13 @@ class TrackedState(collections.defaultdict):
 
     def __repr__(self) -> str:
         return dict.__repr__(self)
+
+
+for _name in ("__delitem__", "clear", "pop", "popitem", "update", "__ior__"):
+    setattr(ParamState, _name, _changing(_name))
+for _name in ("__delitem__", "clear", "pop", "popitem"):
+    setattr(TrackedState, _name, _changing(_name))
+del _name
 
 
 def tracked(state: Mapping, previous: Optional[TrackedState] = None) -> TrackedState:
