@@ -37,7 +37,9 @@ GENERATED_DIR = os.path.join(ROOT, "build", "fusedopt_generated")
 CXX_FLAGS = [
     "-O3",
     "-fopenmp",  # the ops run one OpenMP parallel region (via at::parallel_for) per call
-    "-ffp-contract=fast",  # let a*b+c become an FMA in the AVX2/AVX-512 kernel variants
+    # no FMA but those the update rules ask for (fma_ in rules.h, where torch's ops have one):
+    # the fp32/fp64 steps then round as torch.optim's do
+    "-ffp-contract=off",
     "-fno-math-errno",  # sqrt without errno handling, so that it vectorises
     # FP ops never trap (exceptions are masked, as always in torch), so GCC may evaluate both
     # arms of a select: without this the AVX2 bf16/fp16 loops are not vectorised at all.

@@ -226,6 +226,51 @@ def test_sgd_matches_torch(dtype, momentum, dampening, nesterov, weight_decay, m
                          f"momentum_buffers[{i}]")
 
 
+def _steps_of(cls, dtype, flags, backend=None, steps=4, n=40_000):
+    """Params after ``steps`` steps of ``cls`` on one tensor of ``n`` elements and a few odd ones."""
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(n,), (1,), (31,), (17, 33)]
+    params = [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in shapes]
+    grads = [[torch.randn(s, generator=gen, dtype=dtype) for s in shapes] for _ in range(steps)]
+    opt = cls(params, backend=backend, **flags) if backend else cls(params, **flags)
+    for step_grads in grads:
+        for param, grad in zip(params, step_grads):
+            param.grad = grad.clone()
+        opt.step()
+    return [param.detach().flatten() for param in params]
+
+
+SGD_ROUNDING_FLAGS = [dict(lr=0.1), dict(lr=0.1, momentum=0.9, dampening=0.2, weight_decay=0.01),
+                      dict(lr=0.1, momentum=0.9, nesterov=True, maximize=True, weight_decay=0.01)]
+ADAM_ROUNDING_FLAGS = [("AdamW", dict(lr=1e-3, weight_decay=0.01)),
+                       ("Adam", dict(lr=1e-3, weight_decay=0.01, amsgrad=True)),
+                       ("Adam", dict(lr=1e-3, betas=(0.3, 0.99)))]  # lerp weight above 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_fp32_and_fp64_steps_round_as_torchs_for_loop(isa, dtype):
+    """rules.h does torch's roundings in torch's order, with an FMA exactly where ATen's
+    vectorised op has one, and the kernels are built with -ffp-contract=off: SGD then equals
+    torch.optim.SGD(foreach=False) bit for bit, and Adam/AdamW differ from torch's for-loop in
+    no more elements than torch's own fused=True step does (the elements ATen computes with
+    its scalar code). Before, with the compiler free to fuse, half of AdamW's elements moved."""
+    import fusedopt
+
+    for flags in SGD_ROUNDING_FLAGS:
+        ours = _steps_of(fusedopt.optim.SGD, dtype, flags, backend="cpu")
+        loop = _steps_of(torch.optim.SGD, dtype, dict(flags, foreach=False))
+        for a, b in zip(ours, loop):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"SGD {flags}: {m}")
+    for name, flags in ADAM_ROUNDING_FLAGS:
+        ours = torch.cat(_steps_of(getattr(fusedopt.optim, name), dtype, flags, backend="cpu"))
+        loop = torch.cat(_steps_of(getattr(torch.optim, name), dtype, dict(flags, foreach=False)))
+        fused = torch.cat(_steps_of(getattr(torch.optim, name), dtype, dict(flags, fused=True)))
+        differ, fused_differ = int((ours != loop).sum()), int((fused != loop).sum())
+        assert differ <= max(8, 2 * fused_differ), (name, flags, differ, fused_differ)
+        ulp = torch.finfo(dtype).eps * float(loop.abs().max())
+        torch.testing.assert_close(ours, loop, rtol=0, atol=4 * ulp)  # (one ulp a step at most)
+
+
 def test_sgd_every_isa(isa):
     shapes = [(1,), (15,), (17,), (4097,)]
     for dtype in (torch.float32, torch.float64):

@@ -88,7 +88,7 @@ double chunk_norm(const void* data, int64_t n, double p_double) {
         T e[kLanes];
         load_lanes<S>(x + s * per + begin + b * kLanes, e);
         for (int j = 0; j < kLanes; ++j) {
-          acc[s][j] = norm::combine<K>(acc[s][j], norm::term<K>(e[j], p));
+          acc[s][j] = norm::accumulate<K>(acc[s][j], e[j], p);
           if constexpr (kMaxMin) nans[s][j] += e[j] != e[j] ? T(1) : T(0);
         }
       }
@@ -108,7 +108,7 @@ double chunk_norm(const void* data, int64_t n, double p_double) {
   T tail = norm::identity<T>(K);
   for (int64_t i = kStreams * per; i < n; ++i) {
     const T e = S::load(x[i]);
-    tail = norm::combine<K>(tail, norm::term<K>(e, p));
+    tail = norm::accumulate<K>(tail, e, p);
     if constexpr (kMaxMin) nan_seen = nan_seen || e != e;
   }
   total = norm::combine<K>(total, static_cast<double>(tail));

@@ -68,7 +68,7 @@ struct NormElements {
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       const M xk = to_math(v.v[k]);
-      acc = norm::combine<K>(acc, norm::term<K>(xk, p));
+      acc = norm::accumulate<K>(acc, xk, p);
       if constexpr (kMaxMin) nan_seen = nan_seen || xk != xk;
     }
   }

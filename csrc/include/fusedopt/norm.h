@@ -86,6 +86,14 @@ FUSEDOPT_HD T combine(T acc, T v) {
   return acc + v;
 }
 
+// acc merged with the contribution of x: combine(acc, term(x)), with one FMA for the 2-norm's
+// sum of squares (the kernels are built without automatic contraction: see rules.h).
+template <Kind K, typename T>
+FUSEDOPT_HD T accumulate(T acc, T x, T p) {
+  if (K == Kind::kL2) return rules::fma_(x, x, acc);
+  return combine<K>(acc, term<K>(x, p));
+}
+
 // Merges two partial results of a kernel's reduction (chunk partials, per-thread or per-block
 // results): like combine(), except that a NaN on either side makes a max/min NaN, as a NaN
 // anywhere makes torch's inf-norm NaN. Sums propagate NaN by themselves. For kL0 the partials

@@ -8,9 +8,13 @@
 //   torch/optim/adam.py::_single_tensor_adam, torch/optim/sgd.py::_single_tensor_sgd.
 // The per-tensor scalars (bias corrections, step size, decay factor) are computed in double,
 // as torch does with Python floats, by the make_*_scalars() helpers below, and only then
-// converted to T. Whether a*b+c is fused into an FMA is left to the compiler (CPU kernels are
-// built with -ffp-contract=fast, nvcc fuses by default), so results can differ from torch
-// by an ulp per operation; the tests use tolerances accordingly.
+// converted to T. Each element update does the roundings torch's CPU ops do, in their order:
+// an FMA (fma_) exactly where ATen's vectorised kernel of that op has one (add with alpha, lerp,
+// addcmul) and separate operations elsewhere (addcdiv, mul, sqrt, div; checked against torch
+// 2.14's ops element by element). The CPU kernels are
+// built with -ffp-contract=off so that the compiler fuses nothing else: fp32/fp64 steps then
+// equal torch.optim's for-loop (foreach=False) bit for bit except at the few elements ATen
+// itself computes with its scalar code (the tail of each chunk of its TensorIterator loops).
 //
 // Flags (amsgrad, nesterov, ...) are ordinary bool/enum arguments: the launchers pass
 // compile-time constants, so after inlining the untaken branches disappear.
@@ -41,6 +45,16 @@ FUSEDOPT_HD T sqrt_(T x) {
   return ::sqrt(x);
 #else
   return std::sqrt(x);
+#endif
+}
+
+// a * b + c rounded once (an FMA instruction where the ISA has one).
+template <typename T>
+FUSEDOPT_HD T fma_(T a, T b, T c) {
+#if defined(__CUDA_ARCH__)
+  return ::fma(a, b, c);
+#else
+  return std::fma(a, b, c);
 #endif
 }
 
@@ -121,11 +135,12 @@ FUSEDOPT_HD AdamScalars<T> cast_scalars(const AdamScalars<double>& d) {
   return s;
 }
 
-// torch's lerp: the formula is chosen by the weight so that weight 0 and 1 are exact.
+// torch's lerp, as ATen's vectorised kernel computes it: one FMA, from the end nearer the
+// weight, so that weight 0 and 1 are exact.
 template <typename T>
 FUSEDOPT_HD T lerp_(T from, T to, T weight) {
   const T diff = to - from;
-  return (weight < T(0.5)) ? from + weight * diff : to - diff * (T(1) - weight);
+  return (weight < T(0.5)) ? fma_(weight, diff, from) : fma_(weight - T(1), diff, to);
 }
 
 // One Adam/AdamW element update, in two halves (adam_update below is the whole of it; the CPU
@@ -137,9 +152,10 @@ FUSEDOPT_HD T lerp_(T from, T to, T weight) {
 template <typename T>
 FUSEDOPT_HD T adam_moments(T p, T g, T& exp_avg, T& exp_avg_sq, T& max_exp_avg_sq,
                            const AdamScalars<T>& s, WeightDecay wd, bool amsgrad) {
-  if (wd == WeightDecay::kL2) g = g + s.weight_decay * p;
+  if (wd == WeightDecay::kL2) g = fma_(p, s.weight_decay, g);  // grad.add(param, alpha=wd)
   exp_avg = lerp_(exp_avg, g, s.lerp_weight);
-  exp_avg_sq = exp_avg_sq * s.beta2 + s.one_minus_beta2 * (g * g);
+  // exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2): ATen's addcmul is fma(c * g, g, v)
+  exp_avg_sq = fma_(s.one_minus_beta2 * g, g, exp_avg_sq * s.beta2);
   T v_hat = exp_avg_sq;
   if (amsgrad) {
     v_hat = max_(max_exp_avg_sq, exp_avg_sq);
@@ -157,7 +173,8 @@ FUSEDOPT_HD void adam_finish(T& param, T m, T corrected_root, const AdamScalars<
   T p = param;
   if (wd == WeightDecay::kDecoupled) p = p * s.decay_factor;
   const T denom = corrected_root + s.eps;
-  param = p - s.step_size * (m / denom);
+  // param.addcdiv_(m, denom, value=-step_size): ATen's addcdiv is p + (value * m) / denom
+  param = p + ((-s.step_size) * m) / denom;
 }
 
 template <typename T>
@@ -216,18 +233,21 @@ FUSEDOPT_HD Momentum momentum_mode(double momentum, bool is_first_step) {
 template <typename T>
 FUSEDOPT_HD void sgd_update(T& param, T g, T& momentum_buffer, const SgdScalars<T>& s,
                             bool l2, Momentum mom, bool nesterov) {
+  // torch's ops, each an add with alpha (one FMA in ATen's vectorised kernel) after a mul:
+  //   g = g.add(p, alpha=wd); buf.mul_(momentum).add_(g, alpha=1 - dampening);
+  //   g = g.add(buf, alpha=momentum) (Nesterov) or buf; p.add_(g, alpha=-lr)
   const T p = param;
   if (l2) {
-    g = g + s.weight_decay * p;
+    g = fma_(p, s.weight_decay, g);
   }
   if (mom != Momentum::kNone) {
     const T buf = (mom == Momentum::kFirst)
                       ? g
-                      : s.momentum * momentum_buffer + s.one_minus_dampening * g;
+                      : fma_(g, s.one_minus_dampening, momentum_buffer * s.momentum);
     momentum_buffer = buf;
-    g = nesterov ? g + s.momentum * buf : buf;
+    g = nesterov ? fma_(buf, s.momentum, g) : buf;
   }
-  param = p - s.lr * g;
+  param = fma_(g, -s.lr, p);
 }
 
 }  // namespace rules
