@@ -1,6 +1,6 @@
 """Save and load time of the training harness's two checkpoint formats, on 2 FSDP2 gloo ranks.
 
-    python benchmarks/checkpoint_timing.py [--d-model 384 --n-layer 4] [--repeats 3]
+    python benchmarks/checkpoint_timing.py [--d-model 384 --n-layer 4] [--repeats 3] [--out F.json]
 
 Each format is measured twice, alternated (full, sharded, full, sharded): a Trainer takes 2
 steps (so the optimizer has state), then ``Trainer.save()`` is timed ``--repeats`` times and
@@ -55,9 +55,12 @@ def _worker(rank: int, world_size: int, port: int, out: str, args: dict) -> None
         params = sum(p.numel() for p in trainer.raw_model.parameters())  # (DTensors: global)
         results.setdefault(fmt, []).append({"save_s": min(saves), "load_s": min(loads)})
     if rank == 0:
-        print(json.dumps({"world_size": world_size, "params": params,
-                          "d_model": args["d_model"], "n_layer": args["n_layer"],
-                          "torch": torch.__version__, **results}, indent=1))
+        record = {"world_size": world_size, "params": params, "d_model": args["d_model"],
+                  "n_layer": args["n_layer"], "torch": torch.__version__, **results}
+        print(json.dumps(record, indent=1))
+        if args["out"]:
+            with open(args["out"], "w") as fh:
+                json.dump(record, fh, indent=1)
     cleanup(ctx)
 
 
@@ -66,6 +69,7 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=384)
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="", help="also write the JSON record to this file")
     args = parser.parse_args()
     out = tempfile.mkdtemp(prefix="fusedopt-ckpt-timing-")
     with socket.socket() as s:
@@ -73,7 +77,8 @@ def main() -> None:
         port = s.getsockname()[1]
     try:
         mp.spawn(_worker, args=(2, port, out, {"d_model": args.d_model, "n_layer": args.n_layer,
-                                               "repeats": args.repeats}), nprocs=2, join=True)
+                                               "repeats": args.repeats, "out": args.out}),
+                 nprocs=2, join=True)
     finally:
         shutil.rmtree(out, ignore_errors=True)
 

@@ -541,3 +541,19 @@ def test_gpu_check_runs_every_stage_and_packs_the_rest(tmp_path):
 def test_gpu_check_skips_stages_the_budget_cannot_hold(tmp_path):
     _, summary = _run_gpu_check(tmp_path, "versions,launches", budget_s=5)
     assert summary == {"versions": "skipped: budget 0 s", "launches": "skipped: budget 0 s"}
+
+
+def test_checkpoint_timing_measures_both_formats(tmp_path):
+    out = tmp_path / "timing.json"
+    cmd = [sys.executable, str(BENCH_DIR / "checkpoint_timing.py"), "--d-model", "48", "--n-layer",
+           "1", "--repeats", "1", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert record["world_size"] == 2 and record["params"] > 0
+    for fmt in ("full", "sharded"):
+        assert len(record[fmt]) == 2
+        assert all(r["save_s"] > 0 and r["load_s"] > 0 for r in record[fmt])
