@@ -100,16 +100,25 @@ def assert_state_equal(opt_a, params_a, opt_b, params_b, **tol):
                 _assert_close(va, vb, **tol)
 
 
+def step_pair(ours, params, ref, theirs, steps, edit_at=None, edit=None):
+    """Step both optimizers with the same gradients for each step in ``steps``; before step
+    ``edit_at``, ``edit(optimizer, its params)`` is applied to both."""
+    for step in steps:
+        if step == edit_at:
+            edit(ours, params)
+            edit(ref, theirs)
+        set_grads([params, theirs], step)
+        ours.step()
+        ref.step()
+
+
 def run_both(name, flags, backend, dtype=torch.float32, shapes=SHAPES, steps=STEPS, lr=1e-2):
     ours_cls, torch_cls = PAIRS[name]
     params = make_params(shapes, dtype)
     theirs = clone_params(params)
     ours = ours_cls(params, lr=lr, backend=backend, **flags)
     ref = torch_cls(theirs, lr=lr, foreach=False, **flags)
-    for step in range(steps):
-        set_grads([params, theirs], step)
-        ours.step()
-        ref.step()
+    step_pair(ours, params, ref, theirs, range(steps))
     return ours, params, ref, theirs
 
 
@@ -423,13 +432,7 @@ def test_edits_of_state_and_params_between_steps_are_seen(name, edit, backend):
     params = make_params(SHAPES[:3])
     theirs = clone_params(params)
     ours, ref = ours_cls(params, backend=backend, **kwargs), torch_cls(theirs, foreach=False, **kwargs)
-    for step in range(5):
-        if step == 2:
-            apply_edit(ours, params)
-            apply_edit(ref, theirs)
-        set_grads([params, theirs], step)
-        ours.step()
-        ref.step()
+    step_pair(ours, params, ref, theirs, range(5), edit_at=2, edit=apply_edit)
     assert_state_equal(ours, params, ref, theirs, rtol=1e-5, atol=1e-6)
     if edit == "params[0] = new tensor":  # (torch's state_dict() raises: state of a param that
         return                            # is in no group any more)
@@ -451,13 +454,12 @@ def test_complex_param_given_new_memory_keeps_training(name, backend):
               .requires_grad_()]
     theirs = clone_params(params)
     ours, ref = ours_cls(params, backend=backend, **kwargs), torch_cls(theirs, foreach=False, **kwargs)
-    for step in range(4):
-        if step == 2:
-            for p in params + theirs:
-                p.data = p.data.clone()
-        set_grads([params, theirs], step)
-        ours.step()
-        ref.step()
+
+    def new_memory(opt, ps):
+        for p in ps:
+            p.data = p.data.clone()
+
+    step_pair(ours, params, ref, theirs, range(4), edit_at=2, edit=new_memory)
     assert_state_equal(ours, params, ref, theirs, rtol=1e-6, atol=1e-7)
 
 
@@ -476,10 +478,7 @@ def test_amsgrad_turned_on_after_the_first_steps(backend):
     ref.load_state_dict(_roundtrip(opt.state_dict()))  # (copies; max_exp_avg_sq missing)
     for p in theirs:
         ref.state[p]["max_exp_avg_sq"] = torch.zeros_like(p)
-    for step in range(2, 5):
-        set_grads([params, theirs], step)
-        opt.step()
-        ref.step()
+    step_pair(opt, params, ref, theirs, range(2, 5))
     assert_state_equal(opt, params, ref, theirs, rtol=1e-6, atol=1e-7)
 
 
