@@ -44,6 +44,11 @@ def _validate_sgd(lr, momentum, dampening, weight_decay, nesterov) -> None:
                          "Nesterov momentum requires a momentum and zero dampening")
 
 
+def _skipped_on_host(found_inf: Optional[Tensor]) -> bool:
+    """Whether GradScaler's ``found_inf`` says to skip this step, read on the host (a sync)."""
+    return found_inf is not None and bool(found_inf.ne(0).any())
+
+
 class SGD(FusedOptimizer):
     __doc__ = __doc__ + r"""
 
@@ -86,14 +91,15 @@ class SGD(FusedOptimizer):
     def _step_sparse(self, group, pairs, grad_scale: Optional[Tensor],
                      found_inf: Optional[Tensor]) -> None:
         """torch.optim.SGD's single-tensor step, with its ops, for params with sparse grads."""
-        if found_inf is not None and bool(found_inf.ne(0).any()):  # (the one host read)
+        if _skipped_on_host(found_inf):  # (the one host read)
             return
         lr, momentum, dampening = group["lr"], group["momentum"], group["dampening"]
         weight_decay, nesterov, maximize = group["weight_decay"], group["nesterov"], group["maximize"]
+        inv_scale = grad_scale.reciprocal() if grad_scale is not None else None
         before = self._state_version()
         for p, grad in pairs:
-            if grad_scale is not None:
-                grad = grad * grad_scale.to(grad.device).reciprocal()
+            if inv_scale is not None:
+                grad = grad * inv_scale.to(grad.device)
             if maximize:
                 grad = -grad
             if weight_decay != 0:
@@ -144,7 +150,7 @@ class SGD(FusedOptimizer):
             backend.sgd_(bucket.params, grads, buffers, is_first_step=False, **hyper)
             return
         fresh = [i for i, b in enumerate(buffers) if b is None]
-        if found_inf is not None and hyper["dampening"] != 0 and bool(found_inf.ne(0).any()):
+        if hyper["dampening"] != 0 and _skipped_on_host(found_inf):
             # A first step that GradScaler skips: torch.optim creates no buffer then, and the
             # next step starts it from g, which a zero buffer would not give when dampening != 0
             # (b = mu * 0 + (1 - tau) g). One host read, on first steps with dampening only.

@@ -133,6 +133,18 @@ def _write_fsynced(payload: Dict[str, Any], path: Path) -> None:
         os.fsync(fh.fileno())
 
 
+def _write_atomically(payload: Dict[str, Any], final: Path) -> Path:
+    """``payload`` into ``final`` through a hidden fsync'ed temporary file moved over it (a
+    reader never sees a half-written file); returns the temporary name (gone by then)."""
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    try:
+        _write_fsynced(payload, tmp)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return tmp
+
+
 def _prune(d: Path, keep_last: int, keep: Path) -> None:
     """Keep the newest ``keep_last`` checkpoints; remove leftovers of killed saves."""
     for old in list_checkpoints(str(d))[:-keep_last]:
@@ -147,13 +159,7 @@ def save_checkpoint(payload: Dict[str, Any], directory: str, keep_last: int) -> 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     final = d / checkpoint_name(int(payload["step"]))
-    tmp = d / f".{final.name}.tmp-{os.getpid()}"
-    try:
-        _write_fsynced(payload, tmp)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    tmp = _write_atomically(payload, final)
     _fsync_dir(d)
     _prune(d, keep_last, keep=tmp)
     return final
@@ -253,12 +259,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         payload = load_full_checkpoint(Path(args.sharded))
         out = Path(args.output)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        try:
-            _write_fsynced(payload, tmp)
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
+        _write_atomically(payload, out)
     except (CheckpointError, OSError) as exc:
         raise SystemExit(f"error: {exc}") from None
     print(f"wrote {out} (step {payload['step']}, {len(payload['model'])} model tensors)")
@@ -269,8 +270,8 @@ def resolve_resume(resume: str, ckpt_dir: str) -> Optional[Path]:
     """Which checkpoint ``--resume`` means: None (start fresh) or an existing file path.
 
     ``''`` -> None; ``'auto'`` -> newest in ``ckpt_dir`` or None when there is none;
-    a sharded checkpoint's directory (``step_XXXXXXXX``) -> itself; another directory -> its newest checkpoint
-    (error if it has none); a file -> itself (error if missing).
+    a sharded checkpoint's directory (``step_XXXXXXXX``) -> itself; another directory -> its
+    newest checkpoint (error if it has none); a file -> itself (error if missing).
     """
     if not resume:
         return None
@@ -283,7 +284,8 @@ def resolve_resume(resume: str, ckpt_dir: str) -> Optional[Path]:
     if p.is_dir():
         latest = latest_checkpoint(str(p))
         if latest is None:
-            raise CheckpointError(f"--resume {resume!r}: directory holds no step_* checkpoint (file or sharded directory)")
+            raise CheckpointError(f"--resume {resume!r}: directory holds no step_* checkpoint "
+                                  "(file or sharded directory)")
         return latest
     if not p.is_file():
         raise CheckpointError(f"--resume {resume!r}: checkpoint does not exist")
