@@ -147,11 +147,13 @@ class CyclicLR(_MomentumCycle, LRScheduler):
                                          last_epoch)
         if momentums is not None:  # (attributes, as torch keeps them)
             self.base_momentums, self.max_momentums = momentums
-        self.__dict__["_base_lrs_given"] = base_lrs  # read by _initial_base_lrs, then dropped
+        self._base_lrs_given = base_lrs  # read once by _initial_base_lrs (not state: torch's has none)
         super().__init__(optimizer, last_epoch, verbose)
 
     def _initial_base_lrs(self) -> List[Any]:
-        return list(self.__dict__.pop("_base_lrs_given"))
+        base_lrs = self._base_lrs_given
+        del self._base_lrs_given
+        return list(base_lrs)
 
     def scale_fn(self, x: float) -> float:
         """The amplitude scale at ``x`` (cycle number or iteration, per ``scale_mode``)."""

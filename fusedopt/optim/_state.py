@@ -87,10 +87,6 @@ class TrackedState(collections.defaultdict):
             for key, value in pairs:
                 dict.__setitem__(self, key, self._wrap(value))
 
-    @property
-    def version(self) -> int:
-        return self._version.value
-
     def _wrap(self, value: Any) -> Any:
         if isinstance(value, ParamState) and value._version is self._version:
             return value
