@@ -12,7 +12,10 @@
 #   cuda       tests/test_backends_cuda.py -m "gpu and not slow": CUDA backend parity, launches,
 #              table cache, no-sync, clipping ops (fails if the CUDA backend is unavailable)
 #              -> junit-cuda.xml
-#   triton     tests/test_backends_triton.py on CUDA tensors, compiled kernels -> junit-triton.xml
+#   triton     tests/test_backends_triton.py and test_backends_triton_tuning.py on CUDA tensors,
+#              compiled kernels (every candidate launch row against the default) -> junit-triton.xml
+#   tune       the Triton launch tuning for what the benchmarks run (adam, sgd-momentum; the bench
+#              dtypes): every candidate's time and the choice -> triton_tuning.json
 #   launches   kernel launches per optimizer.step() (also with max_grad_norm), torch.profiler
 #              -> launches.json
 #   bench_adam benchmarks/bench_adam.py --device cuda                  -> bench_adam.jsonl
@@ -40,13 +43,17 @@ LOGS="$RESULTS/logs"
 SUMMARY="$RESULTS/summary.txt"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-570}"
 BENCH_DTYPES="${GPU_CHECK_BENCH_DTYPES:-fp32,bf16}"
-STAGES=",${GPU_CHECK_STAGES:-versions,install,cuda,triton,launches,bench_adam,bench_sgd,bench_clip,gpu_tests,cuda_sanitizer,sanitizer,sweep,cache},"
+STAGES=",${GPU_CHECK_STAGES:-versions,install,cuda,triton,tune,launches,bench_adam,bench_sgd,bench_clip,gpu_tests,cuda_sanitizer,sanitizer,sweep,cache},"
 PYTHON="${PYTHON:-python}"
 START_S=$SECONDS
 WORK="$(mktemp -d)"   # tests run from here so that the installed package is the one imported
 trap 'rm -rf "$WORK"' EXIT
-unset TRITON_INTERPRET FUSEDOPT_BACKEND FUSEDOPT_TRITON_CONFIG || true
+unset TRITON_INTERPRET FUSEDOPT_BACKEND FUSEDOPT_TRITON_CONFIG FUSEDOPT_TRITON_TUNE || true
 export PYTHONUNBUFFERED=1
+# Triton launch tuning (fusedopt/backends/triton/tuning.py): the choices of this run, shared by its
+# stages and written by the tune stage; test stages run with FUSEDOPT_TRITON_TUNE=0 (the default
+# rows) unless they test the tuning itself, so they do not spend their time compiling candidates.
+export FUSEDOPT_CACHE_DIR="$WORK/fusedopt-cache"
 : > "$SUMMARY"
 
 log() { echo "[gpu_check $(date -u +%H:%M:%S) +$((SECONDS - START_S))s] $*"; }
@@ -141,14 +148,25 @@ stage_triton_tests() {
     local parallel=()
     # kernel compiles dominate on a cold Triton cache: spread them over processes when possible
     if "$PYTHON" -c 'import xdist' 2>/dev/null; then parallel=(-n 8); fi
-    "$PYTHON" -m pytest "$REPO/tests/test_backends_triton.py" -q -rs -p no:cacheprovider \
+    FUSEDOPT_TRITON_TUNE=0 "$PYTHON" -m pytest "$REPO/tests/test_backends_triton.py" \
+        "$REPO/tests/test_backends_triton_tuning.py" -q -rs -p no:cacheprovider \
         ${parallel[@]+"${parallel[@]}"} --junitxml="$RESULTS/junit-triton.xml" --durations=10
+}
+
+stage_tune() {
+    cd "$WORK"
+    local dtypes="${BENCH_DTYPES//fp32/float32}"
+    dtypes="${dtypes//bf16/bfloat16}"
+    dtypes="${dtypes//fp16/float16}"
+    "$PYTHON" -m fusedopt.backends.triton.tuning --dtypes "$dtypes" --variants adam,sgd-momentum \
+        --json "$RESULTS/triton_tuning.json"
 }
 
 stage_gpu_tests() {
     cd "$WORK"
-    "$PYTHON" -m pytest "$REPO/tests" -m gpu -q -rs -p no:cacheprovider \
+    FUSEDOPT_TRITON_TUNE=0 "$PYTHON" -m pytest "$REPO/tests" -m gpu -q -rs -p no:cacheprovider \
         --ignore="$REPO/tests/test_backends_triton.py" --ignore="$REPO/tests/test_backends_cuda.py" \
+        --ignore="$REPO/tests/test_backends_triton_tuning.py" \
         --junitxml="$RESULTS/junit-gpu.xml"
 }
 
@@ -158,6 +176,7 @@ cuda_backend_ready() {  # the CUDA stages test nothing when the backend is unava
 
 stage_cuda_tests() {
     cd "$WORK"
+    export FUSEDOPT_TRITON_TUNE=0
     cuda_backend_ready
     "$PYTHON" -m pytest "$REPO/tests/test_backends_cuda.py" -m "gpu and not slow" -q -rs \
         -p no:cacheprovider --junitxml="$RESULTS/junit-cuda.xml" --durations=10
@@ -165,6 +184,7 @@ stage_cuda_tests() {
 
 stage_cuda_sanitizer() {
     cd "$WORK"
+    export FUSEDOPT_TRITON_TUNE=0
     cuda_backend_ready
     local sanitizer
     sanitizer="$(command -v compute-sanitizer || true)"
@@ -270,6 +290,7 @@ PY
 
 stage_sanitizer() {
     cd "$WORK"
+    export FUSEDOPT_TRITON_TUNE=0
     local sanitizer
     sanitizer="$(command -v compute-sanitizer || true)"
     if [[ -z "$sanitizer" && -x /usr/local/cuda/bin/compute-sanitizer ]]; then
@@ -505,7 +526,7 @@ pack_for_transfer() {
 
 # ---------------------------------------------------------------------------------------------
 export REPO RESULTS LOGS WORK PYTHON BENCH_DTYPES
-export -f stage_versions stage_install stage_triton_tests stage_gpu_tests stage_launches \
+export -f stage_versions stage_install stage_triton_tests stage_tune stage_gpu_tests stage_launches \
     stage_sanitizer stage_cache stage_sweep stage_bench stage_bench_clip cuda_backend_ready \
     stage_cuda_tests stage_cuda_sanitizer
 log "results -> $RESULTS (budget ${BUDGET_S}s)"
@@ -516,6 +537,7 @@ choose_import_path
 # then the deeper checks, so that a short budget still measures the figures the README lacks.
 run_stage cuda 150 40 stage_cuda_tests
 run_stage triton 240 60 stage_triton_tests
+run_stage tune 120 30 stage_tune
 run_stage launches 90 30 stage_launches
 run_stage bench_adam 120 60 stage_bench bench_adam.py "$RESULTS/bench_adam.jsonl"
 run_stage bench_sgd 90 45 stage_bench bench_sgd.py "$RESULTS/bench_sgd.jsonl"

@@ -6,7 +6,8 @@ Layout of this package:
 * :mod:`.program` -- what every program does besides the math (tables, scalars, step counter);
 * :mod:`.adam_kernel`, :mod:`.sgd_kernel` -- the kernels;
 * :mod:`.tables` -- device tables (addresses, sizes, chunk map) and their cache;
-* :mod:`.config` -- block size / tiles / warps per dtype;
+* :mod:`.config` -- block size / tiles / warps: candidates and the default row per dtype;
+* :mod:`.tuning` -- times the candidates on the device and caches the choice (autotuning);
 * :mod:`.launch` -- the launchers (imported at the first step: it defines the kernels);
 * :mod:`.compile_ops` -- custom ops so ``torch.compile`` keeps the step in its graph.
 
@@ -22,6 +23,7 @@ import torch
 
 from ..._compiling import is_compiling
 from .tables import SUPPORTED_DTYPES
+from .tuning import tune
 
 _triton_error: Optional[str] = None
 try:
@@ -97,4 +99,4 @@ try:
 except Exception:  # pragma: no cover - older torch: compiled steps fall back to a graph break
     pass
 
-__all__ = ["BACKEND", "TritonBackend", "interpreting"]
+__all__ = ["BACKEND", "TritonBackend", "interpreting", "tune"]

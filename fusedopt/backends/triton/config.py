@@ -1,12 +1,17 @@
-"""Launch configuration of the Triton kernels, per parameter dtype. Change the table here.
+"""Launch configurations of the Triton kernels: candidates per parameter dtype, and the fallback row.
 
 A program owns one *chunk* of one tensor: ``tiles`` tiles of ``block`` elements, processed in a
 loop. Bigger chunks mean fewer programs and fewer table reads per element; smaller chunks mean less
 padding waste on tensors that are not a multiple of the chunk and better balance on small models.
 
-The defaults below are NOT timed yet (the session that wrote them had no GPU). They follow the
-usual shape of memory-bound elementwise kernels on NVIDIA GPUs, and the register counts ptxas
-reports for the AMSGrad/AdamW kernel compiled for sm_90a (no spills anywhere):
+Which row is fastest depends on the GPU, so on CUDA the optimizer kernels do not use a fixed
+row: :mod:`.tuning` times the :data:`CANDIDATES` of a dtype on the device the first time it is
+needed and keeps the fastest (cached on disk). :data:`DEFAULT_CONFIGS` is the row used when
+tuning is off or not allowed (under CUDA graph capture, under ``set_sync_debug_mode``, on CPU
+tensors in the interpreter) and by the clipping norm kernel, and the row tuning keeps unless a
+candidate is measurably faster. It was NOT timed (the session that wrote it had no GPU); it
+follows the usual shape of memory-bound elementwise kernels on NVIDIA GPUs and the register
+counts ptxas reports for the AMSGrad/AdamW kernel compiled for sm_90a (no spills anywhere):
 
 * one 16-byte vector per tensor per thread per tile: fp32 512 x 4 warps (4 elements a thread),
   bf16/fp16 1024 x 4 warps (8 elements). Twice that per thread doubles the registers
@@ -20,19 +25,24 @@ reports for the AMSGrad/AdamW kernel compiled for sm_90a (no spills anywhere):
   tensor, while a 124M-parameter model still launches ~30k programs, far more than an H100's
   132 SMs hold at once.
 
-``benchmarks/gpu_check.sh`` sweeps alternatives and prints the timings; move a row here when a
-measurement says so. ``FUSEDOPT_TRITON_CONFIG`` overrides rows without editing code, e.g.
+The candidates vary each of those choices around the default: fewer and more tiles per program
+(chunk size), twice the elements per thread, more warps per program. Every candidate is tested
+under the interpreter to give bit-identical results to the default row (the per-element math
+does not depend on the launch shape). ``benchmarks/gpu_check.sh`` (stage ``tune``) writes the
+tuned choices and every candidate's time to its results.
+
+``FUSEDOPT_TRITON_CONFIG`` overrides rows without editing code and wins over tuning, e.g.
 ``FUSEDOPT_TRITON_CONFIG="float32=2048x2x8,bfloat16=4096x1x8"`` (block x tiles x warps).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 import torch
 
-#: Environment variable overriding rows of :data:`DEFAULT_CONFIGS` (read at every lookup).
+#: Environment variable overriding rows (read at every lookup; wins over tuning).
 ENV_VAR = "FUSEDOPT_TRITON_CONFIG"
 
 
@@ -47,13 +57,26 @@ class LaunchConfig:
         """Elements owned by one program."""
         return self.block * self.tiles
 
+    def __str__(self) -> str:
+        return f"{self.block}x{self.tiles}x{self.num_warps}"  # the FUSEDOPT_TRITON_CONFIG spelling
 
-#: The table. Keys are the parameter dtypes the backend supports.
+
+#: The fallback row per dtype (see above). Keys are the parameter dtypes the backend supports.
 DEFAULT_CONFIGS: Dict[torch.dtype, LaunchConfig] = {
     torch.float32: LaunchConfig(block=512, tiles=8, num_warps=4),
     torch.bfloat16: LaunchConfig(block=1024, tiles=4, num_warps=4),
     torch.float16: LaunchConfig(block=1024, tiles=4, num_warps=4),
 }
+
+#: What :mod:`.tuning` times per dtype (the default row first). Change the candidates here.
+CANDIDATES: Dict[torch.dtype, Tuple[LaunchConfig, ...]] = {
+    torch.float32: (DEFAULT_CONFIGS[torch.float32], LaunchConfig(512, 2, 4), LaunchConfig(512, 32, 4),
+                    LaunchConfig(1024, 4, 4), LaunchConfig(1024, 4, 8), LaunchConfig(256, 16, 2),
+                    LaunchConfig(2048, 2, 8)),
+    torch.bfloat16: (DEFAULT_CONFIGS[torch.bfloat16], LaunchConfig(1024, 1, 4), LaunchConfig(1024, 16, 4),
+                     LaunchConfig(512, 8, 4), LaunchConfig(2048, 2, 8), LaunchConfig(2048, 2, 4)),
+}
+CANDIDATES[torch.float16] = CANDIDATES[torch.bfloat16]
 
 _NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _parsed: Dict[str, Dict[torch.dtype, LaunchConfig]] = {}
@@ -76,13 +99,17 @@ def parse_overrides(text: str) -> Dict[torch.dtype, LaunchConfig]:
     return rows
 
 
-def config_for(dtype: torch.dtype) -> LaunchConfig:
-    """The launch configuration for parameters of ``dtype`` (environment override first)."""
+def override_for(dtype: torch.dtype) -> Optional[LaunchConfig]:
+    """The row of ``FUSEDOPT_TRITON_CONFIG`` for ``dtype``, or None (read at every call)."""
     text = os.environ.get(ENV_VAR)
-    if text:
-        rows = _parsed.get(text)
-        if rows is None:
-            rows = _parsed[text] = parse_overrides(text)
-        if dtype in rows:
-            return rows[dtype]
-    return DEFAULT_CONFIGS[dtype]
+    if not text:
+        return None
+    rows = _parsed.get(text)
+    if rows is None:
+        rows = _parsed[text] = parse_overrides(text)
+    return rows.get(dtype)
+
+
+def config_for(dtype: torch.dtype) -> LaunchConfig:
+    """The untuned configuration for parameters of ``dtype``: the override, else the default."""
+    return override_for(dtype) or DEFAULT_CONFIGS[dtype]

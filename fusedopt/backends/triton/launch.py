@@ -33,8 +33,9 @@ LAUNCHES: Counter = Counter()
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
               torch.float64: tl.float64}
-_ADAM_ROWS = ("param_ptrs", "exp_avg_ptrs", "exp_avg_sq_ptrs", "max_exp_avg_sq_ptrs")
-_SGD_ROWS = ("param_ptrs", "buffer_ptrs")
+#: Names of the address tables of each list, in the kernels' order (the first n for n lists).
+ADAM_ROWS = ("param_ptrs", "exp_avg_ptrs", "exp_avg_sq_ptrs", "max_exp_avg_sq_ptrs")
+SGD_ROWS = ("param_ptrs", "buffer_ptrs")
 _warned_fallback = False
 
 
@@ -43,14 +44,16 @@ def adam_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[
           state_steps: Sequence[Tensor], *, lr: Union[float, Tensor], beta1: float, beta2: float,
           eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
           decoupled_weight_decay: bool, grad_scale: Optional[Tensor] = None,
-          found_inf: Optional[Tensor] = None) -> None:
-    """One Adam/AMSGrad/AdamW step over the lists (see the backend protocol)."""
+          found_inf: Optional[Tensor] = None, plan: Optional[Plan] = None) -> None:
+    """One Adam/AMSGrad/AdamW step over the lists (see the backend protocol). ``plan``: tables
+    built for these lists by the caller (the tuner's), instead of the cache's."""
     if len(params) == 0:
         return
     _check_lengths(params, grads, exp_avgs, exp_avg_sqs, state_steps,
                    *((max_exp_avg_sqs,) if amsgrad else ()))
     lists = [params, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
-    plan = PLANS.get("adam", _ADAM_ROWS[:len(lists)], lists, state_steps)
+    if plan is None:
+        plan = PLANS.get("adam", ADAM_ROWS[:len(lists)], lists, state_steps)
     plan.bind_gradients(grads, params)
     device = plan.device
     lr_value, lr_ptr = _scalar_argument(lr, device)
@@ -87,14 +90,15 @@ def adam_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[
 def sgd_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor], *,
          lr: Union[float, Tensor], momentum: float, dampening: float, weight_decay: float,
          nesterov: bool, maximize: bool, is_first_step: bool, grad_scale: Optional[Tensor] = None,
-         found_inf: Optional[Tensor] = None) -> None:
-    """One SGD step over the lists (see the backend protocol)."""
+         found_inf: Optional[Tensor] = None, plan: Optional[Plan] = None) -> None:
+    """One SGD step over the lists (see the backend protocol); ``plan`` as for :func:`adam_`."""
     if len(params) == 0:
         return
     has_momentum = momentum != 0
     _check_lengths(params, grads, *((momentum_buffers,) if has_momentum else ()))
     lists = [params, momentum_buffers] if has_momentum else [params]
-    plan = PLANS.get("sgd", _SGD_ROWS[:len(lists)], lists, [])
+    if plan is None:
+        plan = PLANS.get("sgd", SGD_ROWS[:len(lists)], lists, [])
     plan.bind_gradients(grads, params)
     device = plan.device
     lr_value, lr_ptr = _scalar_argument(lr, device)
@@ -192,4 +196,4 @@ def _warn_fallback(plan: Plan) -> None:
                       "(correct, slower, may synchronise with the host)", RuntimeWarning, stacklevel=4)
 
 
-__all__ = ["adam_", "sgd_", "LAUNCHES", "Bucket"]
+__all__ = ["adam_", "sgd_", "LAUNCHES", "ADAM_ROWS", "SGD_ROWS", "Bucket"]

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ... import _ops
 from . import config as launch_config
+from . import tuning
 
 Tensor = torch.Tensor
 _data_ptr = torch.Tensor.data_ptr
@@ -174,7 +175,8 @@ class PlanCache:
         params = lists[0]
         key = address_key((*lists, steps), params)
         signature = (kind, tuple(names), len(params), len(steps), params[0].data_ptr(),
-                     params[0].device, os.environ.get(launch_config.ENV_VAR))
+                     params[0].device, os.environ.get(launch_config.ENV_VAR),
+                     os.environ.get(tuning.ENV_TUNE))
         plans = self._slots.get(signature)
         if plans is not None:
             self._slots.move_to_end(signature)
@@ -183,7 +185,9 @@ class PlanCache:
                     if position:
                         plans.insert(0, plans.pop(position))
                     return plan
-        plan = build_plan(key, names, lists, steps)
+        device = params[0].device
+        plan = build_plan(key, names, lists, steps,
+                          lambda dtype: tuning.config_for(kind, len(names), dtype, device))
         self.builds += 1
         if plans is None:
             plans = self._slots[signature] = []
@@ -194,9 +198,11 @@ class PlanCache:
         return plan
 
 
-def build_plan(key, names: Sequence[str], lists: Sequence[Sequence[Tensor]],
-               steps: Sequence[Tensor]) -> Plan:
-    """Validate the tensors, split them into dtype buckets and fallback entries, build the tables."""
+def build_plan(key, names: Sequence[str], lists: Sequence[Sequence[Tensor]], steps: Sequence[Tensor],
+               config_of: Callable[[torch.dtype], launch_config.LaunchConfig] = launch_config.config_for
+               ) -> Plan:
+    """Validate the tensors, split them into dtype buckets and fallback entries, build the tables
+    (chunks of the size ``config_of(dtype)`` gives)."""
     params = lists[0]
     device = params[0].device
     plan = Plan(key, device)
@@ -210,7 +216,7 @@ def build_plan(key, names: Sequence[str], lists: Sequence[Sequence[Tensor]],
         else:
             plan.fallback.append(i)
     for (dtype, step_dtype), indices in groups.items():
-        bucket = Bucket(dtype, step_dtype, indices, launch_config.config_for(dtype))
+        bucket = Bucket(dtype, step_dtype, indices, config_of(dtype))
         _fill_tables(bucket, names, lists, steps, device)
         plan.buckets.append(bucket)
     return plan

@@ -1,0 +1,435 @@
+"""The launch configuration of the optimizer kernels, timed on the device (autotuning).
+
+Which (block, tiles, warps) row is fastest depends on the GPU, so on CUDA the backend does not
+trust a fixed table: the first time it builds tables for a kernel variant (``adam``, ``amsgrad``,
+``sgd``, ``sgd-momentum``) and a dtype on a device model, it times the candidates of
+:data:`.config.CANDIDATES` and keeps the fastest. How:
+
+* on scratch tensors of its own (:func:`workload_sizes`: about ``WORKLOAD_BYTES`` per list, in
+  a few large tensors and many 4096-element ones, so both bandwidth and per-program overheads
+  count), never on the caller's: those are stepped exactly once, by the chosen configuration.
+  The scratch tensors draw from a generator of their own, not from torch's global RNG;
+* every candidate runs once first (that compiles it), then ``ROUNDS`` rounds time each
+  candidate over ``INNER`` launches, in an order rotated every round so drift spreads over all
+  of them; a candidate's time is its best round. The default row is kept unless another is
+  more than ``MARGIN`` faster, so noise does not move the choice. The per-element math does not
+  depend on the launch shape, so every choice gives the same numbers (a test checks each
+  candidate against the default, bit for bit);
+* the choice is kept for the process and on disk, in ``triton_tuning.json`` under
+  ``$FUSEDOPT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/fusedopt``, i.e. ``~/.cache/fusedopt``),
+  keyed on the device name and compute capability, the triton version, a hash of the kernel
+  sources and of the candidates, the variant and the dtype. Later processes read it and do not
+  time again. An unreadable file is ignored (and rewritten); an unwritable directory only costs
+  the next process a new tuning.
+
+Cost: the first step of each (variant, dtype) on a machine compiles the candidates (seconds)
+and waits for the GPU to time them (CUDA events). That is the one host synchronisation of the
+backend, once per variant and device model. It is skipped, and the default row used for those
+tables, when waiting is not allowed: while the current stream captures a CUDA graph, and while
+``torch.cuda.set_sync_debug_mode`` is not 0 (a one-time warning says so); and when it would not
+fit in memory (warning). ``FUSEDOPT_TRITON_TUNE=0`` turns tuning off (the default row);
+``FUSEDOPT_TRITON_CONFIG`` rows win over everything. :func:`tune` (or ``python -m
+fusedopt.backends.triton.tuning``) tunes ahead of time, e.g. before capturing a graph.
+
+CPU tensors (the interpreter, i.e. CI) use the default row unless ``FUSEDOPT_TRITON_TUNE=1``:
+timing interpreted Python says nothing about a GPU. Tests set it to run this module for real on
+a token workload.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import config as launch_config
+from .config import LaunchConfig
+
+#: ``0``/``off``: never tune; ``1``/``on``: tune on every device (CPU tensors too, in the
+#: interpreter); unset: tune on CUDA devices.
+ENV_TUNE = "FUSEDOPT_TRITON_TUNE"
+#: Directory of the on-disk cache (default ``$XDG_CACHE_HOME/fusedopt``).
+ENV_CACHE_DIR = "FUSEDOPT_CACHE_DIR"
+CACHE_FILE = "triton_tuning.json"
+#: Bytes per list of the scratch workload on a GPU.
+WORKLOAD_BYTES = 64 << 20
+#: Timing rounds, and launches per timed sample (GPU; the interpreter does 2 x 1).
+ROUNDS, INNER = 7, 5
+#: The default row stays unless a candidate is faster by more than this fraction.
+MARGIN = 0.03
+
+#: (plan kind, number of lists) -> variant name. Other kinds (the clipping norm) use the table.
+VARIANT_OF = {("adam", 3): "adam", ("adam", 4): "amsgrad", ("sgd", 1): "sgd", ("sgd", 2): "sgd-momentum"}
+VARIANTS = tuple(VARIANT_OF.values())
+_LISTS = {variant: n for (_, n), variant in VARIANT_OF.items()}
+
+
+@dataclass
+class TuningResult:
+    """What one tuning of a (variant, dtype, device model) found."""
+    variant: str
+    dtype: torch.dtype
+    device: str                      # device name and capability, as in the cache key
+    config: LaunchConfig             # the choice
+    timings_ms: Dict[str, float] = field(default_factory=dict)  # candidate -> best round / INNER
+    failed: Dict[str, str] = field(default_factory=dict)        # candidate -> why it was dropped
+    from_cache: bool = False
+
+    def to_json(self) -> dict:
+        return {"config": str(self.config), "timings_ms": self.timings_ms, "failed": self.failed,
+                "tuned_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "torch": torch.__version__}
+
+
+_chosen: Dict[str, LaunchConfig] = {}  # cache key -> choice, this process
+_warned: set = set()
+
+
+# ---- the entry point of the tables ----------------------------------------------------------
+def config_for(kind: str, n_lists: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
+    """The launch configuration for tables of ``kind`` over ``n_lists`` lists of ``dtype`` on
+    ``device``: the override row, else the tuned choice (tuning now if needed and allowed), else
+    the default row."""
+    override = launch_config.override_for(dtype)
+    if override is not None:
+        return override
+    variant = VARIANT_OF.get((kind, n_lists))
+    if variant is None or not enabled(device):
+        return launch_config.DEFAULT_CONFIGS[dtype]
+    return lookup_or_tune(variant, dtype, device).config
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether tables on ``device`` are tuned (see ``ENV_TUNE``)."""
+    value = os.environ.get(ENV_TUNE, "").strip().lower()
+    if value in ("0", "off", "false", "no"):
+        return False
+    if value in ("1", "on", "true", "yes"):
+        return True
+    if value:
+        raise ValueError(f"{ENV_TUNE}={os.environ[ENV_TUNE]!r}: expected 0 or 1")
+    return device.type == "cuda"
+
+
+def lookup_or_tune(variant: str, dtype: torch.dtype, device: torch.device, force: bool = False,
+                   sizes: Optional[Sequence[int]] = None) -> TuningResult:
+    """The choice for (variant, dtype) on ``device``: from this process, from the disk cache, or
+    timed now (``force``: time now whatever is cached). A choice that could not be timed now
+    (see the module docstring) is the default row, not remembered."""
+    key = cache_key(variant, dtype, device)
+    if not force:
+        if key in _chosen:
+            return TuningResult(variant, dtype, device_description(device), _chosen[key], from_cache=True)
+        cached = _read_cache().get(key)
+        config = _parse_config(cached.get("config")) if isinstance(cached, dict) else None
+        if config is not None:
+            _chosen[key] = config
+            return TuningResult(variant, dtype, device_description(device), config,
+                                dict(cached.get("timings_ms") or {}), dict(cached.get("failed") or {}),
+                                from_cache=True)
+    default = launch_config.DEFAULT_CONFIGS[dtype]
+    reason = _why_not_now(device)
+    if reason is not None:
+        _warn_once(f"fusedopt triton: launch configuration not tuned ({reason}); these tables use "
+                   f"the default {default} for {dtype}. Tune ahead of time with "
+                   "fusedopt.backends.triton.tune(), or set FUSEDOPT_TRITON_TUNE=0.")
+        return TuningResult(variant, dtype, device_description(device), default)
+    try:
+        result = measure(variant, dtype, device, sizes=sizes)
+    except torch.cuda.OutOfMemoryError:
+        _warn_once(f"fusedopt triton: not enough device memory to tune the launch configuration; "
+                   f"using the default {default} for {dtype}")
+        result = TuningResult(variant, dtype, device_description(device), default)
+    _chosen[key] = result.config
+    if result.timings_ms:
+        _write_cache(key, result.to_json())
+    return result
+
+
+def tune(device: Optional[torch.device] = None, dtypes: Iterable[torch.dtype] = launch_config.CANDIDATES,
+         variants: Iterable[str] = VARIANTS, force: bool = False) -> List[TuningResult]:
+    """Tune ahead of time (for the current CUDA device by default): one result per (variant,
+    dtype), from the cache unless ``force``. Later tables of those variants use the choices."""
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device(device)
+    results = []
+    for variant in variants:
+        if variant not in _LISTS:
+            raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+        for dtype in dtypes:
+            if dtype not in launch_config.CANDIDATES:
+                raise ValueError(f"dtype {dtype} is not supported by the triton backend")
+            results.append(lookup_or_tune(variant, dtype, device, force=force))
+    return results
+
+
+# ---- timing -------------------------------------------------------------------------------------
+def choose(timings: Dict[LaunchConfig, float], default: LaunchConfig, margin: float = MARGIN) -> LaunchConfig:
+    """The fastest of ``timings``, unless ``default`` is within ``margin`` of it."""
+    if not timings:
+        return default
+    best = min(timings, key=timings.__getitem__)
+    if default in timings and timings[default] <= timings[best] * (1.0 + margin):
+        return default
+    return best
+
+
+def workload_sizes(dtype: torch.dtype, device: torch.device) -> List[int]:
+    """Tensor sizes of the scratch workload: on a GPU ~``WORKLOAD_BYTES`` per list, three
+    quarters in 4 large tensors (bandwidth) and a quarter in 4096-element tensors (per-program
+    and padding costs, like 1000 x 4096); in the interpreter a token workload."""
+    if device.type != "cuda":
+        return [3000, 4096, 77]
+    elements = WORKLOAD_BYTES // torch.empty((), dtype=dtype).element_size()
+    large = elements * 3 // 4 // 4
+    return [large] * 4 + [4096] * (elements // 4 // 4096)
+
+
+def measure(variant: str, dtype: torch.dtype, device: torch.device,
+            candidates: Optional[Sequence[LaunchConfig]] = None,
+            sizes: Optional[Sequence[int]] = None) -> TuningResult:
+    """Time ``candidates`` (default: the dtype's) for ``variant`` on scratch tensors; no caching."""
+    from . import tables  # tables imports this module
+    candidates = list(candidates or launch_config.CANDIDATES[dtype])
+    default = launch_config.DEFAULT_CONFIGS[dtype]
+    sizes = list(sizes or workload_sizes(dtype, device))
+    lists, grads, steps = _scratch(variant, dtype, device, sizes)
+    names = _row_names(variant)
+    on_gpu = device.type == "cuda"
+    rounds, inner = (ROUNDS, INNER) if on_gpu else (2, 1)
+    result = TuningResult(variant, dtype, device_description(device), default)
+    runs: Dict[LaunchConfig, Callable[[], None]] = {}
+    with torch.no_grad():
+        for cfg in candidates:
+            plan = tables.build_plan(None, names, lists, steps, lambda _dtype, cfg=cfg: cfg)
+            run = _runner(variant, lists, grads, steps, plan)
+            try:
+                run()  # compiles this variant of the kernel
+            except Exception as exc:  # e.g. out of registers / shared memory for this shape
+                if cfg == default:
+                    raise
+                result.failed[str(cfg)] = f"{type(exc).__name__}: {exc}"[:300]
+                continue
+            runs[cfg] = run
+        _wait(device)
+        best: Dict[LaunchConfig, float] = {cfg: float("inf") for cfg in runs}
+        order = list(runs)
+        for r in range(rounds):
+            shift = r % len(order)
+            samples = [(cfg, _timed(runs[cfg], inner, device)) for cfg in order[shift:] + order[:shift]]
+            _wait(device)
+            for cfg, sample in samples:
+                best[cfg] = min(best[cfg], _seconds(sample) / inner)
+    result.timings_ms = {str(cfg): 1e3 * t for cfg, t in best.items()}
+    result.config = choose(best, default)
+    return result
+
+
+def _timed(run: Callable[[], None], inner: int, device: torch.device):
+    """Run ``inner`` times; a pair of recorded CUDA events, or seconds on the host."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            run()
+        end.record()
+        return start, end
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        run()
+    return time.perf_counter() - t0
+
+
+def _seconds(sample) -> float:
+    if isinstance(sample, float):
+        return sample
+    start, end = sample
+    return start.elapsed_time(end) / 1e3
+
+
+def _wait(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _why_not_now(device: torch.device) -> Optional[str]:
+    """Why the host may not wait for ``device`` now, or None."""
+    if device.type != "cuda":
+        return None
+    with torch.cuda.device(device):
+        if torch.cuda.is_current_stream_capturing():
+            return "a CUDA graph is being captured"
+    if torch.cuda.get_sync_debug_mode() != 0:
+        return "torch.cuda.set_sync_debug_mode is on"
+    return None
+
+
+def _row_names(variant: str) -> Tuple[str, ...]:
+    from .launch import ADAM_ROWS, SGD_ROWS
+    rows = SGD_ROWS if variant.startswith("sgd") else ADAM_ROWS
+    return rows[:_LISTS[variant]]
+
+
+def _scratch(variant: str, dtype: torch.dtype, device: torch.device, sizes: Sequence[int]):
+    """(lists, grads, steps) of the scratch workload: params and grads random (a generator of
+    their own), state zero, one fp32 step counter per tensor for Adam."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(0)
+    params = [torch.randn(n, generator=gen, device=device, dtype=dtype) for n in sizes]
+    grads = [torch.randn(n, generator=gen, device=device, dtype=dtype) for n in sizes]
+    states = [[torch.zeros_like(p) for p in params] for _ in range(_LISTS[variant] - 1)]
+    adam = not variant.startswith("sgd")
+    steps = [torch.zeros((), device=device) for _ in params] if adam else []
+    return [params, *states], grads, steps
+
+
+def _runner(variant: str, lists, grads, steps, plan) -> Callable[[], None]:
+    """One step of ``variant`` over the scratch lists through ``plan`` (one launch)."""
+    from . import launch
+    if variant.startswith("sgd"):
+        params, *buffers = lists
+        return lambda: launch.sgd_(params, grads, buffers[0] if buffers else [], lr=1e-3,
+                                   momentum=0.9 if buffers else 0.0, dampening=0.0, weight_decay=0.0,
+                                   nesterov=False, maximize=False, is_first_step=False, plan=plan)
+    params, exp_avgs, exp_avg_sqs, *maxes = lists
+    return lambda: launch.adam_(params, grads, exp_avgs, exp_avg_sqs, maxes[0] if maxes else [], steps,
+                                lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2,
+                                amsgrad=bool(maxes), maximize=False, decoupled_weight_decay=True,
+                                plan=plan)
+
+
+# ---- the cache ------------------------------------------------------------------------------
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} sm_{major}{minor}"
+    return f"{device.type} (triton interpreter)"
+
+
+_sources_digest: Optional[str] = None
+
+
+def _kernel_digest() -> str:
+    """Hash of the kernel sources: a changed kernel is tuned again."""
+    global _sources_digest
+    if _sources_digest is None:
+        digest = hashlib.sha1()
+        here = os.path.dirname(os.path.abspath(__file__))
+        for name in ("adam_kernel.py", "sgd_kernel.py", "program.py", "rules.py"):
+            with open(os.path.join(here, name), "rb") as f:
+                digest.update(f.read())
+        _sources_digest = digest.hexdigest()[:12]
+    return _sources_digest
+
+
+def cache_key(variant: str, dtype: torch.dtype, device: torch.device) -> str:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:  # pragma: no cover - the backend is unavailable then
+        triton_version = "?"
+    candidates = ",".join(map(str, launch_config.CANDIDATES[dtype]))
+    tuning = hashlib.sha1(f"{candidates};{launch_config.DEFAULT_CONFIGS[dtype]};{MARGIN}".encode()).hexdigest()[:8]
+    return (f"{device_description(device)} | triton {triton_version} | kernels {_kernel_digest()} | "
+            f"candidates {tuning} | {variant} | {str(dtype).replace('torch.', '')}")
+
+
+def cache_path() -> str:
+    root = os.environ.get(ENV_CACHE_DIR) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fusedopt")
+    return os.path.join(root, CACHE_FILE)
+
+
+def _read_cache() -> dict:
+    """The entries of the cache file; {} when it is missing or unreadable."""
+    try:
+        with open(cache_path(), encoding="utf-8") as f:
+            data = json.load(f)
+        entries = data.get("entries") if isinstance(data, dict) else None
+        return entries if isinstance(entries, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(key: str, entry: dict) -> None:
+    """Add ``entry`` under ``key`` (other processes' entries kept); atomic replace."""
+    path = cache_path()
+    entries = _read_cache()
+    entries[key] = entry
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".triton_tuning.", dir=os.path.dirname(path))
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"version": 1, "entries": entries}, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as exc:
+        _warn_once(f"fusedopt triton: cannot write the tuning cache {path} ({exc}); the choice "
+                   "holds for this process only")
+
+
+def _parse_config(text) -> Optional[LaunchConfig]:
+    if not isinstance(text, str):
+        return None
+    try:
+        block, tiles, warps = (int(x) for x in text.split("x"))
+    except ValueError:
+        return None
+    config = LaunchConfig(block, tiles, warps)
+    return config if config.block > 0 and config.tiles > 0 and config.num_warps > 0 else None
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def clear() -> None:
+    """Forget this process's choices (the disk cache stays)."""
+    _chosen.clear()
+
+
+# ---- command line -----------------------------------------------------------------------------
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fusedopt.backends.triton.tuning",
+                                     description="Time the Triton launch candidates on this GPU and "
+                                                 "cache the choices.")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtypes", default="float32,bfloat16,float16")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--force", action="store_true", help="time again even if cached")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    dtypes = [getattr(torch, name.strip()) for name in args.dtypes.split(",") if name.strip()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    results = tune(torch.device(args.device), dtypes, variants, force=args.force)
+    rows = []
+    for r in results:
+        default = launch_config.DEFAULT_CONFIGS[r.dtype]
+        timings = "  ".join(f"{c} {t:.4f}" for c, t in sorted(r.timings_ms.items(), key=lambda kv: kv[1]))
+        print(f"{r.device} {r.variant:12s} {str(r.dtype):15s} -> {r.config} (default {default}; "
+              f"{'cached' if r.from_cache else 'timed'})  ms/launch: {timings}")
+        for c, why in r.failed.items():
+            print(f"    dropped {c}: {why}")
+        rows.append(dict(device=r.device, variant=r.variant, dtype=str(r.dtype), config=str(r.config),
+                         default=str(default), timings_ms=r.timings_ms, failed=r.failed,
+                         from_cache=r.from_cache, torch=torch.__version__))
+    print(f"cache: {cache_path()}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Launch tuning of the triton backend (fusedopt/backends/triton/tuning.py).
+
+Without a GPU the kernels run in the Triton interpreter on CPU tensors (set here, as in
+test_backends_triton.py). There the timings mean nothing, but everything else is real: every
+candidate row is run and compared with the default row bit for bit, and the tuner runs the
+candidates, picks one, caches it on disk and reads it back, with ``FUSEDOPT_TRITON_TUNE=1``
+(CPU tensors are not tuned by default). On a GPU the same tests time real launches.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from fusedopt import backends  # noqa: E402
+from fusedopt.backends.triton import config as triton_config  # noqa: E402
+from fusedopt.backends.triton import tables, tuning  # noqa: E402
+from fusedopt.backends.triton.config import LaunchConfig  # noqa: E402
+from test_backends_triton import ADAM_DEFAULTS, DEVICES, DTYPES, AdamCase, _randn, launcher  # noqa: E402
+
+TRITON = backends.get("triton") if backends.get("triton").unavailable_reason() is None else None
+FP32 = torch.float32
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path):
+    """No override rows, the tuning switch unset, a cache directory of the test's own, and no
+    choice or plan left from other tests."""
+    monkeypatch.delenv(triton_config.ENV_VAR, raising=False)
+    monkeypatch.delenv(tuning.ENV_TUNE, raising=False)
+    monkeypatch.setenv(tuning.ENV_CACHE_DIR, str(tmp_path / "cache"))
+    tuning.clear()
+    tables.PLANS.clear()
+    yield
+    tuning.clear()
+    tables.PLANS.clear()
+
+
+def _name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def _cached_entries():
+    path = tuning.cache_path()
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)["entries"]
+
+
+def _sgd_steps(device, dtype, sizes, steps=2):
+    gen = torch.Generator().manual_seed(3)
+    params = [_randn(s, dtype, device, gen) for s in sizes]
+    bufs = [torch.zeros_like(p) for p in params]
+    for k in range(steps):
+        grads = [_randn(s, dtype, device, gen) for s in sizes]
+        TRITON.sgd_(params, grads, bufs, lr=0.05, momentum=0.9, dampening=0.0, weight_decay=0.01,
+                    nesterov=True, maximize=False, is_first_step=k == 0)
+    return params + bufs
+
+
+def _adam_steps(device, dtype, sizes, steps=2):
+    case = AdamCase(sizes, dtype, device)
+    params, state = case.copy()
+    case.run(TRITON, params, state, steps=steps,
+             **dict(ADAM_DEFAULTS, amsgrad=True, weight_decay=0.05, decoupled_weight_decay=True))
+    return params + [t for v in state.values() for t in v]
+
+
+_CANDIDATES = [pytest.param(dtype, cfg, id=f"{_name(dtype)}-{cfg}")
+               for dtype, rows in triton_config.CANDIDATES.items() for cfg in rows
+               if cfg != triton_config.DEFAULT_CONFIGS[dtype]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,cfg", _CANDIDATES)
+@pytest.mark.parametrize("algo", ["adamw-amsgrad", "sgd-nesterov"])
+def test_every_candidate_steps_like_the_default_row(device, dtype, cfg, algo, monkeypatch):
+    """Whatever the tuner picks gives the default row's numbers, bit for bit: empty, one element,
+    one tile and a bit, and a chunk of the candidate and a bit (two programs)."""
+    sizes = (0, 1, cfg.block + 1, cfg.chunk + 3)
+    run = _adam_steps if algo == "adamw-amsgrad" else _sgd_steps
+    results = {}
+    for row in (cfg, triton_config.DEFAULT_CONFIGS[dtype]):
+        monkeypatch.setenv(triton_config.ENV_VAR, f"{_name(dtype)}={row}")
+        results[row] = run(device, dtype, sizes)
+    for mine, default in zip(*results.values()):
+        assert torch.equal(mine, default)
+
+
+def test_choose_keeps_the_default_unless_another_is_clearly_faster():
+    a, b, c = LaunchConfig(512, 8, 4), LaunchConfig(1024, 4, 4), LaunchConfig(256, 16, 2)
+    assert tuning.choose({a: 1.00, b: 0.98, c: 1.5}, default=a) == a   # within 3 %: keep
+    assert tuning.choose({a: 1.00, b: 0.90, c: 1.5}, default=a) == b   # 10 % faster: move
+    assert tuning.choose({b: 0.90, c: 0.80}, default=a) == c           # default dropped
+    assert tuning.choose({}, default=a) == a
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_first_step_tunes_then_the_cache_answers(device, monkeypatch):
+    """The first step times every candidate (on scratch tensors: the caller's are stepped once a
+    step, as the reference shows), writes the choice to disk; a new process (here: the choices
+    forgotten) reads it back and makes only the step's own launch."""
+    monkeypatch.setenv(tuning.ENV_TUNE, "1")
+    rng = torch.get_rng_state()
+    AdamCase((5, 70), FP32, device).compare(TRITON, steps=2, **ADAM_DEFAULTS)
+    assert torch.equal(torch.get_rng_state(), rng)  # the scratch tensors have their own generator
+    entries = _cached_entries()
+    (key, entry), = entries.items()
+    assert key == tuning.cache_key("adam", FP32, torch.device(device))
+    assert set(entry["timings_ms"]) == {str(c) for c in triton_config.CANDIDATES[FP32]}
+    assert all(t > 0 for t in entry["timings_ms"].values())
+    assert tuning._parse_config(entry["config"]) in triton_config.CANDIDATES[FP32]
+
+    tuning.clear()
+    tables.PLANS.clear()
+    before = launcher().LAUNCHES["adam_kernel"]
+    AdamCase((5, 70), FP32, device).compare(TRITON, steps=1, **ADAM_DEFAULTS)
+    assert launcher().LAUNCHES["adam_kernel"] - before == 1
+    plan = next(iter(tables.PLANS._slots.values()))[0]
+    assert str(plan.buckets[0].config) == entry["config"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unreadable_cache_file_is_timed_again_and_rewritten(device, monkeypatch):
+    path = tuning.cache_path()
+    os.makedirs(os.path.dirname(path))
+    with open(path, "w") as f:
+        f.write("{not json")
+    result = tuning.lookup_or_tune("sgd", FP32, torch.device(device), sizes=[100, 7])
+    assert not result.from_cache and result.config in triton_config.CANDIDATES[FP32]
+    assert _cached_entries()[tuning.cache_key("sgd", FP32, torch.device(device))]["config"] == str(result.config)
+    again = tuning.lookup_or_tune("sgd", FP32, torch.device(device))
+    assert again.from_cache and again.config == result.config
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unwritable_cache_warns_and_keeps_the_choice_in_the_process(device, monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv(tuning.ENV_CACHE_DIR, str(blocker / "sub"))
+    with pytest.warns(RuntimeWarning, match="cannot write the tuning cache"):
+        result = tuning.lookup_or_tune("sgd", torch.bfloat16, torch.device(device), sizes=[50])
+    assert tuning.lookup_or_tune("sgd", torch.bfloat16, torch.device(device)).config == result.config
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_candidate_that_fails_is_dropped(device):
+    """A row the compiler refuses (here a block that is not a power of two) is reported, not
+    fatal; the default row failing would be."""
+    bad, default = LaunchConfig(48, 1, 4), triton_config.DEFAULT_CONFIGS[FP32]
+    result = tuning.measure("sgd-momentum", FP32, torch.device(device), candidates=[default, bad], sizes=[64])
+    assert set(result.timings_ms) == {str(default)} and str(bad) in result.failed
+    assert result.config == default
+    with pytest.raises(Exception):
+        tuning.measure("sgd", FP32, torch.device(device), candidates=[bad], sizes=[64])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_override_rows_and_the_switch_decide_before_tuning(device, monkeypatch):
+    dev = torch.device(device)
+    monkeypatch.setenv(tuning.ENV_TUNE, "1")
+    monkeypatch.setenv(triton_config.ENV_VAR, "float32=64x2x4")
+    assert tuning.config_for("adam", 3, FP32, dev) == LaunchConfig(64, 2, 4)
+    monkeypatch.delenv(triton_config.ENV_VAR)
+    monkeypatch.setenv(tuning.ENV_TUNE, "0")
+    assert tuning.config_for("adam", 3, FP32, dev) == triton_config.DEFAULT_CONFIGS[FP32]
+    monkeypatch.setenv(tuning.ENV_TUNE, "1")
+    assert tuning.config_for("norm", 1, FP32, dev) == triton_config.DEFAULT_CONFIGS[FP32]  # not tuned
+    assert _cached_entries() == {}
+    monkeypatch.setenv(tuning.ENV_TUNE, "sometimes")
+    with pytest.raises(ValueError, match="FUSEDOPT_TRITON_TUNE"):
+        tuning.config_for("adam", 3, FP32, dev)
+
+
+def test_cpu_tensors_are_not_tuned_by_default():
+    assert not tuning.enabled(torch.device("cpu"))
+    assert tuning.config_for("adam", 3, FP32, torch.device("cpu")) == triton_config.DEFAULT_CONFIGS[FP32]
+    assert _cached_entries() == {}
+
+
+def test_tune_refuses_unknown_variants_and_dtypes():
+    with pytest.raises(ValueError, match="unknown variant 'lamb'"):
+        tuning.tune(torch.device("cpu"), variants=["lamb"])
+    with pytest.raises(ValueError, match="float64 is not supported"):
+        tuning.tune(torch.device("cpu"), dtypes=[torch.float64], variants=["sgd"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_command_line_tunes_and_writes_json(device, tmp_path, capsys):
+    out = tmp_path / "tuned.json"
+    assert tuning.main(["--device", device, "--dtypes", "float16", "--variants", "sgd", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["variant"] == "sgd" and row["dtype"] == "torch.float16" and not row["from_cache"]
+    assert tuning._parse_config(row["config"]) in triton_config.CANDIDATES[torch.float16]
+    printed = capsys.readouterr().out
+    assert "sgd" in printed and row["config"] in printed and tuning.cache_path() in printed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_no_tuning_while_the_host_must_not_wait(monkeypatch):
+    """Under set_sync_debug_mode("error") the step builds its tables with the default row
+    (a warning says so) instead of synchronising; the choice is not remembered."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.warns(RuntimeWarning, match="not tuned"):
+            result = tuning.lookup_or_tune("adam", FP32, torch.device("cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert result.config == triton_config.DEFAULT_CONFIGS[FP32] and not result.timings_ms
+    assert _cached_entries() == {}
