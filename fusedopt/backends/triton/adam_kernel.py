@@ -66,7 +66,7 @@ def _adam_chunk(param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, max_exp_av
                        DTYPE, AMSGRAD, MAXIMIZE, HAS_WEIGHT_DECAY, DECOUPLED, HAS_GRAD_SCALE)
     else:  # the tensor's last chunk (possibly empty: it still advanced the step)
         tail = remaining.to(tl.int32)  # elements left: less than one chunk
-        for tile in range(tl.cdiv(tail, BLOCK)):  # only the tiles holding elements
+        for tile in range((tail + BLOCK - 1) // BLOCK):  # only the tiles holding elements
             offsets = tile * BLOCK + lanes
             _adam_tile(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
                        offsets, offsets < tail, grad_scale_ptr,

@@ -52,7 +52,7 @@ def _sgd_chunk(param_ptrs, grad_ptrs, buffer_ptrs, tensor, start, numel, grad_sc
                       HAS_GRAD_SCALE)
     else:  # the tensor's last chunk
         tail = remaining.to(tl.int32)  # elements left: less than one chunk
-        for tile in range(tl.cdiv(tail, BLOCK)):  # only the tiles holding elements
+        for tile in range((tail + BLOCK - 1) // BLOCK):  # only the tiles holding elements
             offsets = tile * BLOCK + lanes
             _sgd_tile(param_ptr, grad_ptr, buffer_ptr, offsets, offsets < tail,
                       grad_scale_ptr, lr, momentum, one_minus_dampening, weight_decay,
