@@ -639,6 +639,56 @@ def test_invalid_hyperparameters_raise_like_torch(name, kwargs):
     assert str(ours.value) == str(theirs.value)
 
 
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("name,key,value,message", [
+    ("AdamW", "betas", (0.9, 2.0), "Invalid beta parameter at index 1: 2.0"),
+    ("Adam", "betas", (1.5, 0.999), "Invalid beta parameter at index 0: 1.5"),
+    ("AdamW", "eps", -1.0, "Invalid epsilon value: -1.0"),
+    ("Adam", "weight_decay", float("nan"), "Invalid weight_decay value: nan"),
+    ("AdamW", "max_grad_norm", -1.0, "Invalid max_grad_norm"),
+    ("SGD", "momentum", -0.5, "Invalid momentum value: -0.5"),
+    ("SGD", "dampening", 0.5, "Nesterov momentum requires a momentum and zero dampening"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_hyperparameters_set_after_construction_are_checked_before_any_update(backend, name, key, value,
+                                                                              message):
+    """torch.optim checks only at construction; a bad value set in param_groups later gives NaN
+    or garbage there (beta1 = 1.5 silently). Here the step refuses it with the constructor's
+    message naming the group, before touching any group."""
+    kwargs = dict(lr=0.1, momentum=0.9, nesterov=True) if name == "SGD" else dict(lr=0.1)
+    first, second = make_params([(3,)]), make_params([(5,)])
+    opt = PAIRS[name][0]([{"params": first}, {"params": second}], backend=backend, **kwargs)
+    for p in first + second:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    before = [p.detach().clone() for p in first + second]
+    opt.param_groups[1][key] = value
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: " + message.replace("(", r"\(")):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, first + second))
+    opt.param_groups[1][key] = opt.defaults.get(key)  # fixed: steps again
+    opt.step()
+    assert not torch.equal(before[0], first[0])
+
+
+def test_valid_changes_of_watched_values_step_like_torch():
+    """Schedulers (OneCycleLR's cycle_momentum) and hand edits change betas/momentum each step:
+    fine, and the same numbers as torch.optim."""
+    ours_params, ref_params = make_params([(4, 3)]), make_params([(4, 3)])
+    ours = fusedopt.optim.AdamW(ours_params, lr=0.1)
+    ref = torch.optim.AdamW(ref_params, lr=0.1, foreach=False)
+    for step in range(4):
+        for opt in (ours, ref):
+            opt.param_groups[0]["betas"] = (0.85 + 0.03 * step, 0.99)
+            opt.param_groups[0]["weight_decay"] = 0.01 * step
+        set_grads([ours_params, ref_params], step)
+        ours.step()
+        ref.step()
+    assert_state_equal(ours, ours_params, ref, ref_params)
+    ours.param_groups[0]["eps"] = "tiny"
+    with pytest.raises(TypeError, match=r"param_groups\[0\]: epsilon value must be a number, got 'tiny'"):
+        ours.step()
+
+
 def test_bad_backend_name_and_unsupported_flags():
     with pytest.raises(ValueError, match="Invalid backend"):
         fusedopt.optim.SGD(make_params([(2,)]), lr=0.1, backend="gpu")

@@ -26,20 +26,28 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
-from .base import FusedOptimizer, GroupBucket, check_hyperparameter
+from .base import FusedOptimizer, GroupBucket, check_hyperparameter, check_value
 
 Tensor = torch.Tensor
 
 
-def _validate_adam(lr, betas, eps, weight_decay) -> None:
-    if isinstance(lr, Tensor):
-        check_hyperparameter(lr.numel() == 1, "Tensor lr must be 1-element")
-    check_hyperparameter(0.0 <= lr, f"Invalid learning rate: {lr}")
-    check_hyperparameter(0.0 <= eps, f"Invalid epsilon value: {eps}")
+def _validate_adam(lr, betas, eps, weight_decay, on_step: bool = False) -> None:
+    """torch.optim's checks (constructor, ``add_param_group``). ``on_step``: the step's check of
+    values changed in ``param_groups`` since; it skips lr (torch does not check it there, and
+    schedulers set it) and the value of any tensor (reading it would wait for the device)."""
+    if not on_step:
+        if isinstance(lr, Tensor):
+            check_hyperparameter(lr.numel() == 1, "Tensor lr must be 1-element")
+        check_hyperparameter(0.0 <= lr, f"Invalid learning rate: {lr}")
     check_hyperparameter(len(betas) == 2, f"betas must be a pair, got {betas!r}")
-    check_hyperparameter(0.0 <= betas[0] < 1.0, f"Invalid beta parameter at index 0: {betas[0]}")
-    check_hyperparameter(0.0 <= betas[1] < 1.0, f"Invalid beta parameter at index 1: {betas[1]}")
-    check_hyperparameter(0.0 <= weight_decay, f"Invalid weight_decay value: {weight_decay}")
+    in_unit = lambda v: 0.0 <= v < 1.0  # noqa: E731
+    non_negative = lambda v: 0.0 <= v  # noqa: E731
+    for value, ok, what in ((eps, non_negative, "epsilon value"),
+                            (betas[0], in_unit, "beta parameter at index 0"),
+                            (betas[1], in_unit, "beta parameter at index 1"),
+                            (weight_decay, non_negative, "weight_decay value")):
+        if not (on_step and isinstance(value, Tensor)):
+            check_value(ok, value, what)
     both_tensors = isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor)
     both_numbers = not isinstance(betas[0], Tensor) and not isinstance(betas[1], Tensor)
     check_hyperparameter(both_tensors or both_numbers, "betas must be either both floats or both Tensors")
@@ -118,6 +126,14 @@ class Adam(FusedOptimizer):
         for key in ("exp_avg", "exp_avg_sq"):
             if key not in state:
                 raise RuntimeError(f"{self.DISPLAY_NAME}: state of a parameter lacks {key!r}")
+
+    def _watched_values(self, group: Dict[str, Any]) -> tuple:
+        return (group["betas"], group["eps"], group["weight_decay"], group.get("max_grad_norm"),
+                group.get("skip_nonfinite", False))
+
+    def _validate_on_step(self, group: Dict[str, Any]) -> None:
+        super()._validate_on_step(group)
+        _validate_adam(None, group["betas"], group["eps"], group["weight_decay"], on_step=True)
 
     def _hyper(self, group, grad_scale, found_inf) -> Dict[str, Any]:
         beta1, beta2 = group["betas"]

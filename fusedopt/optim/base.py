@@ -24,6 +24,7 @@ import torch
 from torch.optim.optimizer import Optimizer
 
 from .. import _dtensor, backends
+from .._compiling import is_compiling
 from .._lists import any_none as _any_none
 from .._lists import any_sparse as _any_sparse
 from .._lists import grads_of as _grads_of
@@ -104,6 +105,16 @@ def check_hyperparameter(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def check_value(ok, value, what: str) -> None:
+    """``ok(value)`` or ``ValueError("Invalid <what>: <value>")`` (torch's wording); a value that
+    cannot be compared (a string, None) is a ``TypeError`` saying so."""
+    try:
+        good = ok(value)
+    except TypeError:
+        raise TypeError(f"{what} must be a number, got {value!r}") from None
+    check_hyperparameter(good, f"Invalid {what}: {value}")
+
+
 #: Clipping options every fused optimizer takes (keyword arguments, stored in the groups; torch.optim
 #: ignores them when it loads a fusedopt checkpoint).
 CLIP_DEFAULTS: Dict[str, Any] = {"max_grad_norm": None, "skip_nonfinite": False}
@@ -152,6 +163,7 @@ class FusedOptimizer(Optimizer):
         if defaults.get("fused") and defaults.get("foreach"):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         self._group_caches: Dict[int, GroupCache] = {}
+        self._checked_values: Dict[int, tuple] = {}  # id(group) -> values last validated by a step
         super().__init__(params, defaults)  # (it sets self.state: see the property)
 
     # torch.amp.GradScaler passes grad_scale / found_inf as attributes when this is True.
@@ -195,6 +207,7 @@ class FusedOptimizer(Optimizer):
         self.__dict__.pop("_state_version", None)  # (an int attribute, before the property)
         old = {key: self.__dict__.pop(key, None) for key in ("last_grad_norm", "skipped_steps")}
         self.__dict__.setdefault("_step_stats", old)  # objects pickled before the dict existed
+        self._checked_values = {}
         self._group_caches = {}
         self._tracked_state._version.value += 1
         for group in self.param_groups:
@@ -242,6 +255,36 @@ class FusedOptimizer(Optimizer):
     def _validate_group(self, group: Dict[str, Any]) -> None:
         """Subclasses check per-group hyperparameters given to ``add_param_group``."""
 
+    def _watched_values(self, group: Dict[str, Any]) -> tuple:
+        """The group values a step validates again when they change: subclasses return theirs
+        plus the clipping options, in one flat tuple (one call a group a step)."""
+        return (group.get("max_grad_norm"), group.get("skip_nonfinite", False))
+
+    def _validate_on_step(self, group: Dict[str, Any]) -> None:
+        """Check the :meth:`_watched_values` of ``group`` (subclasses check theirs too)."""
+        check_clip_options(group.get("max_grad_norm"), group.get("skip_nonfinite", False))
+
+    def _recheck_groups(self) -> None:
+        """Validate a group's hyperparameters again when its :meth:`_watched_values` (what the
+        update reads besides lr) changed since the last step, before anything is updated: a value
+        set in ``param_groups`` after construction (``group["betas"] = (0.9, 2.0)``) gets the
+        constructor's clear error, naming the group, instead of NaN parameters. (Tensor values
+        are not checked, only compared: the step reads them on the host anyway.) A fraction of a
+        microsecond a group when nothing changed; not under torch.compile (the values are guarded
+        constants there)."""
+        if is_compiling():
+            return
+        checked = self._checked_values
+        for index, group in enumerate(self.param_groups):
+            key = self._watched_values(group)
+            if checked.get(id(group)) == key:
+                continue
+            try:
+                self._validate_on_step(group)
+            except (ValueError, TypeError) as exc:
+                raise type(exc)(f"{self.DISPLAY_NAME}: param_groups[{index}]: {exc}") from None
+            checked[id(group)] = key
+
     # ---- the step -------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
@@ -250,6 +293,7 @@ class FusedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._recheck_groups()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         max_norms = [g.get("max_grad_norm") for g in self.param_groups]

@@ -29,19 +29,23 @@ import torch
 from .._lists import any_none as _any_none
 from .._lists import sparse_positions as _sparse_positions
 from .._views import kernel_view
-from .base import FusedOptimizer, GroupBucket, check_hyperparameter
+from .base import FusedOptimizer, GroupBucket, check_hyperparameter, check_value
 
 Tensor = torch.Tensor
 
 
-def _validate_sgd(lr, momentum, dampening, weight_decay, nesterov) -> None:
-    if isinstance(lr, Tensor):
-        check_hyperparameter(lr.numel() == 1, "Tensor lr must be 1-element")
-    check_hyperparameter(not lr < 0.0, f"Invalid learning rate: {lr}")
-    check_hyperparameter(not momentum < 0.0, f"Invalid momentum value: {momentum}")
-    check_hyperparameter(not weight_decay < 0.0, f"Invalid weight_decay value: {weight_decay}")
-    check_hyperparameter(not (nesterov and (momentum <= 0 or dampening != 0)),
-                         "Nesterov momentum requires a momentum and zero dampening")
+def _validate_sgd(lr, momentum, dampening, weight_decay, nesterov, on_step: bool = False) -> None:
+    """torch.optim.SGD's checks; ``on_step`` as for Adam's (no lr, no tensor values)."""
+    if not on_step:
+        if isinstance(lr, Tensor):
+            check_hyperparameter(lr.numel() == 1, "Tensor lr must be 1-element")
+        check_hyperparameter(not lr < 0.0, f"Invalid learning rate: {lr}")
+    for value, what in ((momentum, "momentum value"), (weight_decay, "weight_decay value")):
+        if not (on_step and isinstance(value, Tensor)):
+            check_value(lambda v: not v < 0.0, value, what)
+    if not (on_step and isinstance(momentum, Tensor)):
+        check_hyperparameter(not (nesterov and (momentum <= 0 or dampening != 0)),
+                             "Nesterov momentum requires a momentum and zero dampening")
 
 
 def _skipped_on_host(found_inf: Optional[Tensor]) -> bool:
@@ -117,6 +121,15 @@ class SGD(FusedOptimizer):
 
     def _init_state(self, group, p: Tensor, state: Dict[str, Any]) -> None:
         """Nothing up front: like torch.optim, the buffer appears at the first step."""
+
+    def _watched_values(self, group: Dict[str, Any]) -> tuple:
+        return (group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"],
+                group.get("max_grad_norm"), group.get("skip_nonfinite", False))
+
+    def _validate_on_step(self, group: Dict[str, Any]) -> None:
+        super()._validate_on_step(group)
+        _validate_sgd(None, group["momentum"], group["dampening"], group["weight_decay"],
+                      group["nesterov"], on_step=True)
 
     @staticmethod
     def _hyper(group, grad_scale, found_inf) -> Dict[str, Any]:
