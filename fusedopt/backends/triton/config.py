@@ -9,21 +9,24 @@ row: :mod:`.tuning` times the :data:`CANDIDATES` of a dtype on the device the fi
 needed and keeps the fastest (cached on disk). :data:`DEFAULT_CONFIGS` is the row used when
 tuning is off or not allowed (under CUDA graph capture, under ``set_sync_debug_mode``, on CPU
 tensors in the interpreter) and by the clipping norm kernel, and the row tuning keeps unless a
-candidate is measurably faster. It was NOT timed (the session that wrote it had no GPU); it
-follows the usual shape of memory-bound elementwise kernels on NVIDIA GPUs and the register
-counts ptxas reports for the AMSGrad/AdamW kernel compiled for sm_90a (no spills anywhere):
+candidate is measurably faster. It was NOT timed (no session so far had a GPU); it follows the
+usual shape of memory-bound elementwise kernels on NVIDIA GPUs:
 
 * one 16-byte vector per tensor per thread per tile: fp32 512 x 4 warps (4 elements a thread),
-  bf16/fp16 1024 x 4 warps (8 elements). Twice that per thread doubles the registers
-  (fp32 1024 x 4 warps: 125; bf16 2048 x 4 warps: 251, the maximum, which caps an SM at two
-  programs) for no more bytes in flight per SM;
-* fp32 512 x 4 warps: 72 registers, 7 programs (28 warps) per SM; bf16 1024 x 4 warps: 121
-  registers, 4 programs (16 warps), each warp with 2.5 KiB of loads in flight per tile;
-  bf16 512 x 4 warps (8-byte vectors) needs 79;
+  bf16/fp16 1024 x 4 warps (8 elements); twice that per thread roughly doubles the registers
+  for no more bytes in flight per SM;
 * 8 (fp32) / 4 (16-bit) tiles per program: a 4096-element chunk, so the ~10 scalar table loads,
   the step atomics and the bias corrections of a program are spread over 16 KiB (fp32) of every
   tensor, while a 124M-parameter model still launches ~30k programs, far more than an H100's
   132 SMs hold at once.
+
+Registers per thread, from ptxas on the kernels compiled for sm_90a without a GPU
+(``benchmarks/triton_registers.py``; every candidate in ``results/triton-registers-sm90.json``
+and ``-sm80.json``, triton 3.8): default rows fp32 AdamW 56 (9 programs per SM by registers),
+AMSGrad 72 (7), SGD with momentum 38 (12); bf16 AdamW 94 (5), AMSGrad 113 (4), SGD 55 (9).
+The most is 250 (16-bit AMSGrad 2048 x 4 warps, 2 programs per SM). Nothing spills but one
+8-byte value (a store and a load) of fp32 AdamW with 512-element tiles on sm_90, where ptxas
+stays at 56 registers; none on sm_80.
 
 The candidates vary each of those choices around the default: fewer and more tiles per program
 (chunk size), twice the elements per thread, more warps per program. Every candidate is tested
