@@ -26,6 +26,8 @@
 #   cuda_sanitizer  compute-sanitizer memcheck + racecheck over small CUDA-backend tests
 #   sanitizer  compute-sanitizer memcheck over triton Adam/SGD steps on awkward sizes (vs reference)
 #   sweep      Triton block/tiles/warps candidates vs torch fused, interleaved -> triton_config_sweep.jsonl
+#   ncu        Nsight Compute on AdamW / SGD steps of the cuda and triton backends (GPT-2 shapes):
+#              registers, occupancy limits, achieved occupancy, DRAM throughput per kernel -> ncu.csv
 #   cache      host cost of the table-cache check (1000 tensors) and of a whole step -> cache_check.json
 # With $OUT set (the device tool brings back at most 8 files), everything but summary.txt,
 # versions.txt, the three bench_*.jsonl and launches.json is packed into gpu_check_rest.tar.gz.
@@ -43,7 +45,7 @@ LOGS="$RESULTS/logs"
 SUMMARY="$RESULTS/summary.txt"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-570}"
 BENCH_DTYPES="${GPU_CHECK_BENCH_DTYPES:-fp32,bf16}"
-STAGES=",${GPU_CHECK_STAGES:-versions,install,cuda,triton,tune,launches,bench_adam,bench_sgd,bench_clip,gpu_tests,cuda_sanitizer,sanitizer,sweep,cache},"
+STAGES=",${GPU_CHECK_STAGES:-versions,install,cuda,triton,tune,launches,bench_adam,bench_sgd,bench_clip,gpu_tests,cuda_sanitizer,sanitizer,sweep,cache,ncu},"
 PYTHON="${PYTHON:-python}"
 START_S=$SECONDS
 WORK="$(mktemp -d)"   # tests run from here so that the installed package is the one imported
@@ -498,6 +500,49 @@ with open(os.path.join(os.environ["RESULTS"], "triton_config_sweep.jsonl"), "w")
 PY
 }
 
+stage_ncu() {
+    cd "$WORK"
+    local ncu
+    ncu="$(command -v ncu || true)"
+    if [[ -z "$ncu" && -x /usr/local/cuda/bin/ncu ]]; then ncu=/usr/local/cuda/bin/ncu; fi
+    if [[ -z "$ncu" ]]; then
+        echo "ncu not found: stage not run"
+        return 3
+    fi
+    cat > "$WORK/ncu_steps.py" <<'PY'
+"""Three steps of each case; ncu profiles every kernel whose name has adam or sgd in it."""
+import torch
+import fusedopt
+
+d, shapes = 768, [(50257, 768), (1024, 768)]
+for _ in range(12):
+    shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+available = fusedopt.backends.available()
+for backend in ("cuda", "triton"):
+    if available.get(backend) is not None:
+        print(backend, "unavailable:", available[backend])
+        continue
+    for dtype in (torch.float32, torch.bfloat16):
+        for make in (lambda ps: fusedopt.optim.AdamW(ps, backend=backend),
+                     lambda ps: fusedopt.optim.SGD(ps, lr=0.1, momentum=0.9, backend=backend)):
+            params = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=dtype)) for s in shapes]
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt = make(params)
+            for _ in range(3):
+                opt.step()
+            torch.cuda.synchronize()
+            print(backend, dtype, type(opt).__name__, "ok")
+            del opt, params
+PY
+    # the third step of each case: --launch-skip-before-match would need per-case counts, so
+    # every matching launch is profiled (12 cases x 3 steps, a few metrics: well under a minute)
+    FUSEDOPT_TRITON_TUNE=0 "$ncu" --target-processes all --kernel-name 'regex:adam|sgd' \
+        --metrics launch__registers_per_thread,launch__grid_size,launch__block_size,launch__occupancy_limit_registers,launch__occupancy_limit_warps,sm__maximum_warps_per_active_cycle_pct,sm__warps_active.avg.pct_of_peak_sustained_active,dram__throughput.avg.pct_of_peak_sustained_elapsed,gpu__time_duration.sum \
+        --csv --page raw "$PYTHON" "$WORK/ncu_steps.py" > "$RESULTS/ncu.csv"
+    grep -v '^==' "$RESULTS/ncu.csv" | head -n 40
+}
+
 stage_bench() {
     local script="$1" out="$2"
     cd "$WORK"
@@ -527,7 +572,7 @@ pack_for_transfer() {
 # ---------------------------------------------------------------------------------------------
 export REPO RESULTS LOGS WORK PYTHON BENCH_DTYPES
 export -f stage_versions stage_install stage_triton_tests stage_tune stage_gpu_tests stage_launches \
-    stage_sanitizer stage_cache stage_sweep stage_bench stage_bench_clip cuda_backend_ready \
+    stage_sanitizer stage_cache stage_sweep stage_ncu stage_bench stage_bench_clip cuda_backend_ready \
     stage_cuda_tests stage_cuda_sanitizer
 log "results -> $RESULTS (budget ${BUDGET_S}s)"
 run_stage versions 60 10 stage_versions
@@ -547,6 +592,7 @@ run_stage cuda_sanitizer 120 40 stage_cuda_sanitizer
 run_stage sanitizer 120 40 stage_sanitizer
 run_stage sweep 120 60 stage_sweep
 run_stage cache 60 20 stage_cache
+run_stage ncu 120 40 stage_ncu
 log "done in $((SECONDS - START_S)) s"
 echo "== summary ($RESULTS/summary.txt) =="
 cat "$SUMMARY"
