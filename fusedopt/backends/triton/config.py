@@ -7,8 +7,8 @@ padding waste on tensors that are not a multiple of the chunk and better balance
 Which row is fastest depends on the GPU, so on CUDA the optimizer kernels do not use a fixed
 row: :mod:`.tuning` times the :data:`CANDIDATES` of a dtype on the device the first time it is
 needed and keeps the fastest (cached on disk). :data:`DEFAULT_CONFIGS` is the row used when
-tuning is off or not allowed (under CUDA graph capture, under ``set_sync_debug_mode``, on CPU
-tensors in the interpreter) and by the clipping norm kernel, and the row tuning keeps unless a
+tuning is off or not allowed (under CUDA graph capture, on CPU tensors in the interpreter),
+while the timing runs, and by the clipping norm kernel, and the row tuning keeps unless a
 candidate is measurably faster. It was NOT timed (no session so far had a GPU); it follows the
 usual shape of memory-bound elementwise kernels on NVIDIA GPUs:
 

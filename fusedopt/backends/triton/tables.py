@@ -110,6 +110,9 @@ class Plan:
         self.fallback: List[int] = []     # entries the kernels cannot address (non-dense layouts)
         self.grad_key = None  # address_key of the gradients the tables point at
         self.builds_of_grad_tables = 0
+        # built with default rows while their tuning was still timing on the device: the cache
+        # rebuilds the plan (same key) once the tuned rows are known
+        self.provisional = False
 
     # ---- gradients ---------------------------------------------------------------------------
     def bind_gradients(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
@@ -178,24 +181,36 @@ class PlanCache:
                      params[0].device, os.environ.get(launch_config.ENV_VAR),
                      os.environ.get(tuning.ENV_TUNE))
         plans = self._slots.get(signature)
+        device = params[0].device
         if plans is not None:
             self._slots.move_to_end(signature)
             for position, plan in enumerate(plans):
                 if plan.key == key:
                     if position:
                         plans.insert(0, plans.pop(position))
+                    if plan.provisional and self._settled(plan, kind, len(names), device):
+                        break  # its tuned rows are known now: rebuild it with them
                     return plan
-        device = params[0].device
         plan = build_plan(key, names, lists, steps,
                           lambda dtype: tuning.config_for(kind, len(names), dtype, device))
+        plan.provisional = not self._settled(plan, kind, len(names), device)
         self.builds += 1
         if plans is None:
             plans = self._slots[signature] = []
-        plans.insert(0, plan)
+        if plans and plans[0].key == key:  # the provisional plan it replaces
+            plans[0] = plan
+        else:
+            plans.insert(0, plan)
         del plans[self.per_signature:]
         while len(self._slots) > self.capacity:
             self._slots.popitem(last=False)
         return plan
+
+
+    @staticmethod
+    def _settled(plan: "Plan", kind: str, n_lists: int, device: torch.device) -> bool:
+        """Whether every bucket's launch row is final (no tuning in flight for it)."""
+        return all(tuning.settled(kind, n_lists, bucket.dtype, device) for bucket in plan.buckets)
 
 
 def build_plan(key, names: Sequence[str], lists: Sequence[Sequence[Tensor]], steps: Sequence[Tensor],

@@ -7,33 +7,40 @@ trust a fixed table: the first time it builds tables for a kernel variant (``ada
 
 * on scratch tensors of its own (:func:`workload_sizes`: about ``WORKLOAD_BYTES`` per list, in
   a few large tensors and many 4096-element ones, so both bandwidth and per-program overheads
-  count), never on the caller's: those are stepped exactly once, by the chosen configuration.
+  count), never on the caller's: those are stepped exactly once, by the configuration in use.
   The scratch tensors draw from a generator of their own, not from torch's global RNG;
-* every candidate runs once first (that compiles it), then ``ROUNDS`` rounds time each
-  candidate over ``INNER`` launches, in an order rotated every round so drift spreads over all
-  of them; a candidate's time is its best round. The default row is kept unless another is
-  more than ``MARGIN`` faster, so noise does not move the choice. The per-element math does not
+* every candidate runs once first (that compiles it, on the host), then ``ROUNDS`` rounds time
+  each candidate over ``INNER`` launches between two CUDA events, in an order rotated every
+  round; a candidate's time is its best round. The default row is kept unless another is more
+  than ``MARGIN`` faster, so noise does not move the choice. The per-element math does not
   depend on the launch shape, so every choice gives the same numbers (a test checks each
   candidate against the default, bit for bit);
+* **without waiting for the device**: the timed launches and their events are enqueued on the
+  current stream and the step goes on with tables built on the default row. Later steps ask
+  the last event whether it has run (``Event.query``, no synchronisation); once it has, the
+  choice is read and the tables are rebuilt with it (:class:`.tables.PlanCache`), usually at
+  the second step. So a step never synchronises with the host, even the first one, and
+  ``torch.cuda.set_sync_debug_mode("error")`` holds throughout;
 * the choice is kept for the process and on disk, in ``triton_tuning.json`` under
   ``$FUSEDOPT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/fusedopt``, i.e. ``~/.cache/fusedopt``),
   keyed on the device name and compute capability, the triton version, a hash of the kernel
-  sources and of the candidates, the variant and the dtype. Later processes read it and do not
-  time again. An unreadable file is ignored (and rewritten); an unwritable directory only costs
-  the next process a new tuning.
+  sources and of the candidates, the variant and the dtype. Later processes read it and use the
+  tuned row from their first step. An unreadable file is ignored (and rewritten); an unwritable
+  directory only costs the next process a new tuning.
 
-Cost: the first step of each (variant, dtype) on a machine compiles the candidates (seconds)
-and waits for the GPU to time them (CUDA events). That is the one host synchronisation of the
-backend, once per variant and device model. It is skipped, and the default row used for those
-tables, when waiting is not allowed: while the current stream captures a CUDA graph, and while
-``torch.cuda.set_sync_debug_mode`` is not 0 (a one-time warning says so); and when it would not
-fit in memory (warning). ``FUSEDOPT_TRITON_TUNE=0`` turns tuning off (the default row);
-``FUSEDOPT_TRITON_CONFIG`` rows win over everything. :func:`tune` (or ``python -m
-fusedopt.backends.triton.tuning``) tunes ahead of time, e.g. before capturing a graph.
+Cost: the first step of each (variant, dtype) on a machine compiles the candidates (seconds of
+host time) and queues ~40 launches per candidate on the device (milliseconds). Not tuned, and
+the default row used for those tables: while the current stream captures a CUDA graph (the
+timing would be captured too; a one-time warning says so, and the next tables built outside a
+capture start it), when the scratch tensors do not fit in memory (warning), with
+``FUSEDOPT_TRITON_TUNE=0``, and for the clipping norm kernel. ``FUSEDOPT_TRITON_CONFIG`` rows win
+over everything. :func:`tune` (or ``python -m fusedopt.backends.triton.tuning``) tunes ahead of
+time and waits for the result, e.g. before capturing a graph.
 
 CPU tensors (the interpreter, i.e. CI) use the default row unless ``FUSEDOPT_TRITON_TUNE=1``:
-timing interpreted Python says nothing about a GPU. Tests set it to run this module for real on
-a token workload.
+timing interpreted Python says nothing about a GPU. There the runs happen at once (host clock),
+so the choice is known when the first tables are built. Tests set it to run this module for
+real on a token workload.
 """
 from __future__ import annotations
 
@@ -91,21 +98,47 @@ class TuningResult:
 
 
 _chosen: Dict[str, LaunchConfig] = {}  # cache key -> choice, this process
+_pending: Dict[str, "Timing"] = {}     # cache key -> timing in flight on the device
 _warned: set = set()
 
 
-# ---- the entry point of the tables ----------------------------------------------------------
+# ---- the entry points of the tables ------------------------------------------------------------
 def config_for(kind: str, n_lists: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
-    """The launch configuration for tables of ``kind`` over ``n_lists`` lists of ``dtype`` on
-    ``device``: the override row, else the tuned choice (tuning now if needed and allowed), else
-    the default row."""
-    override = launch_config.override_for(dtype)
-    if override is not None:
-        return override
-    variant = VARIANT_OF.get((kind, n_lists))
-    if variant is None or not enabled(device):
-        return launch_config.DEFAULT_CONFIGS[dtype]
-    return lookup_or_tune(variant, dtype, device).config
+    """The launch configuration for new tables of ``kind`` over ``n_lists`` lists of ``dtype`` on
+    ``device``: the override row, else the tuned choice, else the default row. On CUDA a missing
+    choice starts its timing on the device (no wait) and the default row serves until
+    :func:`settled` says the choice is known."""
+    variant = _variant(kind, n_lists, dtype, device)
+    if variant is None:
+        return launch_config.override_for(dtype) or launch_config.DEFAULT_CONFIGS[dtype]
+    key = cache_key(variant, dtype, device)
+    known = _known(key)
+    if known is not None:
+        return known
+    timing = _pending.get(key)
+    if timing is None:
+        timing = _start(variant, dtype, device, key)
+        if timing is None:  # not allowed now: the default row, and a new try with the next tables
+            return launch_config.DEFAULT_CONFIGS[dtype]
+    if timing.done():
+        return _finish(key, timing).config
+    return launch_config.DEFAULT_CONFIGS[dtype]
+
+
+def settled(kind: str, n_lists: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """False while the choice for such tables is still being timed on the device (then tables
+    built now use the default row and should be rebuilt once this turns True). Never waits."""
+    variant = _variant(kind, n_lists, dtype, device)
+    if variant is None:
+        return True
+    key = cache_key(variant, dtype, device)
+    timing = _pending.get(key)
+    if timing is None:
+        return True
+    if not timing.done():
+        return False
+    _finish(key, timing)
+    return True
 
 
 def enabled(device: torch.device) -> bool:
@@ -122,43 +155,34 @@ def enabled(device: torch.device) -> bool:
 
 def lookup_or_tune(variant: str, dtype: torch.dtype, device: torch.device, force: bool = False,
                    sizes: Optional[Sequence[int]] = None) -> TuningResult:
-    """The choice for (variant, dtype) on ``device``: from this process, from the disk cache, or
-    timed now (``force``: time now whatever is cached). A choice that could not be timed now
-    (see the module docstring) is the default row, not remembered."""
+    """The choice for (variant, dtype) on ``device``, waiting for it if needed: from this
+    process, from the disk cache, or timed now (``force``: time now whatever is cached). For
+    :func:`tune`, which runs ahead of time and may wait for the device."""
     key = cache_key(variant, dtype, device)
+    description = device_description(device)
     if not force:
         if key in _chosen:
-            return TuningResult(variant, dtype, device_description(device), _chosen[key], from_cache=True)
+            return TuningResult(variant, dtype, description, _chosen[key], from_cache=True)
         cached = _read_cache().get(key)
         config = _parse_config(cached.get("config")) if isinstance(cached, dict) else None
         if config is not None:
             _chosen[key] = config
-            return TuningResult(variant, dtype, device_description(device), config,
-                                dict(cached.get("timings_ms") or {}), dict(cached.get("failed") or {}),
-                                from_cache=True)
-    default = launch_config.DEFAULT_CONFIGS[dtype]
-    reason = _why_not_now(device)
-    if reason is not None:
-        _warn_once(f"fusedopt triton: launch configuration not tuned ({reason}); these tables use "
-                   f"the default {default} for {dtype}. Tune ahead of time with "
-                   "fusedopt.backends.triton.tune(), or set FUSEDOPT_TRITON_TUNE=0.")
-        return TuningResult(variant, dtype, device_description(device), default)
-    try:
-        result = measure(variant, dtype, device, sizes=sizes)
-    except torch.cuda.OutOfMemoryError:
-        _warn_once(f"fusedopt triton: not enough device memory to tune the launch configuration; "
-                   f"using the default {default} for {dtype}")
-        result = TuningResult(variant, dtype, device_description(device), default)
-    _chosen[key] = result.config
-    if result.timings_ms:
-        _write_cache(key, result.to_json())
-    return result
+            return TuningResult(variant, dtype, description, config, dict(cached.get("timings_ms") or {}),
+                                dict(cached.get("failed") or {}), from_cache=True)
+    timing = _pending.get(key) if not force else None
+    if timing is None:
+        timing = _start(variant, dtype, device, key, sizes)
+        if timing is None:
+            return TuningResult(variant, dtype, description, launch_config.DEFAULT_CONFIGS[dtype])
+    timing.wait()
+    return _finish(key, timing)
 
 
 def tune(device: Optional[torch.device] = None, dtypes: Iterable[torch.dtype] = launch_config.CANDIDATES,
          variants: Iterable[str] = VARIANTS, force: bool = False) -> List[TuningResult]:
-    """Tune ahead of time (for the current CUDA device by default): one result per (variant,
-    dtype), from the cache unless ``force``. Later tables of those variants use the choices."""
+    """Tune ahead of time (for the current CUDA device by default), waiting for the results: one
+    per (variant, dtype), from the cache unless ``force``. Later tables of those variants use
+    the choices from their first step on."""
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device())
     device = torch.device(device)
@@ -171,6 +195,60 @@ def tune(device: Optional[torch.device] = None, dtypes: Iterable[torch.dtype] = 
                 raise ValueError(f"dtype {dtype} is not supported by the triton backend")
             results.append(lookup_or_tune(variant, dtype, device, force=force))
     return results
+
+
+def _variant(kind: str, n_lists: int, dtype: torch.dtype, device: torch.device) -> Optional[str]:
+    """The variant to tune for such tables, or None when they are not tuned (override row,
+    tuning off, a kind that is never tuned)."""
+    if launch_config.override_for(dtype) is not None:
+        return None
+    variant = VARIANT_OF.get((kind, n_lists))
+    return variant if variant is not None and enabled(device) else None
+
+
+def _known(key: str) -> Optional[LaunchConfig]:
+    """The choice under ``key`` from this process or the disk cache (remembered), or None."""
+    if key in _chosen:
+        return _chosen[key]
+    cached = _read_cache().get(key)
+    config = _parse_config(cached.get("config")) if isinstance(cached, dict) else None
+    if config is not None:
+        _chosen[key] = config
+    return config
+
+
+def _start(variant: str, dtype: torch.dtype, device: torch.device, key: str,
+           sizes: Optional[Sequence[int]] = None) -> Optional["Timing"]:
+    """Enqueue the timing of every candidate (pending under ``key``), or None when it may not
+    run now (a CUDA graph is being captured: it would be captured too) or does not fit."""
+    default = launch_config.DEFAULT_CONFIGS[dtype]
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            capturing = torch.cuda.is_current_stream_capturing()
+        if capturing:
+            _warn_once(f"fusedopt triton: launch configuration not tuned while a CUDA graph is "
+                       f"being captured; these tables use the default {default} for {dtype}. Run a "
+                       "step before capturing, or tune ahead of time with fusedopt.backends.triton.tune().")
+            return None
+    try:
+        timing = Timing(variant, dtype, device, sizes=sizes)
+    except torch.cuda.OutOfMemoryError:
+        _warn_once(f"fusedopt triton: not enough device memory to tune the launch configuration; "
+                   f"using the default {default} for {dtype}")
+        _chosen[key] = default
+        return None
+    _pending[key] = timing
+    return timing
+
+
+def _finish(key: str, timing: "Timing") -> TuningResult:
+    """Read a completed timing: remember and cache its choice, drop its scratch tensors."""
+    result = timing.result()
+    _pending.pop(key, None)
+    _chosen[key] = result.config
+    if result.timings_ms:
+        _write_cache(key, result.to_json())
+    return result
 
 
 # ---- timing -------------------------------------------------------------------------------------
@@ -195,44 +273,78 @@ def workload_sizes(dtype: torch.dtype, device: torch.device) -> List[int]:
     return [large] * 4 + [4096] * (elements // 4 // 4096)
 
 
+class Timing:
+    """The timing of ``candidates`` for ``variant`` on scratch tensors, enqueued at creation.
+
+    On CUDA every launch and its CUDA events go to the current stream and nothing waits:
+    :meth:`done` asks the last event, :meth:`result` reads the events once it is done. (The
+    candidates compile on the host when first run, here.) On CPU (the interpreter) the runs
+    happen here, timed with the host clock."""
+
+    def __init__(self, variant: str, dtype: torch.dtype, device: torch.device,
+                 candidates: Optional[Sequence[LaunchConfig]] = None,
+                 sizes: Optional[Sequence[int]] = None):
+        from . import tables  # tables imports this module
+        self.result_so_far = TuningResult(variant, dtype, device_description(device),
+                                          launch_config.DEFAULT_CONFIGS[dtype])
+        self.device = device
+        on_gpu = device.type == "cuda"
+        rounds, self.inner = (ROUNDS, INNER) if on_gpu else (2, 1)
+        self._scratch = _scratch(variant, dtype, device, list(sizes or workload_sizes(dtype, device)))
+        lists, grads, steps = self._scratch
+        names = _row_names(variant)
+        default = launch_config.DEFAULT_CONFIGS[dtype]
+        runs: Dict[LaunchConfig, Callable[[], None]] = {}
+        with torch.no_grad():
+            for cfg in candidates or launch_config.CANDIDATES[dtype]:
+                plan = tables.build_plan(None, names, lists, steps, lambda _dtype, cfg=cfg: cfg)
+                run = _runner(variant, lists, grads, steps, plan)
+                try:
+                    run()  # compiles this variant of the kernel
+                except Exception as exc:  # e.g. out of registers / shared memory for this shape
+                    if cfg == default:
+                        raise
+                    self.result_so_far.failed[str(cfg)] = f"{type(exc).__name__}: {exc}"[:300]
+                    continue
+                runs[cfg] = run
+            order = list(runs)
+            self._samples: List[Tuple[LaunchConfig, object]] = []
+            for r in range(rounds):
+                shift = r % len(order)
+                for cfg in order[shift:] + order[:shift]:
+                    self._samples.append((cfg, _timed(runs[cfg], self.inner, device)))
+
+    def done(self) -> bool:
+        """Whether every timed launch has run (never waits)."""
+        last = self._samples[-1][1] if self._samples else None
+        return not isinstance(last, tuple) or last[1].query()
+
+    def wait(self) -> None:
+        """Wait for the device to finish the timed launches (for :func:`tune`)."""
+        last = self._samples[-1][1] if self._samples else None
+        if isinstance(last, tuple):
+            last[1].synchronize()
+
+    def result(self) -> TuningResult:
+        """The timings and the choice; call once :meth:`done`. Frees the scratch tensors."""
+        best: Dict[LaunchConfig, float] = {}
+        for cfg, sample in self._samples:
+            best[cfg] = min(best.get(cfg, float("inf")), _seconds(sample) / self.inner)
+        result = self.result_so_far
+        result.timings_ms = {str(cfg): 1e3 * t for cfg, t in best.items()}
+        result.config = choose(best, launch_config.DEFAULT_CONFIGS[result.dtype])
+        self._scratch = None
+        return result
+
+
 def measure(variant: str, dtype: torch.dtype, device: torch.device,
             candidates: Optional[Sequence[LaunchConfig]] = None,
             sizes: Optional[Sequence[int]] = None) -> TuningResult:
-    """Time ``candidates`` (default: the dtype's) for ``variant`` on scratch tensors; no caching."""
-    from . import tables  # tables imports this module
-    candidates = list(candidates or launch_config.CANDIDATES[dtype])
-    default = launch_config.DEFAULT_CONFIGS[dtype]
-    sizes = list(sizes or workload_sizes(dtype, device))
-    lists, grads, steps = _scratch(variant, dtype, device, sizes)
-    names = _row_names(variant)
-    on_gpu = device.type == "cuda"
-    rounds, inner = (ROUNDS, INNER) if on_gpu else (2, 1)
-    result = TuningResult(variant, dtype, device_description(device), default)
-    runs: Dict[LaunchConfig, Callable[[], None]] = {}
-    with torch.no_grad():
-        for cfg in candidates:
-            plan = tables.build_plan(None, names, lists, steps, lambda _dtype, cfg=cfg: cfg)
-            run = _runner(variant, lists, grads, steps, plan)
-            try:
-                run()  # compiles this variant of the kernel
-            except Exception as exc:  # e.g. out of registers / shared memory for this shape
-                if cfg == default:
-                    raise
-                result.failed[str(cfg)] = f"{type(exc).__name__}: {exc}"[:300]
-                continue
-            runs[cfg] = run
-        _wait(device)
-        best: Dict[LaunchConfig, float] = {cfg: float("inf") for cfg in runs}
-        order = list(runs)
-        for r in range(rounds):
-            shift = r % len(order)
-            samples = [(cfg, _timed(runs[cfg], inner, device)) for cfg in order[shift:] + order[:shift]]
-            _wait(device)
-            for cfg, sample in samples:
-                best[cfg] = min(best[cfg], _seconds(sample) / inner)
-    result.timings_ms = {str(cfg): 1e3 * t for cfg, t in best.items()}
-    result.config = choose(best, default)
-    return result
+    """Time ``candidates`` (default: the dtype's) for ``variant`` on scratch tensors and wait
+    for the result; no caching."""
+    timing = Timing(variant, dtype, device, candidates, sizes)
+    timing.wait()
+    return timing.result()
 
 
 def _timed(run: Callable[[], None], inner: int, device: torch.device):
@@ -255,23 +367,6 @@ def _seconds(sample) -> float:
         return sample
     start, end = sample
     return start.elapsed_time(end) / 1e3
-
-
-def _wait(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _why_not_now(device: torch.device) -> Optional[str]:
-    """Why the host may not wait for ``device`` now, or None."""
-    if device.type != "cuda":
-        return None
-    with torch.cuda.device(device):
-        if torch.cuda.is_current_stream_capturing():
-            return "a CUDA graph is being captured"
-    if torch.cuda.get_sync_debug_mode() != 0:
-        return "torch.cuda.set_sync_debug_mode is on"
-    return None
 
 
 def _row_names(variant: str) -> Tuple[str, ...]:
@@ -309,11 +404,20 @@ def _runner(variant: str, lists, grads, steps, plan) -> Callable[[], None]:
 
 
 # ---- the cache ------------------------------------------------------------------------------
+_descriptions: Dict[torch.device, str] = {}
+
+
 def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"{torch.cuda.get_device_name(device)} sm_{major}{minor}"
-    return f"{device.type} (triton interpreter)"
+    """Device name and compute capability (the device part of the cache key)."""
+    text = _descriptions.get(device)
+    if text is None:
+        if device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(device)
+            text = f"{torch.cuda.get_device_name(device)} sm_{major}{minor}"
+        else:
+            text = f"{device.type} (triton interpreter)"
+        _descriptions[device] = text
+    return text
 
 
 _sources_digest: Optional[str] = None
@@ -395,8 +499,9 @@ def _warn_once(message: str) -> None:
 
 
 def clear() -> None:
-    """Forget this process's choices (the disk cache stays)."""
+    """Forget this process's choices and timings in flight (the disk cache stays)."""
     _chosen.clear()
+    _pending.clear()
 
 
 # ---- command line -----------------------------------------------------------------------------
