@@ -160,7 +160,7 @@ stage_tune() {
     local dtypes="${BENCH_DTYPES//fp32/float32}"
     dtypes="${dtypes//bf16/bfloat16}"
     dtypes="${dtypes//fp16/float16}"
-    "$PYTHON" -m fusedopt.backends.triton.tuning --dtypes "$dtypes" --variants adam,sgd-momentum \
+    "$PYTHON" -m fusedopt.backends.triton --dtypes "$dtypes" --variants adam,sgd-momentum \
         --json "$RESULTS/triton_tuning.json"
 }
 

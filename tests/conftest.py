@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 
 import pytest
 import torch
 
 from fusedopt import backends
+
+# Triton launch tuning (on by default on CUDA) writes its choices under FUSEDOPT_CACHE_DIR: a
+# test run on a GPU keeps them in a directory of its own, not in the user's ~/.cache/fusedopt.
+os.environ.setdefault("FUSEDOPT_CACHE_DIR", tempfile.mkdtemp(prefix="fusedopt-test-cache-"))
 
 try:  # the GPU machine may lack hypothesis: its tests then skip, the rest runs
     from hypothesis import settings as _hypothesis_settings

@@ -161,8 +161,53 @@ def test_a_candidate_that_fails_is_dropped(device):
     result = tuning.measure("sgd-momentum", FP32, torch.device(device), candidates=[default, bad], sizes=[64])
     assert set(result.timings_ms) == {str(default)} and str(bad) in result.failed
     assert result.config == default
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError, match="no launch candidate ran for sgd"):
         tuning.measure("sgd", FP32, torch.device(device), candidates=[bad], sizes=[64])
+
+
+@pytest.mark.parametrize("entry", [
+    {"config": "3x1x1"},                       # not a power of two: would fail in the kernel
+    {"config": "512x8x3"},                     # warps not a power of two
+    {"config": "16x1x1"},                      # valid Triton, but not a candidate
+    {"config": "512x8x4", "timings_ms": [1, 2], "failed": 5},  # a candidate, odd extras
+    "512x8x4", ["512x8x4"], None,
+], ids=repr)
+def test_cache_entries_that_are_not_candidates_are_timed_again(entry):
+    cpu = torch.device("cpu")
+    key = tuning.cache_key("sgd", FP32, cpu)
+    tuning._write_cache(key, entry)
+    result = tuning.lookup_or_tune("sgd", FP32, cpu, sizes=[50])
+    expect_cached = isinstance(entry, dict) and entry.get("config") == "512x8x4"
+    assert result.from_cache == expect_cached and result.config in triton_config.CANDIDATES[FP32]
+
+
+def test_a_cache_file_too_deep_to_parse_is_ignored():
+    path = tuning.cache_path()
+    os.makedirs(os.path.dirname(path))
+    with open(path, "w") as f:
+        f.write("[" * 100000 + "]" * 100000)
+    assert not tuning.lookup_or_tune("sgd", FP32, torch.device("cpu"), sizes=[50]).from_cache
+
+
+_WRITER = """
+import sys
+from fusedopt.backends.triton import tuning
+for k in range(10):
+    tuning._write_cache(f"{sys.argv[1]}-{k}", {"config": "512x8x4"})
+"""
+
+
+def test_concurrent_writers_keep_every_entry(tmp_path):
+    """DDP ranks on one machine tune and write at the same time: nothing is lost."""
+    import subprocess
+    import sys
+    env = dict(os.environ)
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, f"rank{r}"], env=env) for r in range(4)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    entries = _cached_entries()
+    assert len(entries) == 40
+    assert oct(os.stat(tuning.cache_path()).st_mode & 0o777) == "0o644"
+    assert not [n for n in os.listdir(os.path.dirname(tuning.cache_path())) if n.startswith(".triton_tuning.")]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -186,6 +231,15 @@ def test_cpu_tensors_are_not_tuned_by_default():
     assert not tuning.enabled(torch.device("cpu"))
     assert tuning.config_for("adam", 3, FP32, torch.device("cpu")) == triton_config.DEFAULT_CONFIGS[FP32]
     assert _cached_entries() == {}
+
+
+def test_command_line_refuses_unknown_names(capsys):
+    with pytest.raises(SystemExit):
+        tuning.main(["--device", "cpu", "--dtypes", "float8"])
+    assert "'float8' is not one of float32, bfloat16, float16" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tuning.main(["--device", "cpu", "--variants", "lamb"])
+    assert "'lamb' is not one of adam, amsgrad, sgd, sgd-momentum" in capsys.readouterr().err
 
 
 def test_tune_refuses_unknown_variants_and_dtypes():

@@ -689,6 +689,38 @@ def test_valid_changes_of_watched_values_step_like_torch():
         ours.step()
 
 
+def test_watched_values_edited_in_place_or_as_tensors():
+    """A betas list edited in place is seen; tensors are compared by identity (never read: a
+    new tensor each step makes no Tensor.__bool__ call), and only their size is checked."""
+    p = torch.nn.Parameter(torch.ones(4))
+    p.grad = torch.ones(4)
+    opt = fusedopt.optim.AdamW([p], lr=0.1, betas=[0.9, 0.999])
+    opt.step()
+    opt.param_groups[0]["betas"][1] = 1.0
+    with pytest.raises(ValueError, match="Invalid beta parameter at index 1: 1.0"):
+        opt.step()
+    opt.param_groups[0]["betas"] = (torch.tensor(0.9), 0.999)
+    with pytest.raises(ValueError, match="both floats or both Tensors"):
+        opt.step()
+    q = torch.nn.Parameter(torch.ones(4))
+    q.grad = torch.ones(4)
+    sgd = fusedopt.optim.SGD([q], lr=0.1, weight_decay=torch.tensor(0.1))
+    sgd.step()
+    reads = []
+    real_bool = torch.Tensor.__bool__
+    try:
+        torch.Tensor.__bool__ = lambda self: reads.append(1) or real_bool(self)
+        for _ in range(3):
+            sgd.param_groups[0]["weight_decay"] = torch.tensor(0.1)
+            sgd.step()
+    finally:
+        torch.Tensor.__bool__ = real_bool
+    assert reads == []
+    sgd.param_groups[0]["weight_decay"] = torch.tensor([0.1, 0.2])
+    with pytest.raises(ValueError, match="Tensor weight_decay value must be 1-element"):
+        sgd.step()
+
+
 def test_bad_backend_name_and_unsupported_flags():
     with pytest.raises(ValueError, match="Invalid backend"):
         fusedopt.optim.SGD(make_params([(2,)]), lr=0.1, backend="gpu")

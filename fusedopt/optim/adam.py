@@ -46,7 +46,9 @@ def _validate_adam(lr, betas, eps, weight_decay, on_step: bool = False) -> None:
                             (betas[0], in_unit, "beta parameter at index 0"),
                             (betas[1], in_unit, "beta parameter at index 1"),
                             (weight_decay, non_negative, "weight_decay value")):
-        if not (on_step and isinstance(value, Tensor)):
+        if on_step and isinstance(value, Tensor):  # (its value would be a read from the device)
+            check_hyperparameter(value.numel() == 1, f"Tensor {what} must be 1-element")
+        else:
             check_value(ok, value, what)
     both_tensors = isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor)
     both_numbers = not isinstance(betas[0], Tensor) and not isinstance(betas[1], Tensor)
@@ -128,7 +130,8 @@ class Adam(FusedOptimizer):
                 raise RuntimeError(f"{self.DISPLAY_NAME}: state of a parameter lacks {key!r}")
 
     def _watched_values(self, group: Dict[str, Any]) -> tuple:
-        return (group["betas"], group["eps"], group["weight_decay"], group.get("max_grad_norm"),
+        beta1, beta2 = group["betas"]  # (a list edited in place is seen: the values, not the list)
+        return (beta1, beta2, group["eps"], group["weight_decay"], group.get("max_grad_norm"),
                 group.get("skip_nonfinite", False))
 
     def _validate_on_step(self, group: Dict[str, Any]) -> None:

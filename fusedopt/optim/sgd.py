@@ -41,7 +41,9 @@ def _validate_sgd(lr, momentum, dampening, weight_decay, nesterov, on_step: bool
             check_hyperparameter(lr.numel() == 1, "Tensor lr must be 1-element")
         check_hyperparameter(not lr < 0.0, f"Invalid learning rate: {lr}")
     for value, what in ((momentum, "momentum value"), (weight_decay, "weight_decay value")):
-        if not (on_step and isinstance(value, Tensor)):
+        if on_step and isinstance(value, Tensor):  # (its value would be a read from the device)
+            check_hyperparameter(value.numel() == 1, f"Tensor {what} must be 1-element")
+        else:
             check_value(lambda v: not v < 0.0, value, what)
     if not (on_step and isinstance(momentum, Tensor)):
         check_hyperparameter(not (nesterov and (momentum <= 0 or dampening != 0)),

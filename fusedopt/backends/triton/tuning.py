@@ -34,7 +34,7 @@ the default row used for those tables: while the current stream captures a CUDA 
 timing would be captured too; a one-time warning says so, and the next tables built outside a
 capture start it), when the scratch tensors do not fit in memory (warning), with
 ``FUSEDOPT_TRITON_TUNE=0``, and for the clipping norm kernel. ``FUSEDOPT_TRITON_CONFIG`` rows win
-over everything. :func:`tune` (or ``python -m fusedopt.backends.triton.tuning``) tunes ahead of
+over everything. :func:`tune` (or ``python -m fusedopt.backends.triton``) tunes ahead of
 time and waits for the result, e.g. before capturing a graph.
 
 CPU tensors (the interpreter, i.e. CI) use the default row unless ``FUSEDOPT_TRITON_TUNE=1``:
@@ -45,11 +45,11 @@ real on a token workload.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
 import os
-import sys
 import tempfile
 import time
 import warnings
@@ -112,7 +112,7 @@ def config_for(kind: str, n_lists: int, dtype: torch.dtype, device: torch.device
     if variant is None:
         return launch_config.override_for(dtype) or launch_config.DEFAULT_CONFIGS[dtype]
     key = cache_key(variant, dtype, device)
-    known = _known(key)
+    known = _known(key, dtype)
     if known is not None:
         return known
     timing = _pending.get(key)
@@ -163,12 +163,14 @@ def lookup_or_tune(variant: str, dtype: torch.dtype, device: torch.device, force
     if not force:
         if key in _chosen:
             return TuningResult(variant, dtype, description, _chosen[key], from_cache=True)
-        cached = _read_cache().get(key)
-        config = _parse_config(cached.get("config")) if isinstance(cached, dict) else None
-        if config is not None:
+        cached = _cached_entry(key, dtype)
+        if cached is not None:
+            config, entry = cached
             _chosen[key] = config
-            return TuningResult(variant, dtype, description, config, dict(cached.get("timings_ms") or {}),
-                                dict(cached.get("failed") or {}), from_cache=True)
+            timings, failed = entry.get("timings_ms"), entry.get("failed")
+            return TuningResult(variant, dtype, description, config,
+                                dict(timings) if isinstance(timings, dict) else {},
+                                dict(failed) if isinstance(failed, dict) else {}, from_cache=True)
     timing = _pending.get(key) if not force else None
     if timing is None:
         timing = _start(variant, dtype, device, key, sizes)
@@ -186,6 +188,10 @@ def tune(device: Optional[torch.device] = None, dtypes: Iterable[torch.dtype] = 
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device())
     device = torch.device(device)
+    if isinstance(variants, str):
+        variants = [variants]
+    if isinstance(dtypes, torch.dtype):
+        dtypes = [dtypes]
     results = []
     for variant in variants:
         if variant not in _LISTS:
@@ -206,15 +212,27 @@ def _variant(kind: str, n_lists: int, dtype: torch.dtype, device: torch.device) 
     return variant if variant is not None and enabled(device) else None
 
 
-def _known(key: str) -> Optional[LaunchConfig]:
+def _known(key: str, dtype: torch.dtype) -> Optional[LaunchConfig]:
     """The choice under ``key`` from this process or the disk cache (remembered), or None."""
     if key in _chosen:
         return _chosen[key]
-    cached = _read_cache().get(key)
-    config = _parse_config(cached.get("config")) if isinstance(cached, dict) else None
-    if config is not None:
-        _chosen[key] = config
-    return config
+    cached = _cached_entry(key, dtype)
+    if cached is None:
+        return None
+    _chosen[key] = cached[0]
+    return cached[0]
+
+
+def _cached_entry(key: str, dtype: torch.dtype) -> Optional[Tuple[LaunchConfig, dict]]:
+    """(choice, entry) from the disk cache when the entry names one of the dtype's candidates;
+    None for anything else (missing, malformed, a row that is not a candidate)."""
+    entry = _read_cache().get(key)
+    if not isinstance(entry, dict):
+        return None
+    config = _parse_config(entry.get("config"))
+    if config not in launch_config.CANDIDATES[dtype]:
+        return None
+    return config, entry
 
 
 def _start(variant: str, dtype: torch.dtype, device: torch.device, key: str,
@@ -295,8 +313,10 @@ class Timing:
         names = _row_names(variant)
         default = launch_config.DEFAULT_CONFIGS[dtype]
         runs: Dict[LaunchConfig, Callable[[], None]] = {}
-        with torch.no_grad():
-            for cfg in candidates or launch_config.CANDIDATES[dtype]:
+        # the events go to the current stream of the device the kernels run on
+        device_context = torch.cuda.device(device) if on_gpu else contextlib.nullcontext()
+        with torch.no_grad(), device_context:
+            for cfg in launch_config.CANDIDATES[dtype] if candidates is None else candidates:
                 plan = tables.build_plan(None, names, lists, steps, lambda _dtype, cfg=cfg: cfg)
                 run = _runner(variant, lists, grads, steps, plan)
                 try:
@@ -308,6 +328,9 @@ class Timing:
                     continue
                 runs[cfg] = run
             order = list(runs)
+            if not order:
+                raise RuntimeError(f"fusedopt triton: no launch candidate ran for {variant} {dtype}: "
+                                   f"{self.result_so_far.failed}")
             self._samples: List[Tuple[LaunchConfig, object]] = []
             for r in range(rounds):
                 shift = r % len(order)
@@ -429,7 +452,8 @@ def _kernel_digest() -> str:
     if _sources_digest is None:
         digest = hashlib.sha1()
         here = os.path.dirname(os.path.abspath(__file__))
-        for name in ("adam_kernel.py", "sgd_kernel.py", "program.py", "rules.py"):
+        for name in ("adam_kernel.py", "sgd_kernel.py", "program.py", "rules.py", "launch.py",
+                     "tables.py"):
             with open(os.path.join(here, name), "rb") as f:
                 digest.update(f.read())
         _sources_digest = digest.hexdigest()[:12]
@@ -461,24 +485,47 @@ def _read_cache() -> dict:
             data = json.load(f)
         entries = data.get("entries") if isinstance(data, dict) else None
         return entries if isinstance(entries, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
 
 
 def _write_cache(key: str, entry: dict) -> None:
-    """Add ``entry`` under ``key`` (other processes' entries kept); atomic replace."""
+    """Add ``entry`` under ``key``, keeping the other entries (also those other processes, e.g.
+    DDP ranks, add at the same time: read-modify-write under an exclusive lock on a lock file
+    beside it), then replace the file atomically."""
     path = cache_path()
-    entries = _read_cache()
-    entries[key] = entry
+    directory = os.path.dirname(path)
+    tmp = None
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".triton_tuning.", dir=os.path.dirname(path))
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"version": 1, "entries": entries}, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        os.makedirs(directory, exist_ok=True)
+        with open(path + ".lock", "a") as lock:
+            _lock(lock)
+            entries = _read_cache()
+            entries[key] = entry
+            fd, tmp = tempfile.mkstemp(prefix=".triton_tuning.", dir=directory)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({"version": 1, "entries": entries}, f, indent=1, sort_keys=True)
+            os.chmod(tmp, 0o644)  # (mkstemp makes it private; the cache may be shared)
+            os.replace(tmp, path)
+            tmp = None
     except OSError as exc:
         _warn_once(f"fusedopt triton: cannot write the tuning cache {path} ({exc}); the choice "
                    "holds for this process only")
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _lock(f) -> None:
+    """An exclusive lock on ``f`` until it is closed (POSIX; elsewhere no lock)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
 
 
 def _parse_config(text) -> Optional[LaunchConfig]:
@@ -506,7 +553,7 @@ def clear() -> None:
 
 # ---- command line -----------------------------------------------------------------------------
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fusedopt.backends.triton.tuning",
+    parser = argparse.ArgumentParser(prog="python -m fusedopt.backends.triton",
                                      description="Time the Triton launch candidates on this GPU and "
                                                  "cache the choices.")
     parser.add_argument("--device", default="cuda")
@@ -515,9 +562,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--force", action="store_true", help="time again even if cached")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
-    dtypes = [getattr(torch, name.strip()) for name in args.dtypes.split(",") if name.strip()]
+    names = {str(d).replace("torch.", ""): d for d in launch_config.CANDIDATES}
+    dtypes = []
+    for name in filter(None, (n.strip() for n in args.dtypes.split(","))):
+        if name not in names:
+            parser.error(f"--dtypes: {name!r} is not one of {', '.join(names)}")
+        dtypes.append(names[name])
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    results = tune(torch.device(args.device), dtypes, variants, force=args.force)
+    for variant in variants:
+        if variant not in _LISTS:
+            parser.error(f"--variants: {variant!r} is not one of {', '.join(VARIANTS)}")
+    device = torch.device(args.device)
+    from . import BACKEND
+    reason = BACKEND.supports(device, dtypes[0] if dtypes else torch.float32)
+    if reason is not None:
+        parser.error(f"the triton backend cannot run on {device}: {reason}")
+    if os.environ.get(launch_config.ENV_VAR):
+        print(f"note: {launch_config.ENV_VAR} is set; its rows win over these choices in the optimizers")
+    results = tune(device, dtypes, variants, force=args.force)
     rows = []
     for r in results:
         default = launch_config.DEFAULT_CONFIGS[r.dtype]
@@ -536,5 +598,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
