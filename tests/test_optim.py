@@ -648,6 +648,7 @@ def test_invalid_hyperparameters_raise_like_torch(name, kwargs):
     ("AdamW", "max_grad_norm", -1.0, "Invalid max_grad_norm"),
     ("SGD", "momentum", -0.5, "Invalid momentum value: -0.5"),
     ("SGD", "dampening", 0.5, "Nesterov momentum requires a momentum and zero dampening"),
+    ("Adam", "differentiable", True, "differentiable=True is not supported"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_hyperparameters_set_after_construction_are_checked_before_any_update(backend, name, key, value,
                                                                               message):

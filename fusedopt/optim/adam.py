@@ -132,7 +132,7 @@ class Adam(FusedOptimizer):
     def _watched_values(self, group: Dict[str, Any]) -> tuple:
         beta1, beta2 = group["betas"]  # (a list edited in place is seen: the values, not the list)
         return (beta1, beta2, group["eps"], group["weight_decay"], group.get("max_grad_norm"),
-                group.get("skip_nonfinite", False))
+                group.get("skip_nonfinite", False), group.get("differentiable", False))
 
     def _validate_on_step(self, group: Dict[str, Any]) -> None:
         super()._validate_on_step(group)

@@ -240,6 +240,9 @@ class FusedOptimizer(Optimizer):
         group = self.param_groups[-1]
         backends.validate_choice(group.get("backend", "auto"))
         check_clip_options(group.get("max_grad_norm"), group.get("skip_nonfinite", False))
+        if group.get("differentiable", False):
+            raise ValueError("differentiable=True is not supported (its kernels are not "
+                             "autograd-aware); use torch.optim for differentiable optimisation")
         self._validate_group(group)
 
     def state_dict(self) -> Dict[str, Any]:
@@ -272,11 +275,15 @@ class FusedOptimizer(Optimizer):
     def _watched_values(self, group: Dict[str, Any]) -> tuple:
         """The group values a step validates again when they change: subclasses return theirs
         plus the clipping options, in one flat tuple (one call a group a step)."""
-        return (group.get("max_grad_norm"), group.get("skip_nonfinite", False))
+        return (group.get("max_grad_norm"), group.get("skip_nonfinite", False),
+                group.get("differentiable", False))
 
     def _validate_on_step(self, group: Dict[str, Any]) -> None:
         """Check the :meth:`_watched_values` of ``group`` (subclasses check theirs too)."""
         check_clip_options(group.get("max_grad_norm"), group.get("skip_nonfinite", False))
+        if group.get("differentiable", False):
+            raise ValueError("differentiable=True is not supported (its kernels are not "
+                             "autograd-aware); use torch.optim for differentiable optimisation")
 
     def _recheck_groups(self) -> None:
         """Validate a group's hyperparameters again when its :meth:`_watched_values` (what the

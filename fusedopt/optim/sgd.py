@@ -126,7 +126,8 @@ class SGD(FusedOptimizer):
 
     def _watched_values(self, group: Dict[str, Any]) -> tuple:
         return (group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"],
-                group.get("max_grad_norm"), group.get("skip_nonfinite", False))
+                group.get("max_grad_norm"), group.get("skip_nonfinite", False),
+                group.get("differentiable", False))
 
     def _validate_on_step(self, group: Dict[str, Any]) -> None:
         super()._validate_on_step(group)

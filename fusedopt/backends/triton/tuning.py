@@ -112,11 +112,11 @@ def config_for(kind: str, n_lists: int, dtype: torch.dtype, device: torch.device
     if variant is None:
         return launch_config.override_for(dtype) or launch_config.DEFAULT_CONFIGS[dtype]
     key = cache_key(variant, dtype, device)
-    known = _known(key, dtype)
-    if known is not None:
-        return known
     timing = _pending.get(key)
     if timing is None:
+        known = _known(key, dtype)  # (the disk is read only when nothing is in flight)
+        if known is not None:
+            return known
         timing = _start(variant, dtype, device, key)
         if timing is None:  # not allowed now: the default row, and a new try with the next tables
             return launch_config.DEFAULT_CONFIGS[dtype]
@@ -460,7 +460,18 @@ def _kernel_digest() -> str:
     return _sources_digest
 
 
+_keys: Dict[tuple, str] = {}
+
+
 def cache_key(variant: str, dtype: torch.dtype, device: torch.device) -> str:
+    """The key of a choice in the caches (computed once per variant, dtype and device)."""
+    key = _keys.get((variant, dtype, device))
+    if key is None:
+        key = _keys[(variant, dtype, device)] = _make_key(variant, dtype, device)
+    return key
+
+
+def _make_key(variant: str, dtype: torch.dtype, device: torch.device) -> str:
     try:
         import triton
         triton_version = triton.__version__
