@@ -690,6 +690,22 @@ def test_valid_changes_of_watched_values_step_like_torch():
         ours.step()
 
 
+def test_compiled_step_checks_changed_hyperparameters_while_tracing():
+    """The values are guarded constants of the compiled step: a changed one retraces, and the
+    check runs in the trace (nothing of it in the graph)."""
+    p = torch.nn.Parameter(torch.randn(8))
+    p.grad = torch.randn(8)
+    opt = fusedopt.optim.AdamW([p], lr=0.1)
+    step = torch.compile(opt.step)
+    step()
+    step()
+    before = p.detach().clone()
+    opt.param_groups[0]["betas"] = (0.9, 1.5)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: Invalid beta parameter at index 1: 1.5"):
+        step()
+    assert torch.equal(before, p.detach())
+
+
 def test_watched_values_edited_in_place_or_as_tensors():
     """A betas list edited in place is seen; tensors are compared by identity (never read: a
     new tensor each step makes no Tensor.__bool__ call), and only their size is checked."""
