@@ -112,7 +112,10 @@ def test_first_step_tunes_then_the_cache_answers(device, monkeypatch):
     forgotten) reads it back and makes only the step's own launch."""
     monkeypatch.setenv(tuning.ENV_TUNE, "1")
     rng = torch.get_rng_state()
+    counts = dict(launcher().LAUNCHES)
     AdamCase((5, 70), FP32, device).compare(TRITON, steps=2, **ADAM_DEFAULTS)
+    assert launcher().LAUNCHES["adam_kernel"] - counts.get("adam_kernel", 0) == 2  # the steps' own
+    assert launcher().LAUNCHES["adam_kernel (tuning)"] > counts.get("adam_kernel (tuning)", 0)
     assert torch.equal(torch.get_rng_state(), rng)  # the scratch tensors have their own generator
     entries = _cached_entries()
     (key, entry), = entries.items()

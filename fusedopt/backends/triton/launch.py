@@ -28,7 +28,8 @@ from .tables import PLANS, Bucket, Plan
 
 Tensor = torch.Tensor
 
-#: Kernel launches so far, by kernel name (tests count launches per step with it).
+#: Kernel launches so far, by kernel name (tests count launches per step with it); the tuner's
+#: timing launches count under "<name> (tuning)".
 LAUNCHES: Counter = Counter()
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
@@ -52,6 +53,7 @@ def adam_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[
     _check_lengths(params, grads, exp_avgs, exp_avg_sqs, state_steps,
                    *((max_exp_avg_sqs,) if amsgrad else ()))
     lists = [params, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+    counted = plan is None  # the tuner's launches are counted apart
     if plan is None:
         plan = PLANS.get("adam", ADAM_ROWS[:len(lists)], lists, state_steps)
     plan.bind_gradients(grads, params)
@@ -74,7 +76,7 @@ def adam_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[
                 DECOUPLED=decoupled_weight_decay, LR_ON_DEVICE=lr_ptr is not None,
                 HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
                 num_warps=cfg.num_warps)
-            LAUNCHES["adam_kernel"] += 1
+            LAUNCHES["adam_kernel" if counted else "adam_kernel (tuning)"] += 1
     _bump_param_versions(params)
     if plan.fallback:
         _warn_fallback(plan)
@@ -97,6 +99,7 @@ def sgd_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Se
     has_momentum = momentum != 0
     _check_lengths(params, grads, *((momentum_buffers,) if has_momentum else ()))
     lists = [params, momentum_buffers] if has_momentum else [params]
+    counted = plan is None
     if plan is None:
         plan = PLANS.get("sgd", SGD_ROWS[:len(lists)], lists, [])
     plan.bind_gradients(grads, params)
@@ -117,7 +120,7 @@ def sgd_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Se
                 NESTEROV=nesterov, MAXIMIZE=maximize, FIRST_STEP=is_first_step,
                 LR_ON_DEVICE=lr_ptr is not None, HAS_GRAD_SCALE=grad_scale is not None,
                 HAS_FOUND_INF=found_inf is not None, num_warps=cfg.num_warps)
-            LAUNCHES["sgd_kernel"] += 1
+            LAUNCHES["sgd_kernel" if counted else "sgd_kernel (tuning)"] += 1
     _bump_param_versions(params)
     if plan.fallback:
         _warn_fallback(plan)
