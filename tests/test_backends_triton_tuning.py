@@ -304,6 +304,30 @@ def test_tables_built_while_timing_are_rebuilt_with_the_tuned_row(monkeypatch):
         torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-7)
 
 
+class _FinishesWhenAsked(_StillTiming):
+    """Not done when the tables ask for their row, done at the next question: the timing ends
+    while the tables are being built."""
+
+    def done(self):
+        self.finished, was = True, self.finished
+        return was
+
+
+def test_a_timing_that_ends_while_tables_are_built_still_gets_them_rebuilt(monkeypatch):
+    monkeypatch.setenv(tuning.ENV_TUNE, "1")
+    cpu, chosen = torch.device("cpu"), LaunchConfig(64, 2, 4)
+    tuning._pending[tuning.cache_key("sgd", FP32, cpu)] = _FinishesWhenAsked(
+        tuning.TuningResult("sgd", FP32, "cpu", chosen, timings_ms={str(chosen): 1.0}))
+    params = [torch.randn(300)]
+    rows = []
+    for _ in range(2):
+        TRITON.sgd_(params, [torch.ones(300)], [], lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                    nesterov=False, maximize=False, is_first_step=False)
+        (plans,) = tables.PLANS._slots.values()
+        rows.append(plans[0].buckets[0].config)
+    assert rows == [triton_config.DEFAULT_CONFIGS[FP32], chosen]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_first_steps_never_wait_for_the_timing():

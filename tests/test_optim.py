@@ -647,7 +647,7 @@ def test_invalid_hyperparameters_raise_like_torch(name, kwargs):
     ("Adam", "weight_decay", float("nan"), "Invalid weight_decay value: nan"),
     ("AdamW", "max_grad_norm", -1.0, "Invalid max_grad_norm"),
     ("SGD", "momentum", -0.5, "Invalid momentum value: -0.5"),
-    ("SGD", "dampening", 0.5, "Nesterov momentum requires a momentum and zero dampening"),
+    ("SGD", "weight_decay", "0.1", "weight_decay value must be a number, got '0.1'"),
     ("Adam", "differentiable", True, "differentiable=True is not supported"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_hyperparameters_set_after_construction_are_checked_before_any_update(backend, name, key, value,
@@ -663,7 +663,7 @@ def test_hyperparameters_set_after_construction_are_checked_before_any_update(ba
     opt.step()
     before = [p.detach().clone() for p in first + second]
     opt.param_groups[1][key] = value
-    with pytest.raises(ValueError, match=r"param_groups\[1\]: " + message.replace("(", r"\(")):
+    with pytest.raises((ValueError, TypeError), match=r"param_groups\[1\]: " + message.replace("(", r"\(")):
         opt.step()
     assert all(torch.equal(a, p) for a, p in zip(before, first + second))
     opt.param_groups[1][key] = opt.defaults.get(key)  # fixed: steps again
@@ -688,6 +688,23 @@ def test_valid_changes_of_watched_values_step_like_torch():
     ours.param_groups[0]["eps"] = "tiny"
     with pytest.raises(TypeError, match=r"param_groups\[0\]: epsilon value must be a number, got 'tiny'"):
         ours.step()
+
+
+def test_nesterov_group_whose_momentum_is_set_later_steps_like_torch():
+    """The constructor's Nesterov rule is not applied at the step: torch steps such a group as
+    written (a momentum warm-up from 0, a dampening set later)."""
+    for momentum, dampening in ((0.0, 0.0), (0.9, 0.3)):
+        ours_params, ref_params = make_params([(6, 5)]), make_params([(6, 5)])
+        ours = fusedopt.optim.SGD(ours_params, lr=0.1, momentum=0.9, nesterov=True)
+        ref = torch.optim.SGD(ref_params, lr=0.1, momentum=0.9, nesterov=True, foreach=False)
+        for step in range(4):
+            if step == 2:
+                for opt in (ours, ref):
+                    opt.param_groups[0].update(momentum=momentum, dampening=dampening)
+            set_grads([ours_params, ref_params], step)
+            ours.step()
+            ref.step()
+        assert_state_equal(ours, ours_params, ref, ref_params)
 
 
 def test_compiled_step_checks_changed_hyperparameters_while_tracing():

@@ -35,7 +35,8 @@ Tensor = torch.Tensor
 
 
 def _validate_sgd(lr, momentum, dampening, weight_decay, nesterov, on_step: bool = False) -> None:
-    """torch.optim.SGD's checks; ``on_step`` as for Adam's (no lr, no tensor values)."""
+    """torch.optim.SGD's checks; ``on_step`` as for Adam's (no lr, no tensor values), and not
+    the Nesterov rule: torch steps such a group as written."""
     if not on_step:
         if isinstance(lr, Tensor):
             check_hyperparameter(lr.numel() == 1, "Tensor lr must be 1-element")
@@ -45,7 +46,7 @@ def _validate_sgd(lr, momentum, dampening, weight_decay, nesterov, on_step: bool
             check_hyperparameter(value.numel() == 1, f"Tensor {what} must be 1-element")
         else:
             check_value(lambda v: not v < 0.0, value, what)
-    if not (on_step and isinstance(momentum, Tensor)):
+    if not on_step:  # (torch steps such a group as written, e.g. momentum warmed up from 0)
         check_hyperparameter(not (nesterov and (momentum <= 0 or dampening != 0)),
                              "Nesterov momentum requires a momentum and zero dampening")
 

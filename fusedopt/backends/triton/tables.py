@@ -111,7 +111,8 @@ class Plan:
         self.grad_key = None  # address_key of the gradients the tables point at
         self.builds_of_grad_tables = 0
         # built with default rows while their tuning was still timing on the device: the cache
-        # rebuilds the plan (same key) once the tuned rows are known
+        # rebuilds the plan (same key) once the tuned rows are known, unless a CUDA graph
+        # captured it first (then it stays as it is)
         self.provisional = False
 
     # ---- gradients ---------------------------------------------------------------------------
@@ -188,12 +189,21 @@ class PlanCache:
                 if plan.key == key:
                     if position:
                         plans.insert(0, plans.pop(position))
-                    if plan.provisional and self._settled(plan, kind, len(names), device):
-                        break  # its tuned rows are known now: rebuild it with them
+                    if plan.provisional:
+                        if tuning.capturing(device):
+                            plan.provisional = False  # captured with these tables: they stay
+                        elif self._settled(plan, kind, len(names), device):
+                            break  # its tuned rows are known now: rebuild it with them
                     return plan
-        plan = build_plan(key, names, lists, steps,
-                          lambda dtype: tuning.config_for(kind, len(names), dtype, device))
-        plan.provisional = not self._settled(plan, kind, len(names), device)
+        final = []
+
+        def config_of(dtype):
+            row, is_final = tuning.row_for(kind, len(names), dtype, device)
+            final.append(is_final)
+            return row
+
+        plan = build_plan(key, names, lists, steps, config_of)
+        plan.provisional = not all(final)
         self.builds += 1
         if plans is None:
             plans = self._slots[signature] = []

@@ -31,8 +31,9 @@ trust a fixed table: the first time it builds tables for a kernel variant (``ada
 Cost: the first step of each (variant, dtype) on a machine compiles the candidates (seconds of
 host time) and queues ~40 launches per candidate on the device (milliseconds). Not tuned, and
 the default row used for those tables: while the current stream captures a CUDA graph (the
-timing would be captured too; a one-time warning says so, and the next tables built outside a
-capture start it), when the scratch tensors do not fit in memory (warning), with
+timing would be captured too, and an event may not be queried there; a one-time warning says
+so, and the next tables built outside a capture start it; a provisional plan used by a capture
+keeps its rows, since the graph holds its tables), when the scratch tensors do not fit in memory (warning), with
 ``FUSEDOPT_TRITON_TUNE=0``, and for the clipping norm kernel. ``FUSEDOPT_TRITON_CONFIG`` rows win
 over everything. :func:`tune` (or ``python -m fusedopt.backends.triton``) tunes ahead of
 time and waits for the result, e.g. before capturing a graph.
@@ -105,29 +106,44 @@ _warned: set = set()
 # ---- the entry points of the tables ------------------------------------------------------------
 def config_for(kind: str, n_lists: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
     """The launch configuration for new tables of ``kind`` over ``n_lists`` lists of ``dtype`` on
-    ``device``: the override row, else the tuned choice, else the default row. On CUDA a missing
-    choice starts its timing on the device (no wait) and the default row serves until
-    :func:`settled` says the choice is known."""
+    ``device`` (see :func:`row_for`)."""
+    return row_for(kind, n_lists, dtype, device)[0]
+
+
+def row_for(kind: str, n_lists: int, dtype: torch.dtype, device: torch.device) -> Tuple[LaunchConfig, bool]:
+    """(row, final) for new tables: the override row, else the tuned choice, else the default
+    row. On CUDA a missing choice starts its timing on the device (no wait); until it is read,
+    the default row serves and ``final`` is False (the tables should be rebuilt once
+    :func:`settled`). While the current stream captures a CUDA graph nothing is asked of the
+    device (querying an event is not allowed there) and the row is final: captured tables must
+    stay as they are."""
     variant = _variant(kind, n_lists, dtype, device)
     if variant is None:
-        return launch_config.override_for(dtype) or launch_config.DEFAULT_CONFIGS[dtype]
+        return launch_config.override_for(dtype) or launch_config.DEFAULT_CONFIGS[dtype], True
     key = cache_key(variant, dtype, device)
+    default = launch_config.DEFAULT_CONFIGS[dtype]
     timing = _pending.get(key)
     if timing is None:
         known = _known(key, dtype)  # (the disk is read only when nothing is in flight)
         if known is not None:
-            return known
+            return known, True
+        if capturing(device):
+            _warn_capture(dtype)
+            return default, True
         timing = _start(variant, dtype, device, key)
-        if timing is None:  # not allowed now: the default row, and a new try with the next tables
-            return launch_config.DEFAULT_CONFIGS[dtype]
+        if timing is None:  # could not start (memory): the default row for good
+            return default, True
+    elif capturing(device):
+        return default, True
     if timing.done():
-        return _finish(key, timing).config
-    return launch_config.DEFAULT_CONFIGS[dtype]
+        return _finish(key, timing).config, True
+    return default, False
 
 
 def settled(kind: str, n_lists: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """False while the choice for such tables is still being timed on the device (then tables
-    built now use the default row and should be rebuilt once this turns True). Never waits."""
+    """False while the choice for such tables is still being timed on the device (tables built
+    with a non-final row should then be rebuilt once this turns True). Never waits; not to be
+    asked while a graph is being captured (see :func:`capturing`)."""
     variant = _variant(kind, n_lists, dtype, device)
     if variant is None:
         return True
@@ -139,6 +155,14 @@ def settled(kind: str, n_lists: int, dtype: torch.dtype, device: torch.device) -
         return False
     _finish(key, timing)
     return True
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether the current stream of ``device`` is capturing a CUDA graph."""
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
 
 
 def enabled(device: torch.device) -> bool:
@@ -235,19 +259,19 @@ def _cached_entry(key: str, dtype: torch.dtype) -> Optional[Tuple[LaunchConfig, 
     return config, entry
 
 
+def _warn_capture(dtype: torch.dtype) -> None:
+    _warn_once(f"fusedopt triton: launch configuration not tuned while a CUDA graph is being "
+               f"captured; these tables use the default {launch_config.DEFAULT_CONFIGS[dtype]} for "
+               f"{dtype}. Tune ahead of time with fusedopt.backends.triton.tune() to capture with "
+               "the tuned rows.")
+
+
 def _start(variant: str, dtype: torch.dtype, device: torch.device, key: str,
            sizes: Optional[Sequence[int]] = None) -> Optional["Timing"]:
-    """Enqueue the timing of every candidate (pending under ``key``), or None when it may not
-    run now (a CUDA graph is being captured: it would be captured too) or does not fit."""
+    """Enqueue the timing of every candidate (pending under ``key``), or None when the scratch
+    tensors do not fit (the default row is then the choice for this process). The caller made
+    sure no graph is being captured (the timing would be captured too)."""
     default = launch_config.DEFAULT_CONFIGS[dtype]
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            capturing = torch.cuda.is_current_stream_capturing()
-        if capturing:
-            _warn_once(f"fusedopt triton: launch configuration not tuned while a CUDA graph is "
-                       f"being captured; these tables use the default {default} for {dtype}. Run a "
-                       "step before capturing, or tune ahead of time with fusedopt.backends.triton.tune().")
-            return None
     try:
         timing = Timing(variant, dtype, device, sizes=sizes)
     except torch.cuda.OutOfMemoryError:
@@ -308,8 +332,9 @@ class Timing:
         self.device = device
         on_gpu = device.type == "cuda"
         rounds, self.inner = (ROUNDS, INNER) if on_gpu else (2, 1)
-        self._scratch = _scratch(variant, dtype, device, list(sizes or workload_sizes(dtype, device)))
-        lists, grads, steps = self._scratch
+        # scratch tensors: locals, released when this returns, while their launches may still be
+        # queued (safe: the caching allocator reuses their memory in the same stream's order)
+        lists, grads, steps = _scratch(variant, dtype, device, list(sizes or workload_sizes(dtype, device)))
         names = _row_names(variant)
         default = launch_config.DEFAULT_CONFIGS[dtype]
         runs: Dict[LaunchConfig, Callable[[], None]] = {}
@@ -349,14 +374,13 @@ class Timing:
             last[1].synchronize()
 
     def result(self) -> TuningResult:
-        """The timings and the choice; call once :meth:`done`. Frees the scratch tensors."""
+        """The timings and the choice; call once :meth:`done`."""
         best: Dict[LaunchConfig, float] = {}
         for cfg, sample in self._samples:
             best[cfg] = min(best.get(cfg, float("inf")), _seconds(sample) / self.inner)
         result = self.result_so_far
         result.timings_ms = {str(cfg): 1e3 * t for cfg, t in best.items()}
         result.config = choose(best, launch_config.DEFAULT_CONFIGS[result.dtype])
-        self._scratch = None
         return result
 
 
