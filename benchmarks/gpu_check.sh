@@ -12,8 +12,7 @@
 #   cuda       tests/test_backends_cuda.py -m "gpu and not slow": CUDA backend parity, launches,
 #              table cache, no-sync, clipping ops (fails if the CUDA backend is unavailable)
 #              -> junit-cuda.xml
-#   triton     tests/test_backends_triton.py and test_backends_triton_tuning.py on CUDA tensors,
-#              compiled kernels (every candidate launch row against the default) -> junit-triton.xml
+#   triton     tests/test_backends_triton.py on CUDA tensors, compiled kernels -> junit-triton.xml
 #   tune       the Triton launch tuning for what the benchmarks run (adam, sgd-momentum; the bench
 #              dtypes): every candidate's time and the choice -> triton_tuning.json
 #   launches   kernel launches per optimizer.step() (also with max_grad_norm), torch.profiler
@@ -23,6 +22,9 @@
 #   bench_clip benchmarks/bench_clip.py --device cuda                  -> bench_clip.jsonl
 #   gpu_tests  pytest -m gpu over the other test files (clip: no-sync under
 #              set_sync_debug_mode("error"), ...)                      -> junit-gpu.xml
+#   triton_tuning  tests/test_backends_triton_tuning.py on CUDA: every candidate launch row
+#              against the default bit for bit, tuning without waiting, its cache
+#              (compiles ~40 kernel variants, so after the headline figures) -> junit-tuning.xml
 #   cuda_sanitizer  compute-sanitizer memcheck + racecheck over small CUDA-backend tests
 #   sanitizer  compute-sanitizer memcheck over triton Adam/SGD steps on awkward sizes (vs reference)
 #   sweep      Triton block/tiles/warps candidates vs torch fused, interleaved -> triton_config_sweep.jsonl
@@ -45,7 +47,7 @@ LOGS="$RESULTS/logs"
 SUMMARY="$RESULTS/summary.txt"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-570}"
 BENCH_DTYPES="${GPU_CHECK_BENCH_DTYPES:-fp32,bf16}"
-STAGES=",${GPU_CHECK_STAGES:-versions,install,cuda,triton,tune,launches,bench_adam,bench_sgd,bench_clip,gpu_tests,cuda_sanitizer,sanitizer,sweep,cache,ncu},"
+STAGES=",${GPU_CHECK_STAGES:-versions,install,cuda,triton,tune,launches,bench_adam,bench_sgd,bench_clip,gpu_tests,triton_tuning,cuda_sanitizer,sanitizer,sweep,cache,ncu},"
 PYTHON="${PYTHON:-python}"
 START_S=$SECONDS
 WORK="$(mktemp -d)"   # tests run from here so that the installed package is the one imported
@@ -150,9 +152,17 @@ stage_triton_tests() {
     local parallel=()
     # kernel compiles dominate on a cold Triton cache: spread them over processes when possible
     if "$PYTHON" -c 'import xdist' 2>/dev/null; then parallel=(-n 8); fi
-    FUSEDOPT_TRITON_TUNE=0 "$PYTHON" -m pytest "$REPO/tests/test_backends_triton.py" \
-        "$REPO/tests/test_backends_triton_tuning.py" -q -rs -p no:cacheprovider \
-        ${parallel[@]+"${parallel[@]}"} --junitxml="$RESULTS/junit-triton.xml" --durations=10
+    FUSEDOPT_TRITON_TUNE=0 "$PYTHON" -m pytest "$REPO/tests/test_backends_triton.py" -q -rs \
+        -p no:cacheprovider ${parallel[@]+"${parallel[@]}"} --junitxml="$RESULTS/junit-triton.xml" \
+        --durations=10
+}
+
+stage_triton_tuning_tests() {
+    cd "$WORK"
+    local parallel=()
+    if "$PYTHON" -c 'import xdist' 2>/dev/null; then parallel=(-n 8); fi
+    "$PYTHON" -m pytest "$REPO/tests/test_backends_triton_tuning.py" -q -rs -p no:cacheprovider \
+        ${parallel[@]+"${parallel[@]}"} --junitxml="$RESULTS/junit-tuning.xml" --durations=10
 }
 
 stage_tune() {
@@ -571,7 +581,8 @@ pack_for_transfer() {
 
 # ---------------------------------------------------------------------------------------------
 export REPO RESULTS LOGS WORK PYTHON BENCH_DTYPES
-export -f stage_versions stage_install stage_triton_tests stage_tune stage_gpu_tests stage_launches \
+export -f stage_versions stage_install stage_triton_tests stage_triton_tuning_tests stage_tune \
+    stage_gpu_tests stage_launches \
     stage_sanitizer stage_cache stage_sweep stage_ncu stage_bench stage_bench_clip cuda_backend_ready \
     stage_cuda_tests stage_cuda_sanitizer
 log "results -> $RESULTS (budget ${BUDGET_S}s)"
@@ -588,6 +599,7 @@ run_stage bench_adam 120 60 stage_bench bench_adam.py "$RESULTS/bench_adam.jsonl
 run_stage bench_sgd 90 45 stage_bench bench_sgd.py "$RESULTS/bench_sgd.jsonl"
 run_stage bench_clip 90 45 stage_bench_clip
 run_stage gpu_tests 120 40 stage_gpu_tests
+run_stage triton_tuning 150 40 stage_triton_tuning_tests
 run_stage cuda_sanitizer 120 40 stage_cuda_sanitizer
 run_stage sanitizer 120 40 stage_sanitizer
 run_stage sweep 120 60 stage_sweep
