@@ -23,7 +23,8 @@ triton = pytest.importorskip("triton")
 
 from fusedopt import backends  # noqa: E402
 from fusedopt.backends.triton import config as triton_config  # noqa: E402
-from fusedopt.backends.triton import tables, tuning  # noqa: E402
+from fusedopt.backends.triton import tables, tuning, tuning_cache  # noqa: E402
+from fusedopt.backends.triton.__main__ import main as tuning_main  # noqa: E402
 from fusedopt.backends.triton.config import LaunchConfig  # noqa: E402
 from test_backends_triton import ADAM_DEFAULTS, DEVICES, REFERENCE, AdamCase, _randn, launcher  # noqa: E402
 
@@ -37,7 +38,7 @@ def _isolated(monkeypatch, tmp_path):
     choice or plan left from other tests."""
     monkeypatch.delenv(triton_config.ENV_VAR, raising=False)
     monkeypatch.delenv(tuning.ENV_TUNE, raising=False)
-    monkeypatch.setenv(tuning.ENV_CACHE_DIR, str(tmp_path / "cache"))
+    monkeypatch.setenv(tuning_cache.ENV_CACHE_DIR, str(tmp_path / "cache"))
     tuning.clear()
     tables.PLANS.clear()
     yield
@@ -50,7 +51,7 @@ def _name(dtype):
 
 
 def _cached_entries():
-    path = tuning.cache_path()
+    path = tuning_cache.path()
     if not os.path.exists(path):
         return {}
     with open(path, encoding="utf-8") as f:
@@ -122,7 +123,7 @@ def test_first_step_tunes_then_the_cache_answers(device, monkeypatch):
     assert key == tuning.cache_key("adam", FP32, torch.device(device))
     assert set(entry["timings_ms"]) == {str(c) for c in triton_config.CANDIDATES[FP32]}
     assert all(t > 0 for t in entry["timings_ms"].values())
-    assert tuning._parse_config(entry["config"]) in triton_config.CANDIDATES[FP32]
+    assert tuning_cache.parse_config(entry["config"]) in triton_config.CANDIDATES[FP32]
 
     tuning.clear()
     tables.PLANS.clear()
@@ -135,7 +136,7 @@ def test_first_step_tunes_then_the_cache_answers(device, monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_unreadable_cache_file_is_timed_again_and_rewritten(device, monkeypatch):
-    path = tuning.cache_path()
+    path = tuning_cache.path()
     os.makedirs(os.path.dirname(path))
     with open(path, "w") as f:
         f.write("{not json")
@@ -150,7 +151,7 @@ def test_unreadable_cache_file_is_timed_again_and_rewritten(device, monkeypatch)
 def test_unwritable_cache_warns_and_keeps_the_choice_in_the_process(device, monkeypatch, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    monkeypatch.setenv(tuning.ENV_CACHE_DIR, str(blocker / "sub"))
+    monkeypatch.setenv(tuning_cache.ENV_CACHE_DIR, str(blocker / "sub"))
     with pytest.warns(RuntimeWarning, match="cannot write the tuning cache"):
         result = tuning.lookup_or_tune("sgd", torch.bfloat16, torch.device(device), sizes=[50])
     assert tuning.lookup_or_tune("sgd", torch.bfloat16, torch.device(device)).config == result.config
@@ -178,14 +179,14 @@ def test_a_candidate_that_fails_is_dropped(device):
 def test_cache_entries_that_are_not_candidates_are_timed_again(entry):
     cpu = torch.device("cpu")
     key = tuning.cache_key("sgd", FP32, cpu)
-    tuning._write_cache(key, entry)
+    tuning_cache.write_entry(key, entry)
     result = tuning.lookup_or_tune("sgd", FP32, cpu, sizes=[50])
     expect_cached = isinstance(entry, dict) and entry.get("config") == "512x8x4"
     assert result.from_cache == expect_cached and result.config in triton_config.CANDIDATES[FP32]
 
 
 def test_a_cache_file_too_deep_to_parse_is_ignored():
-    path = tuning.cache_path()
+    path = tuning_cache.path()
     os.makedirs(os.path.dirname(path))
     with open(path, "w") as f:
         f.write("[" * 100000 + "]" * 100000)
@@ -194,9 +195,9 @@ def test_a_cache_file_too_deep_to_parse_is_ignored():
 
 _WRITER = """
 import sys
-from fusedopt.backends.triton import tuning
+from fusedopt.backends.triton import tuning_cache
 for k in range(10):
-    tuning._write_cache(f"{sys.argv[1]}-{k}", {"config": "512x8x4"})
+    tuning_cache.write_entry(f"{sys.argv[1]}-{k}", {"config": "512x8x4"})
 """
 
 
@@ -209,8 +210,8 @@ def test_concurrent_writers_keep_every_entry(tmp_path):
     assert all(p.wait(timeout=120) == 0 for p in procs)
     entries = _cached_entries()
     assert len(entries) == 40
-    assert oct(os.stat(tuning.cache_path()).st_mode & 0o777) == "0o644"
-    assert not [n for n in os.listdir(os.path.dirname(tuning.cache_path())) if n.startswith(".triton_tuning.")]
+    assert oct(os.stat(tuning_cache.path()).st_mode & 0o777) == "0o644"
+    assert not [n for n in os.listdir(os.path.dirname(tuning_cache.path())) if n.startswith(".triton_tuning.")]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -238,10 +239,10 @@ def test_cpu_tensors_are_not_tuned_by_default():
 
 def test_command_line_refuses_unknown_names(capsys):
     with pytest.raises(SystemExit):
-        tuning.main(["--device", "cpu", "--dtypes", "float8"])
+        tuning_main(["--device", "cpu", "--dtypes", "float8"])
     assert "'float8' is not one of float32, bfloat16, float16" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        tuning.main(["--device", "cpu", "--variants", "lamb"])
+        tuning_main(["--device", "cpu", "--variants", "lamb"])
     assert "'lamb' is not one of adam, amsgrad, sgd, sgd-momentum" in capsys.readouterr().err
 
 
@@ -255,12 +256,12 @@ def test_tune_refuses_unknown_variants_and_dtypes():
 @pytest.mark.parametrize("device", DEVICES)
 def test_command_line_tunes_and_writes_json(device, tmp_path, capsys):
     out = tmp_path / "tuned.json"
-    assert tuning.main(["--device", device, "--dtypes", "float16", "--variants", "sgd", "--json", str(out)]) == 0
+    assert tuning_main(["--device", device, "--dtypes", "float16", "--variants", "sgd", "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())
     assert row["variant"] == "sgd" and row["dtype"] == "torch.float16" and not row["from_cache"]
-    assert tuning._parse_config(row["config"]) in triton_config.CANDIDATES[torch.float16]
+    assert tuning_cache.parse_config(row["config"]) in triton_config.CANDIDATES[torch.float16]
     printed = capsys.readouterr().out
-    assert "sgd" in printed and row["config"] in printed and tuning.cache_path() in printed
+    assert "sgd" in printed and row["config"] in printed and tuning_cache.path() in printed
 
 
 class _StillTiming:

@@ -7,7 +7,8 @@ Layout of this package:
 * :mod:`.adam_kernel`, :mod:`.sgd_kernel` -- the kernels;
 * :mod:`.tables` -- device tables (addresses, sizes, chunk map) and their cache;
 * :mod:`.config` -- block size / tiles / warps: candidates and the default row per dtype;
-* :mod:`.tuning` -- times the candidates on the device and caches the choice (autotuning);
+* :mod:`.tuning` -- times the candidates on the device and keeps the fastest (autotuning), with
+  its file cache in :mod:`.tuning_cache` and its command line in ``__main__``;
 * :mod:`.launch` -- the launchers (imported at the first step: it defines the kernels);
 * :mod:`.compile_ops` -- custom ops so ``torch.compile`` keeps the step in its graph.
 

@@ -45,13 +45,10 @@ real on a token workload.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import hashlib
-import json
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -60,14 +57,12 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from . import config as launch_config
+from . import tuning_cache
 from .config import LaunchConfig
 
 #: ``0``/``off``: never tune; ``1``/``on``: tune on every device (CPU tensors too, in the
 #: interpreter); unset: tune on CUDA devices.
 ENV_TUNE = "FUSEDOPT_TRITON_TUNE"
-#: Directory of the on-disk cache (default ``$XDG_CACHE_HOME/fusedopt``).
-ENV_CACHE_DIR = "FUSEDOPT_CACHE_DIR"
-CACHE_FILE = "triton_tuning.json"
 #: Bytes per list of the scratch workload on a GPU.
 WORKLOAD_BYTES = 64 << 20
 #: Timing rounds, and launches per timed sample (GPU; the interpreter does 2 x 1).
@@ -250,10 +245,10 @@ def _known(key: str, dtype: torch.dtype) -> Optional[LaunchConfig]:
 def _cached_entry(key: str, dtype: torch.dtype) -> Optional[Tuple[LaunchConfig, dict]]:
     """(choice, entry) from the disk cache when the entry names one of the dtype's candidates;
     None for anything else (missing, malformed, a row that is not a candidate)."""
-    entry = _read_cache().get(key)
+    entry = tuning_cache.read_entries().get(key)
     if not isinstance(entry, dict):
         return None
-    config = _parse_config(entry.get("config"))
+    config = tuning_cache.parse_config(entry.get("config"))
     if config not in launch_config.CANDIDATES[dtype]:
         return None
     return config, entry
@@ -289,7 +284,9 @@ def _finish(key: str, timing: "Timing") -> TuningResult:
     _pending.pop(key, None)
     _chosen[key] = result.config
     if result.timings_ms:
-        _write_cache(key, result.to_json())
+        problem = tuning_cache.write_entry(key, result.to_json())
+        if problem is not None:
+            _warn_once(f"fusedopt triton: {problem}; the choice holds for this process only")
     return result
 
 
@@ -450,7 +447,7 @@ def _runner(variant: str, lists, grads, steps, plan) -> Callable[[], None]:
                                 plan=plan)
 
 
-# ---- the cache ------------------------------------------------------------------------------
+# ---- the key of a choice ------------------------------------------------------------------
 _descriptions: Dict[torch.device, str] = {}
 
 
@@ -507,73 +504,6 @@ def _make_key(variant: str, dtype: torch.dtype, device: torch.device) -> str:
             f"candidates {tuning} | {variant} | {str(dtype).replace('torch.', '')}")
 
 
-def cache_path() -> str:
-    root = os.environ.get(ENV_CACHE_DIR) or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fusedopt")
-    return os.path.join(root, CACHE_FILE)
-
-
-def _read_cache() -> dict:
-    """The entries of the cache file; {} when it is missing or unreadable."""
-    try:
-        with open(cache_path(), encoding="utf-8") as f:
-            data = json.load(f)
-        entries = data.get("entries") if isinstance(data, dict) else None
-        return entries if isinstance(entries, dict) else {}
-    except (OSError, ValueError, RecursionError):
-        return {}
-
-
-def _write_cache(key: str, entry: dict) -> None:
-    """Add ``entry`` under ``key``, keeping the other entries (also those other processes, e.g.
-    DDP ranks, add at the same time: read-modify-write under an exclusive lock on a lock file
-    beside it), then replace the file atomically."""
-    path = cache_path()
-    directory = os.path.dirname(path)
-    tmp = None
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with open(path + ".lock", "a") as lock:
-            _lock(lock)
-            entries = _read_cache()
-            entries[key] = entry
-            fd, tmp = tempfile.mkstemp(prefix=".triton_tuning.", dir=directory)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"version": 1, "entries": entries}, f, indent=1, sort_keys=True)
-            os.chmod(tmp, 0o644)  # (mkstemp makes it private; the cache may be shared)
-            os.replace(tmp, path)
-            tmp = None
-    except OSError as exc:
-        _warn_once(f"fusedopt triton: cannot write the tuning cache {path} ({exc}); the choice "
-                   "holds for this process only")
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-
-
-def _lock(f) -> None:
-    """An exclusive lock on ``f`` until it is closed (POSIX; elsewhere no lock)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        return
-    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-
-
-def _parse_config(text) -> Optional[LaunchConfig]:
-    if not isinstance(text, str):
-        return None
-    try:
-        block, tiles, warps = (int(x) for x in text.split("x"))
-    except ValueError:
-        return None
-    config = LaunchConfig(block, tiles, warps)
-    return config if config.block > 0 and config.tiles > 0 and config.num_warps > 0 else None
-
-
 def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
@@ -584,52 +514,3 @@ def clear() -> None:
     """Forget this process's choices and timings in flight (the disk cache stays)."""
     _chosen.clear()
     _pending.clear()
-
-
-# ---- command line -----------------------------------------------------------------------------
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fusedopt.backends.triton",
-                                     description="Time the Triton launch candidates on this GPU and "
-                                                 "cache the choices.")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dtypes", default="float32,bfloat16,float16")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--force", action="store_true", help="time again even if cached")
-    parser.add_argument("--json", help="also write the results to this file")
-    args = parser.parse_args(argv)
-    names = {str(d).replace("torch.", ""): d for d in launch_config.CANDIDATES}
-    dtypes = []
-    for name in filter(None, (n.strip() for n in args.dtypes.split(","))):
-        if name not in names:
-            parser.error(f"--dtypes: {name!r} is not one of {', '.join(names)}")
-        dtypes.append(names[name])
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    for variant in variants:
-        if variant not in _LISTS:
-            parser.error(f"--variants: {variant!r} is not one of {', '.join(VARIANTS)}")
-    device = torch.device(args.device)
-    from . import BACKEND
-    reason = BACKEND.supports(device, dtypes[0] if dtypes else torch.float32)
-    if reason is not None:
-        parser.error(f"the triton backend cannot run on {device}: {reason}")
-    if os.environ.get(launch_config.ENV_VAR):
-        print(f"note: {launch_config.ENV_VAR} is set; its rows win over these choices in the optimizers")
-    results = tune(device, dtypes, variants, force=args.force)
-    rows = []
-    for r in results:
-        default = launch_config.DEFAULT_CONFIGS[r.dtype]
-        timings = "  ".join(f"{c} {t:.4f}" for c, t in sorted(r.timings_ms.items(), key=lambda kv: kv[1]))
-        print(f"{r.device} {r.variant:12s} {str(r.dtype):15s} -> {r.config} (default {default}; "
-              f"{'cached' if r.from_cache else 'timed'})  ms/launch: {timings}")
-        for c, why in r.failed.items():
-            print(f"    dropped {c}: {why}")
-        rows.append(dict(device=r.device, variant=r.variant, dtype=str(r.dtype), config=str(r.config),
-                         default=str(default), timings_ms=r.timings_ms, failed=r.failed,
-                         from_cache=r.from_cache, torch=torch.__version__))
-    print(f"cache: {cache_path()}")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
-    return 0
-
-
