@@ -149,6 +149,14 @@ def check_clip_options(max_grad_norm, skip_nonfinite) -> None:
                          f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
 
 
+def check_group_options(group: Dict[str, Any]) -> None:
+    """The group options every fused optimizer checks (added groups, and steps after a change)."""
+    check_clip_options(group.get("max_grad_norm"), group.get("skip_nonfinite", False))
+    if group.get("differentiable", False):
+        raise ValueError("differentiable=True is not supported (its kernels are not "
+                         "autograd-aware); use torch.optim for differentiable optimisation")
+
+
 class FusedOptimizer(Optimizer):
     """Base class: subclasses define the state of a parameter and the backend call."""
 
@@ -239,10 +247,7 @@ class FusedOptimizer(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         backends.validate_choice(group.get("backend", "auto"))
-        check_clip_options(group.get("max_grad_norm"), group.get("skip_nonfinite", False))
-        if group.get("differentiable", False):
-            raise ValueError("differentiable=True is not supported (its kernels are not "
-                             "autograd-aware); use torch.optim for differentiable optimisation")
+        check_group_options(group)
         self._validate_group(group)
 
     def state_dict(self) -> Dict[str, Any]:
@@ -280,10 +285,7 @@ class FusedOptimizer(Optimizer):
 
     def _validate_on_step(self, group: Dict[str, Any]) -> None:
         """Check the :meth:`_watched_values` of ``group`` (subclasses check theirs too)."""
-        check_clip_options(group.get("max_grad_norm"), group.get("skip_nonfinite", False))
-        if group.get("differentiable", False):
-            raise ValueError("differentiable=True is not supported (its kernels are not "
-                             "autograd-aware); use torch.optim for differentiable optimisation")
+        check_group_options(group)
 
     def _recheck_groups(self) -> None:
         """Validate a group's hyperparameters again when its :meth:`_watched_values` (what the

@@ -166,24 +166,19 @@ class SGD(FusedOptimizer):
         if not _any_none(buffers):
             backend.sgd_(bucket.params, grads, buffers, is_first_step=False, **hyper)
             return
-        fresh = [i for i, b in enumerate(buffers) if b is None]
         if hyper["dampening"] != 0 and _skipped_on_host(found_inf):
             # A first step that GradScaler skips: torch.optim creates no buffer then, and the
             # next step starts it from g, which a zero buffer would not give when dampening != 0
-            # (b = mu * 0 + (1 - tau) g). One host read, on first steps with dampening only.
-            old = [i for i in range(len(buffers)) if buffers[i] is not None]
-            if old:
-                backend.sgd_([bucket.params[i] for i in old], [grads[i] for i in old],
-                             [buffers[i] for i in old], is_first_step=False, **hyper)
+            # (b = mu * 0 + (1 - tau) g). One host read, on first steps with dampening only; it
+            # says the whole step is skipped, so nothing is launched either.
             return
+        fresh = [i for i, b in enumerate(buffers) if b is None]
+        old = [i for i, b in enumerate(buffers) if b is not None]
         self._create_buffers(bucket, fresh)
-        if len(fresh) < len(buffers):
-            fresh_set = set(fresh)
-            old = [i for i in range(len(buffers)) if i not in fresh_set]
-            backend.sgd_([bucket.params[i] for i in old], [grads[i] for i in old],
-                         [buffers[i] for i in old], is_first_step=False, **hyper)
-        backend.sgd_([bucket.params[i] for i in fresh], [grads[i] for i in fresh],
-                     [buffers[i] for i in fresh], is_first_step=True, **hyper)
+        for indices, first in ((old, False), (fresh, True)):
+            if indices:
+                backend.sgd_([bucket.params[i] for i in indices], [grads[i] for i in indices],
+                             [buffers[i] for i in indices], is_first_step=first, **hyper)
 
     def _create_buffers(self, bucket: GroupBucket, fresh: List[int]) -> None:
         """Create the momentum buffers of params stepping for the first time.

@@ -63,6 +63,12 @@ class LaunchConfig:
     def __str__(self) -> str:
         return f"{self.block}x{self.tiles}x{self.num_warps}"  # the FUSEDOPT_TRITON_CONFIG spelling
 
+    @classmethod
+    def parse(cls, spec: str) -> "LaunchConfig":
+        """The row spelled ``"BxTxW"`` (as :meth:`__str__` writes it); ValueError if it is not."""
+        block, tiles, warps = (int(x) for x in spec.lower().split("x"))
+        return cls(block, tiles, warps)
+
 
 #: The fallback row per dtype (see above). Keys are the parameter dtypes the backend supports.
 DEFAULT_CONFIGS: Dict[torch.dtype, LaunchConfig] = {
@@ -92,13 +98,14 @@ def parse_overrides(text: str) -> Dict[torch.dtype, LaunchConfig]:
         name, _, spec = item.partition("=")
         try:
             dtype = _NAMES[name.strip()]
-            block, tiles, warps = (int(x) for x in spec.lower().split("x"))
+            row = LaunchConfig.parse(spec)
         except (KeyError, ValueError):
             raise ValueError(f"{ENV_VAR}: cannot parse {item!r}; expected e.g. float32=1024x4x4") from None
-        if block < 16 or block & (block - 1) or tiles < 1 or warps not in (1, 2, 4, 8, 16, 32):
+        block = row.block
+        if block < 16 or block & (block - 1) or row.tiles < 1 or row.num_warps not in (1, 2, 4, 8, 16, 32):
             raise ValueError(f"{ENV_VAR}: {item!r}: block must be a power of two >= 16, tiles >= 1, "
                              "warps a power of two <= 32")
-        rows[dtype] = LaunchConfig(block, tiles, warps)
+        rows[dtype] = row
     return rows
 
 

@@ -114,7 +114,7 @@ def row_for(kind: str, n_lists: int, dtype: torch.dtype, device: torch.device) -
     stay as they are."""
     variant = _variant(kind, n_lists, dtype, device)
     if variant is None:
-        return launch_config.override_for(dtype) or launch_config.DEFAULT_CONFIGS[dtype], True
+        return launch_config.config_for(dtype), True
     key = cache_key(variant, dtype, device)
     default = launch_config.DEFAULT_CONFIGS[dtype]
     timing = _pending.get(key)
@@ -279,7 +279,7 @@ def _start(variant: str, dtype: torch.dtype, device: torch.device, key: str,
 
 
 def _finish(key: str, timing: "Timing") -> TuningResult:
-    """Read a completed timing: remember and cache its choice, drop its scratch tensors."""
+    """Read a completed timing: remember its choice and write it to the disk cache."""
     result = timing.result()
     _pending.pop(key, None)
     _chosen[key] = result.config

@@ -79,12 +79,8 @@ def _lock(f) -> None:
 
 
 def parse_config(text) -> Optional[LaunchConfig]:
-    """The row spelled ``"BxTxW"`` (as written by the tuner), or None."""
-    if not isinstance(text, str):
-        return None
+    """The row an entry names (``"BxTxW"``), or None when it names none."""
     try:
-        block, tiles, warps = (int(x) for x in text.split("x"))
+        return LaunchConfig.parse(text) if isinstance(text, str) else None
     except ValueError:
         return None
-    config = LaunchConfig(block, tiles, warps)
-    return config if config.block > 0 and config.tiles > 0 and config.num_warps > 0 else None
