@@ -201,14 +201,12 @@ def test_clip_grad_norm_matches_torch(max_norm, norm_type, dtype, impl):
 
 
 @pytest.mark.parametrize("impl", norm_impls())
-def test_clip_grads_with_norm_matches_torch(impl, monkeypatch):
+def test_clip_grads_with_norm_matches_torch(impl):
     params = on(impl, make_params([(7, 5), (300,)]))
     theirs = clone_params(params)
     set_grads([params, theirs], 0)
     norm = fusedopt.get_total_norm([p.grad for p in params], backend=impl)
-    if impl == "reference":
-        monkeypatch.setenv(backends.ENV_VAR, "reference")
-    fusedopt.clip_grads_with_norm_(params, 0.3, norm)
+    fusedopt.clip_grads_with_norm_(params, 0.3, norm, backend=impl)
     torch.nn.utils.clip_grads_with_norm_(theirs, 0.3, torch.nn.utils.get_total_norm([q.grad for q in theirs]))
     for p, q in zip(params, theirs):
         torch.testing.assert_close(p.grad, q.grad)
@@ -216,9 +214,7 @@ def test_clip_grads_with_norm_matches_torch(impl, monkeypatch):
 
 @pytest.mark.parametrize("impl", norm_impls())
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_clip_grad_value_matches_torch(impl, dtype, monkeypatch):
-    if impl == "reference":
-        monkeypatch.setenv(backends.ENV_VAR, "reference")
+def test_clip_grad_value_matches_torch(impl, dtype):
     params = on(impl, make_params([(5, 3), (40000,), (0,)], dtype))
     theirs = clone_params(params)
     set_grads([params, theirs], 0)
@@ -226,11 +222,73 @@ def test_clip_grad_value_matches_torch(impl, dtype, monkeypatch):
         ps[0].grad[0, 0] = float("nan")
         ps[0].grad = ps[0].grad.t().contiguous().t()  # a transposed (non-contiguous) layout
         ps[1].grad = torch.zeros(80000, dtype=dtype, device=dev(impl))[::2].copy_(ps[1].grad)  # a strided one
-    fusedopt.clip_grad_value_(params, 0.5)
+    fusedopt.clip_grad_value_(params, 0.5, backend=impl)
     torch.nn.utils.clip_grad_value_(theirs, 0.5)
     for p, q in zip(params, theirs):
         assert torch.equal(p.grad.isnan(), q.grad.isnan())
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, equal_nan=True)
+
+
+def _clip_calls(backend):
+    """Every public clipping entry point, called with ``backend`` on one CPU grad."""
+    def param():
+        p = torch.nn.Parameter(torch.ones(3))
+        p.grad = torch.full((3,), 2.0)
+        return p
+    return {
+        "get_total_norm": lambda: fusedopt.get_total_norm([param().grad], backend=backend),
+        "clip_grad_norm_": lambda: fusedopt.clip_grad_norm_([param()], 1.0, backend=backend),
+        "clip_grads_with_norm_": lambda: fusedopt.clip_grads_with_norm_(
+            [param()], 1.0, torch.tensor(4.0), backend=backend),
+        "clip_grad_value_": lambda: fusedopt.clip_grad_value_([param()], 1.0, backend=backend),
+        "PercentileClipper": lambda: fusedopt.PercentileClipper(backend=backend)([param()]),
+    }
+
+
+@pytest.mark.parametrize("call", list(_clip_calls("auto")))
+def test_unknown_backend_is_refused_by_name(call):
+    with pytest.raises(ValueError, match="Invalid backend: 'cpp'"):
+        _clip_calls("cpp")[call]()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("call", list(_clip_calls("auto")))
+def test_unavailable_backend_is_refused_saying_why(call):
+    """An explicit backend that cannot run is an error, as for the optimizers (it used to fall
+    back to the reference silently)."""
+    with pytest.raises(backends.BackendUnavailableError, match="backend 'cuda' is unavailable: no CUDA"):
+        _clip_calls("cuda")[call]()
+
+
+def test_backend_for_another_device_is_refused():
+    if not _norm_ops.has_kernel("total_norm", "cpu"):
+        pytest.skip("fusedopt._C has no CPU total_norm kernel")
+    with pytest.raises(backends.BackendUnavailableError,
+                       match="backend 'cpu' cannot clip tensors on meta: cpu backend needs CPU"):
+        fusedopt.get_total_norm([torch.empty(4, device="meta")], backend="cpu")
+
+
+def test_fusedopt_backend_variable_is_checked_too(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "cuda" if not torch.cuda.is_available() else "nope")
+    with pytest.raises((ValueError, backends.BackendUnavailableError)):
+        fusedopt.clip_grad_norm_([torch.nn.Parameter(torch.ones(2))], 1.0)
+
+
+@pytest.mark.parametrize("impl", norm_impls()[:2])
+def test_scaling_and_clamping_follow_the_backend(impl, monkeypatch):
+    """``backend="reference"``: torch's ops scale and clamp; ``"cpu"``: the native ops."""
+    native = []
+    monkeypatch.setattr(_norm_ops, "scale_", lambda *a: native.append("scale_"))
+    monkeypatch.setattr(torch.ops.fusedopt, "clamp_", lambda *a: native.append("clamp_"),
+                        raising=False)
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 2.0)
+    fusedopt.clip_grads_with_norm_([p], 1.0, torch.tensor(4.0), backend=impl)
+    fusedopt.clip_grad_value_([p], 0.1, backend=impl)
+    if impl == "reference":
+        assert native == [] and torch.equal(p.grad, torch.full((3,), 0.1))
+    else:
+        assert native == ["scale_", "clamp_"]
 
 
 def _embedding_model(device):

@@ -20,7 +20,8 @@ from typing import Any, Dict, Optional
 import torch
 
 from ._clip import _grads, clip_coefficient, scale_
-from ._norm import TensorOrTensors, total_norm
+from .. import backends
+from ._norm import Summary, TensorOrTensors, check_backend, total_norm
 
 Tensor = torch.Tensor
 
@@ -43,7 +44,7 @@ class PercentileClipper:
         self.percentile = float(percentile)
         self.history = int(history)
         self.norm_type = float(norm_type)
-        self.backend = backend
+        self.backend = backends.validate_choice(backend)
         self.history_norms: Optional[Tensor] = None   # [history] ring buffer, NaN = empty
         self.count: Optional[Tensor] = None           # int64 0-dim: norms recorded so far
         self.threshold: Optional[Tensor] = None       # the last clipping threshold
@@ -71,9 +72,11 @@ class PercentileClipper:
             grads = _grads(parameters)
             if not grads:
                 return torch.tensor(0.0)
-            norm = total_norm(grads, self.norm_type, self.backend)
+            summary = Summary(grads)
+            check_backend(self.backend, summary.devices)
+            norm = total_norm(grads, self.norm_type, self.backend, summary)
             threshold = self.record(norm)
-            scale_(grads, clip_coefficient(threshold, norm), self.backend)
+            scale_(grads, clip_coefficient(threshold, norm), self.backend, summary)
             return norm
 
     def state_dict(self) -> Dict[str, Any]:

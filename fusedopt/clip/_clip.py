@@ -28,8 +28,8 @@ import torch
 
 from .. import _dtensor, _norm_ops, backends
 from .._lists import any_none, grads_of
-from ._norm import (Summary, TensorOrTensors, as_list, by_device, check_finite, get_total_norm,
-                    result_dtype, to_device, total_norm)
+from ._norm import (Summary, TensorOrTensors, as_list, by_device, check_backend, check_finite,
+                    get_total_norm, result_dtype, to_device, total_norm)
 
 Tensor = torch.Tensor
 
@@ -79,14 +79,18 @@ def _native(device: torch.device, group: Sequence[Tensor], op: str, backend: str
 
 
 def clip_grads_with_norm_(parameters: TensorOrTensors, max_norm: float, total_norm: Tensor,
-                          foreach: Optional[bool] = None) -> None:
+                          foreach: Optional[bool] = None, *, backend: str = "auto") -> None:
     """Drop-in for :func:`torch.nn.utils.clip_grads_with_norm_`: scale the gradients by
     ``min(1, max_norm / (total_norm + 1e-6))`` (computed in ``total_norm``'s dtype, on its device).
-    ``foreach`` is accepted for compatibility."""
+    ``foreach`` is accepted for compatibility. ``backend``: ``"reference"`` scales with torch's
+    foreach ops, any other usable backend with the native scale op (see :func:`clip_grad_norm_`)."""
     with torch.no_grad():
         grads = _grads(parameters)
+        summary = Summary(grads)
+        check_backend(backend, summary.devices)
         if grads:
-            scale_(grads, clip_coefficient(float(max_norm), _dtensor.plain(total_norm)))
+            scale_(grads, clip_coefficient(float(max_norm), _dtensor.plain(total_norm)), backend,
+                   summary)
 
 
 def clip_grad_norm_(parameters: TensorOrTensors, max_norm: float, norm_type: float = 2.0,
@@ -108,11 +112,13 @@ def clip_grad_norm_(parameters: TensorOrTensors, max_norm: float, norm_type: flo
                               stacklevel=2)
         grads = _grads(parameters)
         if not grads:
+            check_backend(backend)
             norm = total_norm(grads, norm_type, backend)
             if error_if_nonfinite:
                 check_finite(norm, norm_type)
             return norm
         summary = Summary(grads)
+        check_backend(backend, summary.devices)
         norm = total_norm(grads, norm_type, backend, summary)
         if error_if_nonfinite:
             check_finite(norm, norm_type)
@@ -122,15 +128,17 @@ def clip_grad_norm_(parameters: TensorOrTensors, max_norm: float, norm_type: flo
 
 
 def clip_grad_value_(parameters: TensorOrTensors, clip_value: float,
-                     foreach: Optional[bool] = None) -> None:
+                     foreach: Optional[bool] = None, *, backend: str = "auto") -> None:
     """Drop-in for :func:`torch.nn.utils.clip_grad_value_`: clamp every gradient element to
     ``[-clip_value, clip_value]`` in place (NaN stays NaN), in one pass: the native clamp op (CPU:
     one parallel region; CUDA: one launch per dtype), where torch's foreach path makes two
-    (clamp_min then clamp_max). Without native kernels: torch's foreach ops."""
+    (clamp_min then clamp_max). Without native kernels, or with ``backend="reference"``: torch's
+    ops."""
     with torch.no_grad():
         clip_value = float(clip_value)
         grads = _grads(parameters)
         summary = Summary(grads)
+        check_backend(backend, summary.devices)
         if summary.any_dtensor:  # elementwise: the local shards
             grads = [_dtensor.local(g) for g in grads]
             summary = Summary(grads)
@@ -142,7 +150,8 @@ def clip_grad_value_(parameters: TensorOrTensors, clip_value: float,
             if clip_value < 0:  # an empty range: torch's ops decide (everything but NaN becomes
                 for g in group:  # clip_value), not the kernels' order of min and max
                     g.clamp_(min=-clip_value, max=clip_value)
-            elif _native(device, group, "clamp_", summary=summary if len(groups) == 1 else None):
+            elif _native(device, group, "clamp_", backend,
+                         summary if len(groups) == 1 else None):
                 torch.ops.fusedopt.clamp_(group, -clip_value, clip_value)
             elif device.type == "cuda":  # two multi-tensor launches rather than one per tensor
                 torch._foreach_clamp_min_(group, -clip_value)

@@ -138,6 +138,24 @@ def by_device(tensors: Sequence[Tensor],
     return groups
 
 
+def check_backend(backend: str, devices: Iterable[torch.device] = ()) -> None:
+    """Refuse an explicit ``backend=`` of the clipping functions that cannot run here, as the
+    optimizers do: an unknown name (``ValueError``), a backend that is unavailable or cannot run
+    tensors on one of ``devices`` (:class:`~fusedopt.backends.BackendUnavailableError`, saying
+    why). ``FUSEDOPT_BACKEND`` overrides ``backend``. A dtype, norm order or layout a usable
+    backend has no kernel for is not an error: it is computed by the reference (same math)."""
+    backends.validate_choice(backend)
+    name = backends.requested(backend)
+    if name in ("auto", "reference"):
+        return
+    impl = backends.get(name)  # raises, saying why, when unavailable in this process
+    for device in devices:
+        reason = impl.supports(device, torch.float32)
+        if reason is not None:
+            raise backends.BackendUnavailableError(
+                f"backend {name!r} cannot clip tensors on {device}: {reason}")
+
+
 def choose(backend: str, device: torch.device, tensors: Sequence[Tensor], norm_type: float,
            summary: Optional[Summary] = None) -> str:
     """Which implementation computes the norm of ``tensors`` (all on ``device``); ``summary``
@@ -346,8 +364,10 @@ def get_total_norm(tensors: TensorOrTensors, norm_type: float = 2.0,
     with torch.no_grad():
         tensors = as_list(tensors)
         if not tensors:
+            check_backend(backend)
             return total_norm(tensors, norm_type, backend)
         summary = Summary(tensors)
+        check_backend(backend, summary.devices)
         norm = total_norm(tensors, norm_type, backend, summary)
         if error_if_nonfinite:
             check_finite(norm, norm_type)
