@@ -20,6 +20,16 @@ Algorithms ("algo" field of the records):
                 read + Adam's 28). ``fusedopt-<backend>-2pass``: ``fusedopt.clip_grad_norm_`` then
                 the fusedopt AdamW step (40 B/param).
 
+The two passes of ``clip`` apart (not in the default ``--algo``; they show where clip-alone time
+goes and how close each implementation's passes run to the memory):
+
+``norm``        ``get_total_norm`` (baseline ``torch.nn.utils.get_total_norm(foreach=True)``):
+                one read, 4 B per fp32 param.
+``scale``       ``clip_grads_with_norm_`` with a coefficient of -1 (``max_norm = -(total_norm +
+                1e-6)``): every element is multiplied by about -1, so magnitudes stay put over the
+                calls and neither implementation may skip the pass (baseline
+                ``torch.nn.utils.clip_grads_with_norm_(foreach=True)``). 8 B per fp32 param.
+
 Records use the schema of common.py; ``bytes_per_step`` is the minimum traffic above and
 ``speedup_vs_torch_fused`` is against the algorithm's torch baseline (same run). Method (common.py):
 providers interleaved with the bandwidth reference, warmup, min and median of --repeats samples.
@@ -41,10 +51,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 BENCHMARK = "clip"
-ALGOS = ("clip", "clip-noop", "clip+adamw")
+ALGOS = ("clip", "clip-noop", "clip+adamw", "norm", "scale")
+DEFAULT_ALGOS = ("clip", "clip-noop", "clip+adamw")
 #: Minimum bytes per parameter element per call, per element byte of the dtype.
-STREAMS = {"clip": 3, "clip-noop": 1, "clip+adamw": 8}
-BASELINE = {"clip": "torch-foreach", "clip-noop": "torch-foreach", "clip+adamw": "torch-fused"}
+STREAMS = {"clip": 3, "clip-noop": 1, "clip+adamw": 8, "norm": 1, "scale": 2}
+BASELINE = {"clip": "torch-foreach", "clip-noop": "torch-foreach", "clip+adamw": "torch-fused",
+            "norm": "torch-foreach", "scale": "torch-foreach"}
 ADAMW = dict(lr=1e-3, weight_decay=1e-2)
 SHRINK = 0.9  # per-call factor of the threshold of the "clip" algorithm
 
@@ -113,6 +125,36 @@ def clip_callables(algo: str, workload, device, dtype, backends: List[str]) -> D
     return out
 
 
+def flip_norm(params) -> Tuple[float, torch.Tensor]:
+    """``(max_norm, total_norm)`` whose clip coefficient ``max_norm / (total_norm + 1e-6)`` is
+    about -1 (within a rounding of the norm's dtype; the norm is float32)."""
+    total_norm = torch.tensor(1.0, device=params[0].grad.device)
+    return -float(total_norm + 1e-6), total_norm
+
+
+def pass_callables(algo: str, workload, device, dtype, backends: List[str]) -> Dict[str, Callable[[], Any]]:
+    """Timed callables of the passes of clip (``norm``, ``scale``); each provider owns its grads."""
+    import fusedopt
+    out: Dict[str, Callable[[], Any]] = {}
+    if algo == "norm":
+        def make(norm_fn):
+            grads = [p.grad for p in grads_only(workload, device, dtype)]
+            return lambda: norm_fn(grads)
+        out["torch-foreach"] = make(lambda gs: torch.nn.utils.get_total_norm(gs, foreach=True))
+        for b in backends:
+            out[f"fusedopt-{b}"] = make(lambda gs, b=b: fusedopt.get_total_norm(gs, backend=b))
+        return out
+
+    def make(scale_fn):
+        params = grads_only(workload, device, dtype)
+        max_norm, total_norm = flip_norm(params)
+        return lambda: scale_fn(params, max_norm, total_norm)
+    out["torch-foreach"] = make(lambda ps, m, n: torch.nn.utils.clip_grads_with_norm_(ps, m, n, foreach=True))
+    for b in backends:
+        out[f"fusedopt-{b}"] = make(lambda ps, m, n, b=b: fusedopt.clip_grads_with_norm_(ps, m, n, backend=b))
+    return out
+
+
 def clip_adamw_callables(workload, device, dtype, backends: List[str]) -> Dict[str, Callable[[], Any]]:
     """Timed callables of clip + AdamW step; the params are shared, state and grads per provider."""
     import fusedopt
@@ -175,6 +217,8 @@ def run_group(args, env, run_id: str, workload: common.Workload, algo: str,
     base["date"], base["run_id"] = common.now_iso(), run_id
     if algo == "clip+adamw":
         fns = clip_adamw_callables(workload, device, dtype, backends)
+    elif algo in ("norm", "scale"):
+        fns = pass_callables(algo, workload, device, dtype, backends)
     else:
         fns = clip_callables(algo, workload, device, dtype, backends)
     if args.providers:
@@ -199,7 +243,7 @@ def run_group(args, env, run_id: str, workload: common.Workload, algo: str,
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--algo", default=",".join(ALGOS), help=f"comma list of {', '.join(ALGOS)}")
+    p.add_argument("--algo", default=",".join(DEFAULT_ALGOS), help=f"comma list of {', '.join(ALGOS)}")
     p.add_argument("--workloads", default=None, help="comma list of gpt2, 1000x4096, 10x4M, tiny "
                    "[default: gpt2,1000x4096; --quick: tiny]")
     p.add_argument("--dtype", default="fp32", help="comma list of fp32, bf16, fp16, fp64")

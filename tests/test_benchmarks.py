@@ -575,3 +575,87 @@ def test_checkpoint_timing_measures_both_formats(tmp_path):
     for fmt in ("full", "sharded"):
         assert len(record[fmt]) == 2
         assert all(r["save_s"] > 0 and r["load_s"] > 0 for r in record[fmt])
+
+
+# ----------------------------------------------------------------------------- bench_clip.py
+
+
+def _clip_callables(algo, backends=("cpu", "reference")):
+    import bench_clip
+    workload = common.make_workloads("tiny")[0]
+    cpu = torch.device("cpu")
+    backends = [b for b in backends if b in bench_clip.fusedopt_backends(cpu)]
+    if algo in ("norm", "scale"):
+        return bench_clip.pass_callables(algo, workload, cpu, torch.float32, backends)
+    return bench_clip.clip_callables(algo, workload, cpu, torch.float32, backends)
+
+
+def _grads_of(fn):
+    """The gradients a clip-alone callable works on (ActiveClip's params or a lambda's closure)."""
+    params = fn.params if hasattr(fn, "params") else next(
+        c.cell_contents for c in fn.__closure__ if isinstance(c.cell_contents, list))
+    return [p.grad if p.grad is not None else p for p in params]
+
+
+def test_bench_clip_active_clip_clips_at_every_call():
+    """``clip``: every call scales the gradients (coefficient ~0.9), also across a reset from
+    the master copy, and torch's and fusedopt's providers end with the same gradients."""
+    import bench_clip
+    fns = _clip_callables("clip")
+    assert set(fns) >= {"torch-foreach", "fusedopt-reference"}
+    finals = {}
+    for name, fn in fns.items():
+        for call in range(bench_clip.ActiveClip.RESET_EVERY + 3):
+            threshold = fn.threshold if call % bench_clip.ActiveClip.RESET_EVERY else None
+            before = float(torch.nn.utils.get_total_norm(_grads_of(fn)))
+            fn()
+            after = float(torch.nn.utils.get_total_norm(_grads_of(fn)))
+            if threshold is not None:  # clipped down to the threshold of the call
+                assert before > threshold
+                assert after == pytest.approx(threshold, rel=1e-5)
+        finals[name] = [g.clone() for g in _grads_of(fn)]
+    for name, grads in finals.items():
+        for g, want in zip(grads, finals["torch-foreach"]):
+            torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_bench_clip_noop_changes_nothing():
+    for name, fn in _clip_callables("clip-noop").items():
+        before = [g.clone() for g in _grads_of(fn)]
+        fn()
+        assert all(torch.equal(a, b) for a, b in zip(_grads_of(fn), before)), name
+
+
+def test_bench_clip_passes_do_what_they_say():
+    """``norm`` returns the gradients' norm; ``scale`` multiplies every element by about -1."""
+    for name, fn in _clip_callables("norm").items():
+        want = torch.linalg.vector_norm(torch.cat([g.flatten() for g in _grads_of(fn)]).double())
+        assert float(fn()) == pytest.approx(float(want), rel=1e-5), name
+    for name, fn in _clip_callables("scale").items():
+        before = [g.clone() for g in _grads_of(fn)]
+        fn()
+        for g, b in zip(_grads_of(fn), before):
+            torch.testing.assert_close(g, -b, rtol=2.5e-7, atol=0, msg=name)
+
+
+def test_bench_clip_quick_run_end_to_end(tmp_path):
+    import bench_clip
+    out = tmp_path / "clip.jsonl"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("FUSEDOPT_BACKEND", None)
+    proc = subprocess.run([sys.executable, str(BENCH_DIR / "bench_clip.py"), "--quick", "--device", "cpu",
+                           "--algo", ",".join(bench_clip.ALGOS), "--repeats", "2", "--bw-mib", "8",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = common.read_records([out])
+    numel = common.make_workloads("tiny")[0].numel
+    assert {r["algo"] for r in records} == set(bench_clip.ALGOS)
+    for rec in records:
+        common.check_record(rec)
+        assert rec["status"] == "ok", rec
+        assert rec["bytes_per_step"] == bench_clip.STREAMS[rec["algo"]] * 4 * numel
+        if rec["provider"] == bench_clip.BASELINE[rec["algo"]]:
+            assert rec["speedup_vs_torch_fused"] == pytest.approx(1.0)
+    for algo in bench_clip.ALGOS:
+        names = {r["provider"] for r in records if r["algo"] == algo}
+        assert {bench_clip.BASELINE[algo], "fusedopt-reference"} <= names, (algo, names)
