@@ -337,6 +337,19 @@ def test_clip_grad_value_refuses_sparse_gradients_and_follows_torch_on_negative_
     torch.testing.assert_close(ours[0].grad, theirs[0].grad, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("strided", [False, True], ids=["dense", "strided"])
+def test_clip_grad_value_nan_makes_everything_nan_like_torch(strided):
+    """A NaN bound: torch's clamp makes every element NaN, whatever the layout (the native
+    kernel's comparisons let every value through, and did for dense grads)."""
+    grad = torch.tensor([-1.0, 0.5, 3.0, float("inf")])
+    if strided:
+        grad = torch.zeros(8)[::2].copy_(grad)
+    p = torch.zeros(4, requires_grad=True)
+    p.grad = grad
+    fusedopt.clip_grad_value_([p], float("nan"))
+    assert torch.isnan(p.grad).all()
+
+
 def test_clip_accepts_a_tensor_and_a_generator():
     p = torch.zeros(4, requires_grad=True)
     p.grad = torch.full((4,), 2.0)
@@ -433,6 +446,28 @@ def test_percentile_clipper_matches_its_definition():
     other = fusedopt.PercentileClipper()
     other.load_state_dict(copy.deepcopy(state))
     assert int(other.count) == 7 and other.history == 4
+
+
+def test_percentile_clipper_loads_a_copy_of_the_state():
+    """load_state_dict copies (as torch.optim does): a clipper loaded from a live one, or from a
+    state dict kept in memory, must not write its norms into them."""
+    first = fusedopt.PercentileClipper(percentile=50.0, history=4)
+    p = torch.zeros(3, requires_grad=True)
+    for scale in (1.0, 2.0):
+        p.grad = torch.full((3,), scale)
+        first([p])
+    state = first.state_dict()
+    snapshot = copy.deepcopy(state)
+    second = fusedopt.PercentileClipper()
+    second.load_state_dict(state)
+    p.grad = torch.full((3,), 100.0)
+    second([p])
+    assert int(first.count) == 2 and int(second.count) == 3
+    torch.testing.assert_close(first.history_norms, snapshot["history_norms"], equal_nan=True)
+    torch.testing.assert_close(state["history_norms"], snapshot["history_norms"], equal_nan=True)
+    bad = dict(snapshot, history=5)
+    with pytest.raises(ValueError, match=r"history_norms has shape \(4,\), expected \(5,\)"):
+        fusedopt.PercentileClipper().load_state_dict(bad)
 
 
 # ---- no host sync -------------------------------------------------------------------------------
@@ -824,6 +859,26 @@ def test_grad_scaler_with_max_grad_norm(dtype, backend):
                          **(dict(rtol=2e-2, atol=2e-3) if low else dict(rtol=1e-4, atol=1e-5)))
     assert float(opt_a.state[model_a.a.weight]["step"]) == 5.0
     assert scaler_a.get_scale() == scaler_b.get_scale()
+
+
+@pytest.mark.parametrize("backend", opt_backends())
+@pytest.mark.parametrize("clip", [None, 1.0], ids=["noclip", "clip"])
+def test_grad_scaler_step_of_an_optimizer_without_grads(backend, clip):
+    """Two optimizers, one GradScaler, no grad for the second one's params this iteration (a
+    frozen part): the scaler hands it found_inf as the int 0 (a sum of no flags), torch's
+    optimizers take that as a no-op step, and so must fusedopt's."""
+    used, unused = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    opt_used = fusedopt.optim.AdamW(used.parameters(), max_grad_norm=clip, backend=backend)
+    opt_unused = fusedopt.optim.AdamW(unused.parameters(), max_grad_norm=clip, backend=backend)
+    before = [q.detach().clone() for q in unused.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    scaler.scale(used(torch.randn(4, 3)).square().sum()).backward()
+    scaler.step(opt_used)
+    scaler.step(opt_unused)
+    scaler.update()
+    assert scaler.get_scale() == 2.0 ** 8
+    assert all(torch.equal(q, b) for q, b in zip(unused.parameters(), before))
+    assert not opt_unused.state and len(opt_used.state) == 2
 
 
 def test_norm_dispatch_choices():

@@ -88,8 +88,14 @@ class PercentileClipper:
         self.percentile = float(state["percentile"])
         self.history = int(state["history"])
         self.norm_type = float(state["norm_type"])
-        self.history_norms = state["history_norms"]
-        self.count = state["count"]
+        # Copies, as torch.optim's load_state_dict makes: the buffers are updated in place
+        # (scatter_, +=), which must not write into the state dict or another clipper.
+        history_norms, count = state["history_norms"], state["count"]
+        if history_norms is not None and history_norms.shape != (self.history,):
+            raise ValueError(f"PercentileClipper.load_state_dict: history_norms has shape "
+                             f"{tuple(history_norms.shape)}, expected ({self.history},)")
+        self.history_norms = None if history_norms is None else history_norms.detach().clone()
+        self.count = None if count is None else torch.as_tensor(count).detach().clone()
         self.threshold = None
 
 

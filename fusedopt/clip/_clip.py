@@ -147,8 +147,10 @@ def clip_grad_value_(parameters: TensorOrTensors, clip_value: float,
                                "torch's: there is no sparse clamp); clip their values instead")
         groups = by_device(grads, summary)
         for device, group in groups.items():
-            if clip_value < 0:  # an empty range: torch's ops decide (everything but NaN becomes
-                for g in group:  # clip_value), not the kernels' order of min and max
+            # An empty range or a NaN bound: torch's ops decide (everything but NaN becomes
+            # clip_value; a NaN bound makes every element NaN), not the kernels' min/max order.
+            if not clip_value >= 0:
+                for g in group:
                     g.clamp_(min=-clip_value, max=clip_value)
             elif _native(device, group, "clamp_", backend,
                          summary if len(groups) == 1 else None):

@@ -324,6 +324,9 @@ class FusedOptimizer(Optimizer):
         self._recheck_groups()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and not isinstance(found_inf, Tensor):
+            # GradScaler sums its per-device flags: the int 0 when no param had a grad.
+            found_inf = None if not found_inf else torch.tensor(float(found_inf))
         max_norms = [g.get("max_grad_norm") for g in self.param_groups]
         skip = any(g.get("skip_nonfinite", False) for g in self.param_groups)
         clipping = skip or any(m is not None for m in max_norms)
