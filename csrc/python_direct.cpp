@@ -151,8 +151,13 @@ bool all_cpu(at::TensorList tensors) {
 // torch.ops.fusedopt.total_norm without boxing; None when the dispatcher must take the call.
 // With of_grads, `tensors` are params and the norm is that of their .grad (None when one has
 // no grad): what an optimizer step with max_grad_norm needs, without a grads list in Python.
-py::object total_norm_direct(py::handle tensors, double norm_type, bool of_grads) {
+py::object total_norm_direct(py::handle tensors, double norm_type, bool of_grads,
+                             const std::optional<at::Tensor>& prescale) {
   if (dispatch_modes_active()) return py::none();
+  if (prescale.has_value() &&
+      (!prescale->device().is_cpu() || prescale->key_set().has_any(kNeedsDispatcher))) {
+    return py::none();
+  }
   BorrowedTensors loaded, grads;
   if (!loaded.load(tensors)) return py::none();
   if (of_grads && !grads.load_grads_of(loaded)) return py::none();
@@ -162,7 +167,7 @@ py::object total_norm_direct(py::handle tensors, double norm_type, bool of_grads
   {
     py::gil_scoped_release no_gil;
     RECORD_FUNCTION("fusedopt::total_norm", std::vector<c10::IValue>());
-    out = cpu::total_norm_cpu(t.list(), norm_type);
+    out = cpu::total_norm_cpu(t.list(), norm_type, prescale);
   }
   return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(out)));
 }
@@ -212,8 +217,10 @@ py::object summarize(py::handle sequence) {
 }
 
 // The cache key of the Triton backend's tables (fusedopt/backends/triton/tables.py): the
-// data_ptr() of every tensor of every sequence in `lists`, then the numel() of every tensor of
-// `sizes_of`, as native int64s in one bytes object (compared with memcmp). In Python that is one
+// data_ptr() and dtype of every tensor of every sequence in `lists`, then the dim(), sizes and
+// strides of every tensor of `sizes_of`, as native int64s in one bytes object (compared with
+// memcmp). The dtype and strides matter as much as the address: a freed gradient's memory is
+// often handed to a tensor of another dtype or layout with the same element count. In Python that is one
 // getter call per tensor, ~70 ns each: ~0.35 ms for an Adam step of 1000 tensors (5000 calls),
 // more than the GPU needs for the step itself. None when some element is not a plain tensor.
 py::object addresses(py::handle lists, py::handle sizes_of) {
@@ -226,12 +233,19 @@ py::object addresses(py::handle lists, py::handle sizes_of) {
     total += loaded[i].list().size();
   }
   std::vector<int64_t> key;
-  key.reserve(total);
+  key.reserve(4 * total);
   for (size_t i = 0; i <= seqs.size(); ++i) {
-    const bool sizes = i == seqs.size();
+    const bool layouts = i == seqs.size();
     for (const at::Tensor& t : loaded[i].list()) {
       if (!t.defined()) return py::none();
-      key.push_back(sizes ? t.numel() : reinterpret_cast<int64_t>(t.const_data_ptr()));
+      if (layouts) {  // dim, sizes, strides: what decides a tensor's tables besides its address
+        key.push_back(t.dim());
+        for (int64_t d = 0; d < t.dim(); ++d) key.push_back(t.size(d));
+        for (int64_t d = 0; d < t.dim(); ++d) key.push_back(t.stride(d));
+      } else {
+        key.push_back(reinterpret_cast<int64_t>(t.const_data_ptr()));
+        key.push_back(static_cast<int64_t>(t.scalar_type()));
+      }
     }
   }
   return py::bytes(reinterpret_cast<const char*>(key.data()), key.size() * sizeof(int64_t));
@@ -276,11 +290,12 @@ void bind_direct_calls(py::module& m) {
   m.def("_same_objects", &same_objects, py::arg("a"), py::arg("b"),
         "Whether lists a and b hold the same objects (by identity) in the same order.");
   m.def("_addresses", &addresses, py::arg("lists"), py::arg("sizes_of"),
-        "bytes of int64: the data_ptr() of every tensor of every sequence of `lists`, then the "
-        "numel() of every tensor of `sizes_of`, read in one C++ pass; None when some element "
-        "is not a plain torch.Tensor / nn.Parameter.");
+        "bytes of int64: the data_ptr() and dtype (ScalarType number) of every tensor of every "
+        "sequence of `lists`, then the dim(), sizes and strides of every tensor of "
+        "`sizes_of`, read in one C++ pass; None when some element is not a plain "
+        "torch.Tensor / nn.Parameter.");
   m.def("_total_norm_cpu", &total_norm_direct, py::arg("tensors"), py::arg("norm_type"),
-        py::arg("of_grads") = false,
+        py::arg("of_grads") = false, py::arg("prescale") = py::none(),
         "Eager fast path of torch.ops.fusedopt.total_norm for plain CPU tensors (of_grads=True: "
         "the norm of the .grad of each tensor of the list); None, doing nothing, when the call "
         "must go through the dispatcher instead (or a tensor has no plain grad).");

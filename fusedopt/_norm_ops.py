@@ -17,6 +17,8 @@ to trace the calls.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from . import _ops
@@ -45,14 +47,15 @@ def has_kernel(op: str, device_type: str) -> bool:
     return _KERNELS.get((op, device_type), False)
 
 
-def total_norm(tensors, norm_type: float) -> torch.Tensor:
-    """``torch.ops.fusedopt.total_norm(tensors, norm_type)``, directly when the tensors allow."""
+def total_norm(tensors, norm_type: float, prescale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``torch.ops.fusedopt.total_norm(tensors, norm_type, prescale)`` (the norm of
+    ``prescale * tensors``), directly when the tensors allow."""
     direct = getattr(_ops._C, "_total_norm_cpu", None)
     if direct is not None and not _is_compiling():
-        out = direct(tensors, float(norm_type))
+        out = direct(tensors, float(norm_type), False, prescale)
         if out is not None:
             return out
-    return torch.ops.fusedopt.total_norm(list(tensors), norm_type)
+    return torch.ops.fusedopt.total_norm(list(tensors), norm_type, prescale)
 
 
 def scale_(tensors, scale: torch.Tensor) -> None:
@@ -63,7 +66,7 @@ def scale_(tensors, scale: torch.Tensor) -> None:
     torch.ops.fusedopt.scale_(list(tensors), scale)
 
 
-def _total_norm_fake(tensors, norm_type):
+def _total_norm_fake(tensors, norm_type, prescale=None):
     any_double = any(t.dtype == torch.float64 for t in tensors)
     device = tensors[0].device if tensors else torch.device("cpu")
     return torch.empty((), dtype=torch.float64 if any_double else torch.float32, device=device)

@@ -622,6 +622,35 @@ def test_clip_ops_thousand_tiny_tensors():
 
 
 @needs_gpu
+def test_total_norm_prescale_on_the_device():
+    """A CUDA prescale is read by the kernel (no host sync), a CPU one on the host; both give the
+    CPU op's norm of the prescaled elements, in range where the scaled norm is not."""
+    tensors = [randn(s, dtype, i) for i, (s, dtype) in
+               enumerate(zip(ODD_SIZES, [torch.float32, torch.bfloat16] * len(ODD_SIZES)))]
+    huge = [(t.double() * 2.0 ** 100).to(t.dtype) for t in tensors]
+    for norm_type in CLIP_NORMS:
+        want = torch.ops.fusedopt.total_norm([t.cpu() for t in huge], norm_type, torch.tensor(2.0 ** -100))
+        for prescale in (torch.tensor(2.0 ** -100, device="cuda"), torch.tensor(2.0 ** -100),
+                         torch.tensor(2.0 ** -100, device="cuda", dtype=torch.float64)):
+            ours = torch.ops.fusedopt.total_norm(huge, norm_type, prescale)
+            torch.testing.assert_close(ours.cpu(), want, rtol=1e-5, atol=0, equal_nan=True)
+
+
+@needs_gpu
+def test_clip_ops_tensors_sharing_memory_like_torch():
+    """A tensor listed twice or overlapping views: rewritten one after the other (stream order),
+    as torch's ops do, not by two blocks at once."""
+    buf = torch.linspace(1.0, 2.0, 3 * CHUNK + 300, device="cuda")
+    for make in (lambda b: [b, b], lambda b: [b[: 3 * CHUNK], b[300:]],
+                 lambda b: [b[::2], b[1::2], b[: CHUNK]]):
+        ours, theirs = buf.clone(), buf.clone()
+        torch.ops.fusedopt.scale_(make(ours), torch.tensor(0.5, device="cuda"))
+        for t in make(theirs):
+            t.mul_(0.5)
+        assert torch.equal(ours, theirs)
+
+
+@needs_gpu
 def test_clip_ops_empty_and_zero_dim_tensors():
     for norm_type in CLIP_NORMS:
         expected = torch.ops.fusedopt.total_norm([torch.empty(0)], norm_type)
@@ -998,7 +1027,7 @@ NORM_RTOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 1e-5, tor
 def _clip_lib(lib):
     if not getattr(lib, "_clip_argtypes", False):
         p, i64, d, dbl = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
-        lib.fusedopt_emu_total_norm.argtypes = [i64, p, p, p, dbl, p, d, d, d, d]
+        lib.fusedopt_emu_total_norm.argtypes = [i64, p, p, p, dbl, p, d, dbl, p, d, d, d, d]
         lib.fusedopt_emu_scale.argtypes = [i64, p, p, p, p, d, dbl, d, d, d]
         lib.fusedopt_emu_clamp.argtypes = [i64, p, p, p, dbl, dbl, d, d, d]
         lib._clip_argtypes = True
@@ -1013,13 +1042,19 @@ def _clip_args(tensors):
             _addr_array(tensors), _addr_array(None, ctypes.c_int64, [t.numel() for t in tensors]))
 
 
-def emu_total_norm(lib, tensors, norm_type, grid=3, block=32, order=0):
+def emu_total_norm(lib, tensors, norm_type, grid=3, block=32, order=0, prescale=1.0):
     """The CUDA op's launches (partials per dtype, then finish) on the emulator; the result has
-    the op's dtype (float64 if any tensor is float64, else float32)."""
+    the op's dtype (float64 if any tensor is float64, else float32). prescale: a float (passed
+    by value) or a one-element float32/float64 tensor (read by the kernel)."""
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     out = torch.full((), -7.0, dtype=dtype)
-    rc = _clip_lib(lib).fusedopt_emu_total_norm(*_clip_args(tensors), float(norm_type), out.data_ptr(),
-                                                int(dtype == torch.float64), grid, block, order)
+    if isinstance(prescale, torch.Tensor):
+        pre = (prescale.data_ptr(), int(prescale.dtype == torch.float64), 0.0)
+    else:
+        pre = (None, 0, float(prescale))
+    rc = _clip_lib(lib).fusedopt_emu_total_norm(*_clip_args(tensors), float(norm_type), *pre,
+                                                out.data_ptr(), int(dtype == torch.float64), grid,
+                                                block, order)
     assert rc == 0, f"emulated total_norm failed ({rc}: -2 = a partial slot was not written)"
     return out
 
@@ -1068,6 +1103,21 @@ def test_emulated_total_norm_matches_torch_and_cpu_op(emu, norm_type, dtype):
     torch.testing.assert_close(ours, cpu, rtol=NORM_RTOL[dtype], atol=0)
     if norm_type in (INF, -INF, 0.0):  # no rounding at all: max/min are elements, p = 0 a count
         assert ours.item() == cpu.item()
+
+
+@_needs_cpu_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+def test_emulated_total_norm_prescale(emu, dtype):
+    """prescale multiplies every element before its term: the CPU op's value, whether passed by
+    value or read from (emulated) device memory, and in range where the unscaled norm is."""
+    tensors = [cpu_randn(s, dtype, i) for i, s in enumerate(ODD_SIZES)]
+    huge = [(t.double() * 2.0 ** 100).to(dtype) for t in tensors]  # squares overflow float32
+    for norm_type in (2.0, 1.0, INF, 3.5, 0.0):
+        cpu = torch.ops.fusedopt.total_norm(huge, norm_type, torch.tensor(2.0 ** -100))
+        for prescale in (2.0 ** -100, torch.tensor(2.0 ** -100), torch.tensor(2.0 ** -100, dtype=torch.float64)):
+            ours = emu_total_norm(emu, huge, norm_type, prescale=prescale)
+            torch.testing.assert_close(ours, cpu, rtol=NORM_RTOL[dtype], atol=0)
+            torch.testing.assert_close(ours.double(), exact_norm(tensors, norm_type), rtol=NORM_RTOL[dtype], atol=0)
 
 
 @pytest.mark.parametrize("block", [32, 64])

@@ -469,21 +469,26 @@ def address_keys(request, monkeypatch):
     tables.PLANS.clear()
 
 
-def test_address_key_lists_every_address_then_every_size(address_keys):
+def test_address_key_lists_every_address_and_dtype_then_every_layout(address_keys):
     class Sub(torch.Tensor):
         pass
 
     a = [torch.zeros(3), torch.zeros(0), torch.zeros(5, 2)[:, 1]]
-    b = [torch.zeros(()), torch.zeros(4), torch.zeros(2)]
-    expected = [t.data_ptr() for t in a + b] + [t.numel() for t in a]
+    b = [torch.zeros(()), torch.zeros(4, dtype=torch.bfloat16), torch.zeros(2)]
+    native = address_keys == "native"
+    # c10::ScalarType numbers in the native key, torch.dtype objects in Python's
+    dtype_word = {torch.float32: 6, torch.bfloat16: 15} if native else {d: d for d in (torch.float32, torch.bfloat16)}
+    expected = [w for t in a + b for w in (t.data_ptr(), dtype_word[t.dtype])]
+    expected += [1, 3, 1] + [1, 0, 1] + [1, 5, 2]  # dim, sizes, strides of each tensor of a
     key = tables.address_key((a, b), a)
-    if address_keys == "native":
+    if native:
         assert isinstance(key, bytes)
         key = [int.from_bytes(key[i:i + 8], sys.byteorder, signed=True) for i in range(0, len(key), 8)]
     assert key == expected
     # a subclass (which may answer data_ptr() its own way) takes the Python path: a list
     sub = torch.zeros(2).as_subclass(Sub)
-    assert tables.address_key(([a[0], sub],), ()) == [a[0].data_ptr(), sub.data_ptr()]
+    assert tables.address_key(([a[0], sub],), ()) == [a[0].data_ptr(), torch.float32,
+                                                      sub.data_ptr(), torch.float32]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -291,6 +291,100 @@ def test_scaling_and_clamping_follow_the_backend(impl, monkeypatch):
         assert native == ["scale_", "clamp_"]
 
 
+def _needs_cpu_ops():
+    if not _norm_ops.has_kernel("total_norm", "cpu"):
+        pytest.skip("fusedopt._C has no CPU clipping ops")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("norm_type", [1.0, 0.5, 2.0], ids=str)
+def test_norm_beyond_the_float32_range_is_inf_like_torch(dtype, norm_type):
+    """Partials are combined in double, so the total can pass float32's range while every partial
+    stays finite: the result is inf, as torch's norm (the op used to refuse the double), and
+    clip_grad_norm_ then zeroes the gradients, as torch's does."""
+    _needs_cpu_ops()
+    n = 2 ** 20 if norm_type == 1.0 else 40
+    value = 1e33 if norm_type == 1.0 else 3e38
+    if norm_type == 2.0:
+        n, value = 2 ** 20, 1e17  # squares 1e34 and runs of them fit float32, the sum 1e40 not
+    grads = [torch.full((n,), value).to(dtype)]
+    want = torch.nn.utils.get_total_norm(grads, norm_type)
+    got = fusedopt.get_total_norm(grads, norm_type, backend="cpu")
+    if norm_type == 2.0:  # the sum of squares is past float32, the norm (1.0e20) is not
+        exact = float(grads[0][0].double()) * 2 ** 10
+        assert got.item() == pytest.approx(exact, rel=1e-6)
+        return
+    assert math.isinf(want.item()) and math.isinf(got.item()) and got.dtype == want.dtype
+    p = torch.zeros(n, dtype=dtype, requires_grad=True)
+    p.grad = grads[0].clone()
+    assert math.isinf(fusedopt.clip_grad_norm_([p], 1.0, norm_type).item())
+    assert torch.equal(p.grad, torch.zeros_like(p.grad))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+def test_strided_grads_are_scaled_like_dense_ones(dtype):
+    """A gradient that is not one dense block is scaled through a contiguous copy by the same
+    kernel: the coefficient stays in float32 (it was rounded to the gradient's dtype, so 1e-8
+    became 0 in fp16) and the results equal the dense gradient's bit for bit."""
+    _needs_cpu_ops()
+    g = torch.Generator().manual_seed(3)
+    values = ((torch.rand(2048, generator=g) + 0.5) * 1000).to(dtype)
+    for coefficient in (1e-8, 0.3, 1.7e-3):
+        dense = values.clone()
+        strided = torch.zeros(4096, dtype=dtype)[::2]
+        strided.copy_(values)
+        torch.ops.fusedopt.scale_([dense, strided], torch.tensor(coefficient))
+        assert torch.equal(dense, strided) and dense.abs().min() > 0
+        # the product in float32 (torch's math type for 16-bit data), rounded once
+        want = (values.float() * torch.tensor(coefficient, dtype=torch.float32)).to(dtype)
+        assert torch.equal(dense, want)
+    base = torch.zeros(4096, dtype=dtype)
+    base[1::2] = 7.0
+    torch.ops.fusedopt.scale_([base[::2]], torch.tensor(0.5))  # the copy went back into its slots only
+    assert torch.equal(base[1::2], torch.full((2048,), 7.0, dtype=dtype))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_tensors_sharing_memory_are_scaled_one_after_the_other(threads):
+    """The same tensor twice, or overlapping views of one buffer: torch rewrites them one after
+    the other (scaled twice); one parallel region over all of them let two threads rewrite the
+    same elements at once (some scaled once)."""
+    _needs_cpu_ops()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        buf = torch.linspace(1.0, 2.0, 2 ** 20 + 300)
+        cases = [
+            lambda b: [b, b],                                              # listed twice
+            lambda b: [b[: 2 ** 20], b[300:]],                              # overlapping views
+            lambda b: [b[::2], b[1::2], b[: 2 ** 19]],                      # interleaved + overlap
+            lambda b: [b.view(-1, 4).t(), b[2 ** 19:]],                     # non-dense alias
+        ]
+        for make in cases:
+            ours, theirs = buf.clone(), buf.clone()
+            torch.ops.fusedopt.scale_(make(ours), torch.tensor(0.5))
+            for t in make(theirs):
+                t.mul_(0.5)
+            assert torch.equal(ours, theirs)
+            ours, theirs = buf.clone(), buf.clone()
+            fusedopt.clip_grads_with_norm_([_holder(t) for t in make(ours)], 1.0, torch.tensor(4.0))
+            torch.nn.utils.clip_grads_with_norm_([_holder(t) for t in make(theirs)], 1.0, torch.tensor(4.0))
+            assert torch.equal(ours, theirs)
+        disjoint = buf.clone()
+        parts = [disjoint[: 2 ** 19], disjoint[2 ** 19:]]  # one buffer, no overlap: one region
+        torch.ops.fusedopt.scale_(parts, torch.tensor(0.5))
+        assert torch.equal(disjoint, buf * 0.5)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _holder(grad):
+    """A param whose .grad is ``grad`` (a view is fine: clipping only touches .grad)."""
+    p = torch.zeros(1).expand(grad.shape).requires_grad_()
+    p.grad = grad
+    return p
+
+
 def _embedding_model(device):
     """An Embedding(sparse=True) (sparse COO grads) feeding a Linear (dense grads)."""
     torch.manual_seed(5)
@@ -604,8 +698,8 @@ def test_cpu_step_with_clipping_reads_the_grads_in_cpp(monkeypatch):
     results = []
     original = cpu_backend.CpuBackend.norm_of_grads
 
-    def spy(self, params, norm_type=2.0):
-        out = original(self, params, norm_type)
+    def spy(self, params, norm_type=2.0, prescale=None):
+        out = original(self, params, norm_type, prescale)
         results.append(out is not None)
         return out
 
@@ -879,6 +973,58 @@ def test_grad_scaler_step_of_an_optimizer_without_grads(backend, clip):
     assert scaler.get_scale() == 2.0 ** 8
     assert all(torch.equal(q, b) for q, b in zip(unused.parameters(), before))
     assert not opt_unused.state and len(opt_used.state) == 2
+
+
+@pytest.mark.parametrize("impl", norm_impls()[:2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["fp32", "fp64", "bf16", "fp16"])
+def test_total_norm_prescale(impl, dtype):
+    """total_norm(..., prescale=s): the norm of s * x, each element multiplied (in float32,
+    float64 for float64, not rounded back to 16 bits) before its term is taken: the native op
+    and the reference alike."""
+    tensors = grads_for(CASES["mixed"], dtype, seed=4)
+    for norm_type in (2.0, 1.0, INF, -INF, 0.0, 3.5):
+        if math.isinf(norm_type):
+            tensors = [t for t in tensors if t.numel()]
+        for s in (2.0 ** -10, 0.37):
+            prescale = torch.tensor(s)
+            ours = _norm.total_norm(tensors, norm_type, impl, prescale=prescale)
+            exact = [t.double() * float(torch.tensor(s, dtype=torch.float32)) for t in tensors]
+            want = torch.nn.utils.get_total_norm(exact, norm_type) if norm_type else \
+                torch.tensor(float(sum(bool(t.count_nonzero()) for t in exact)), dtype=torch.float64)
+            assert ours.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+            torch.testing.assert_close(ours.double(), want, rtol=max(rtol_of(dtype), 1e-5), atol=0)
+
+
+@pytest.mark.parametrize("backend", opt_backends())
+@pytest.mark.parametrize("scale", [2.0 ** 16, 2.0 ** 70, 2.0 ** -100], ids=["2^16", "2^70", "2^-100"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_max_grad_norm_under_any_grad_scale(backend, scale, dtype):
+    """With GradScaler's grad_scale, the step clips the *unscaled* gradients whatever the scale:
+    the norm takes each element times 1/s before squaring. Taking the norm of the scaled
+    gradients and dividing afterwards gave inf at large scales (GradScaler keeps doubling while
+    nothing overflows, e.g. under bf16 autocast: no clipping, and skip_nonfinite skipped every
+    step from then on) and 0 at tiny ones."""
+    torch.manual_seed(0)
+    ours = [torch.randn(s, dtype=dtype, requires_grad=True) for s in [(40, 30), (30,), (7,)]]
+    theirs = clone_params(ours)
+    true_grads = [torch.randn_like(p) * 3 for p in ours]
+    opt = fusedopt.optim.AdamW(ours, lr=1e-2, max_grad_norm=1.0, skip_nonfinite=True, backend=backend)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, fused=True)
+    for step in range(3):
+        for p, q, g in zip(ours, theirs, true_grads):
+            p.grad = (g.double() * scale).to(dtype)  # what backward under GradScaler leaves
+            q.grad = (p.grad.float() * (1.0 / scale)).to(dtype)  # what unscale_ makes of it
+        opt.grad_scale = torch.tensor(scale, dtype=torch.float32)
+        opt.found_inf = torch.tensor(0.0)
+        opt.step()
+        want = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+        ref.step()
+        torch.testing.assert_close(opt.last_grad_norm, want.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=0)
+        assert int(opt.skipped_steps) == 0
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, **tol)
 
 
 def test_norm_dispatch_choices():

@@ -83,3 +83,32 @@ def test_optimizer_max_grad_norm_with_triton_backend():
         ref.step()
     for p, q in zip(params, theirs):
         torch.testing.assert_close(p, q, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_norm_prescale(dtype):
+    """prescale multiplies every element before its term (the optimizers pass GradScaler's
+    1 / scale): the norm of the unscaled values, also where the scaled ones overflow float32."""
+    from fusedopt.backends.triton import norm as triton_norm
+    tensors = grads([s for s in SHAPES if s != (0,)], torch.float64)
+    huge = [(t * 2.0 ** 100).to(dtype) for t in tensors]
+    for norm_type in (2.0, 1.0, float("inf")):
+        ours = triton_norm.total_norm(huge, norm_type, torch.tensor(2.0 ** -100, device=DEVICE))
+        want = torch.nn.utils.get_total_norm([t.to(dtype).double() for t in tensors], norm_type)
+        tol = 1e-6 if dtype == torch.float32 else 2 ** -7
+        torch.testing.assert_close(ours.double().cpu(), want.cpu(), rtol=tol, atol=0)
+
+
+def test_triton_norm_tables_follow_dtype_and_layout_at_one_address():
+    """The cached tables are keyed on addresses: memory reused by a tensor of another dtype or
+    layout with the same element count (a freed gradient's memory, often, on a GPU) must build
+    new tables, not read the new tensor through the old ones."""
+    # integers: exact in bf16, so each float32's low half is 0 and its high half is the
+    # value in bf16; the bf16 view of the buffer is 0, 0, 0, 1, 0, 2, ... (a sane tensor)
+    buf = torch.arange(64.0, device=DEVICE).reshape(8, 8)
+    rows, cols = buf[:4], buf[:, :4]  # same address, 32 elements each; cols is not dense
+    as_bf16 = buf.view(-1).view(torch.bfloat16)[:64]  # same address and numel as buf, bf16
+    for tensors in ([buf], [as_bf16], [rows], [cols], [buf]):
+        ours = fusedopt.get_total_norm(tensors, 2.0, backend="triton")
+        want = torch.linalg.vector_norm(tensors[0].double())
+        torch.testing.assert_close(ours.double().cpu(), want.cpu(), rtol=1e-2, atol=0)

@@ -1,10 +1,14 @@
 // CPU implementations of the gradient-clipping ops (schemas registered here, as a fragment of
 // the fusedopt library, so that csrc/ops.cpp stays the optimizers' file):
 //
-//   fusedopt::total_norm(Tensor[] tensors, float norm_type) -> Tensor
+//   fusedopt::total_norm(Tensor[] tensors, float norm_type, Tensor? prescale=None) -> Tensor
 //       The norm_type-norm of all tensors seen as one vector (torch.nn.utils.get_total_norm),
 //       as a 0-dim tensor: float64 if any input is float64, else float32. Every element is read
-//       exactly once, in one parallel region over all tensors, whatever their dtypes.
+//       exactly once, in one parallel region over all tensors, whatever their dtypes. With
+//       `prescale` (a one-element CPU tensor), the norm of prescale * x: each element is
+//       multiplied in its math type before its term is taken, as GradScaler's unscale_ would
+//       rewrite it (the optimizers pass 1 / scale: the norm of the unscaled gradients, in range
+//       however large the scale).
 //   fusedopt::scale_(Tensor(a!)[] tensors, Tensor scale) -> ()
 //       tensors[i] *= scale for every tensor, in one parallel region; nothing at all when
 //       scale == 1 (x * 1 == x bit for bit, so skipping is exact). `scale` is a 0-dim CPU tensor.
@@ -30,6 +34,7 @@
 
 #include "fusedopt/norm.h"
 #include "isa.h"
+#include "list_overlap.h"
 #include "norm_kernels.h"
 #include "op_common.h"
 #include "ops_cpu.h"
@@ -143,8 +148,20 @@ void check_tensor(const at::Tensor& t, const char* op, size_t i, bool written) {
 
 }  // namespace
 
-at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type) {
+at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type,
+                          const std::optional<at::Tensor>& prescale) {
   const Kind kind = norm::kind_of(norm_type);
+  double factor = 1.0;
+  if (prescale.has_value() && prescale->defined()) {
+    TORCH_CHECK(prescale->numel() == 1, "fusedopt::total_norm: prescale must have one element, "
+                "got shape ", prescale->sizes());
+    TORCH_CHECK(prescale->device().is_cpu(), "fusedopt::total_norm: prescale is on ",
+                prescale->device(), "; the CPU implementation reads it on the host and needs a "
+                "CPU tensor");
+    TORCH_CHECK(!prescale->is_complex(), "fusedopt::total_norm: prescale must be real, got ",
+                prescale->scalar_type());
+    factor = prescale->item<double>();
+  }
   bool any_double = false;
   ChunkList list;
   std::vector<NormChunkFn> fns;  // per chunk
@@ -160,7 +177,9 @@ at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type) {
     fns.push_back(norm_kernel(c.dtype, kind));
   }
   std::vector<double> partials(chunks.size());
-  list.for_each([&](int64_t c) { partials[c] = fns[c](chunks[c].data, chunks[c].numel, norm_type); });
+  list.for_each([&](int64_t c) {
+    partials[c] = fns[c](chunks[c].data, chunks[c].numel, norm_type, factor);
+  });
 
   double total = norm::identity<double>(kind);
   if (kind == Kind::kL0) {
@@ -173,29 +192,50 @@ at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type) {
     for (double v : partials) total = combine_runtime(kind, total, v);
   }
   const double value = norm::finish(kind, total, norm_type);
-  return at::scalar_tensor(value, at::TensorOptions().dtype(any_double ? at::kDouble : at::kFloat));
+  if (any_double) return at::scalar_tensor(value, at::TensorOptions().dtype(at::kDouble));
+  // Rounded to float32 here: a total beyond the float32 range (the partials are combined in
+  // double, so it can exceed it while every partial did not) becomes inf, as torch's norm,
+  // where at::scalar_tensor would refuse the double.
+  return at::scalar_tensor(static_cast<float>(value), at::TensorOptions().dtype(at::kFloat));
 }
 
 namespace {
 
-// Applies fn(chunk) to every element chunk of `tensors` in one parallel region.
-// Tensors that are not one dense block go through fallback(tensor) instead.
-template <class ChunkFn, class Fallback>
-void update_in_place(at::TensorList tensors, const char* op, ChunkFn&& fn, Fallback&& fallback) {
+// Applies fn(chunk) to every element chunk of tensors [begin, end) in one parallel region.
+// Tensors that are not one dense block are rewritten through a contiguous copy, copied back
+// after the region, so that every element goes through the same kernel (the same rounding).
+template <class ChunkFn>
+void update_range(at::TensorList tensors, size_t begin, size_t end, const char* op, ChunkFn& fn) {
   ChunkList list;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    check_tensor(tensors[i], op, i, /*written=*/true);
-    dtype_of(tensors[i], op, "tensors", i);
-  }
-  for (size_t i = 0; i < tensors.size(); ++i) {
+  std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;  // (original, contiguous copy)
+  for (size_t i = begin; i < end; ++i) {
+    const DType dtype = dtype_of(tensors[i], op, "tensors", i);
     if (tensors[i].is_non_overlapping_and_dense()) {
-      list.add(tensors[i], dtype_of(tensors[i], op, "tensors", i), static_cast<int64_t>(i));
+      list.add(tensors[i], dtype, static_cast<int64_t>(i));
     } else {
-      fallback(tensors[i]);
+      copy_back.emplace_back(tensors[i], tensors[i].contiguous());
+      list.add(copy_back.back().second, dtype, static_cast<int64_t>(i));
     }
   }
   const std::vector<Chunk>& chunks = list.chunks();
   list.for_each([&](int64_t c) { fn(chunks[c]); });
+  for (auto& [original, work] : copy_back) const_cast<at::Tensor&>(original).copy_(work);
+}
+
+// Applies fn(chunk) to every element of `tensors`: in one parallel region, or, when two of the
+// tensors share memory (list_overlap.h), one tensor after the other in list order, as torch's
+// ops do (an element listed twice is rewritten twice, never by two threads at once).
+template <class ChunkFn>
+void update_in_place(at::TensorList tensors, const char* op, ChunkFn&& fn) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    check_tensor(tensors[i], op, i, /*written=*/true);
+    dtype_of(tensors[i], op, "tensors", i);
+  }
+  if (!any_two_share_memory(tensors)) {
+    update_range(tensors, 0, tensors.size(), op, fn);
+    return;
+  }
+  for (size_t i = 0; i < tensors.size(); ++i) update_range(tensors, i, i + 1, op, fn);
 }
 
 }  // namespace
@@ -210,27 +250,23 @@ void scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
     for (size_t i = 0; i < tensors.size(); ++i) check_tensor(tensors[i], "scale_", i, true);
     return;
   }
-  update_in_place(
-      tensors, "scale_",
-      [&](const Chunk& c) { scale_kernel(c.dtype)(c.data, c.numel, value); },
-      [&](const at::Tensor& t) { const_cast<at::Tensor&>(t).mul_(value); });
+  update_in_place(tensors, "scale_",
+                  [&](const Chunk& c) { scale_kernel(c.dtype)(c.data, c.numel, value); });
   bump_versions(tensors);
 }
 
 namespace {
 
 void clamp_cpu(at::TensorList tensors, double min, double max) {
-  update_in_place(
-      tensors, "clamp_",
-      [&](const Chunk& c) { clamp_kernel(c.dtype)(c.data, c.numel, min, max); },
-      [&](const at::Tensor& t) { const_cast<at::Tensor&>(t).clamp_(min, max); });
+  update_in_place(tensors, "clamp_",
+                  [&](const Chunk& c) { clamp_kernel(c.dtype)(c.data, c.numel, min, max); });
   bump_versions(tensors);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fusedopt, m) {
-  m.def("total_norm(Tensor[] tensors, float norm_type) -> Tensor");
+  m.def("total_norm(Tensor[] tensors, float norm_type, Tensor? prescale=None) -> Tensor");
   m.def("scale_(Tensor(a!)[] tensors, Tensor scale) -> ()");
   m.def("clamp_(Tensor(a!)[] tensors, float min, float max) -> ()");
 }

@@ -12,9 +12,10 @@
 namespace fusedopt {
 namespace cpu {
 
-// The reduction (norm.h's term/combine) of n elements at data, as a double partial result
-// (NaN when a max/min saw a NaN). p is used only by norm::Kind::kLp.
-using NormChunkFn = double (*)(const void* data, int64_t n, double p);
+// The reduction (norm.h's term/combine) of prescale * x over the n elements x at data, as a
+// double partial result (NaN when a max/min saw a NaN). p is used only by norm::Kind::kLp.
+// Each element is multiplied in the math type before its term is taken (x * 1 == x).
+using NormChunkFn = double (*)(const void* data, int64_t n, double p, double prescale);
 // x *= scale over n elements (in the math type of the storage dtype, as torch does).
 using ScaleChunkFn = void (*)(void* data, int64_t n, double scale);
 // x = clamp(x, lo, hi) over n elements; NaN stays NaN.

@@ -64,12 +64,13 @@ inline int64_t stream_elems(int64_t n) { return n / kStreams / kLanes * kLanes; 
 // vectorises); NaNs are counted in lanes of their own and make the result NaN at the end.
 // The order of the additions depends on n only, never on the number of threads.
 template <class S, Kind K>
-double chunk_norm(const void* data, int64_t n, double p_double) {
+double chunk_norm(const void* data, int64_t n, double p_double, double prescale) {
   using T = typename S::math;
   using R = typename S::raw;
   constexpr bool kMaxMin = K == Kind::kInf || K == Kind::kNegInf;
   const R* __restrict x = static_cast<const R*>(data);
   const T p = static_cast<T>(p_double);
+  const T m = static_cast<T>(prescale);  // as GradScaler's unscale_: the multiplier in T
   const int64_t per = stream_elems(n);
   double total = norm::identity<double>(K);
   bool nan_seen = false;
@@ -88,6 +89,7 @@ double chunk_norm(const void* data, int64_t n, double p_double) {
         T e[kLanes];
         load_lanes<S>(x + s * per + begin + b * kLanes, e);
         for (int j = 0; j < kLanes; ++j) {
+          e[j] *= m;
           acc[s][j] = norm::accumulate<K>(acc[s][j], e[j], p);
           if constexpr (kMaxMin) nans[s][j] += e[j] != e[j] ? T(1) : T(0);
         }
@@ -107,7 +109,7 @@ double chunk_norm(const void* data, int64_t n, double p_double) {
   }
   T tail = norm::identity<T>(K);
   for (int64_t i = kStreams * per; i < n; ++i) {
-    const T e = S::load(x[i]);
+    const T e = S::load(x[i]) * m;
     tail = norm::accumulate<K>(tail, e, p);
     if constexpr (kMaxMin) nan_seen = nan_seen || e != e;
   }

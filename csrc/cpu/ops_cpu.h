@@ -5,6 +5,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+
 #include "op_types.h"
 
 namespace fusedopt {
@@ -14,7 +16,8 @@ AdamOp adam_cpu;
 SgdOp sgd_cpu;
 
 // fusedopt::total_norm and fusedopt::scale_ (norm.cpp).
-at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type);
+at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type,
+                          const std::optional<at::Tensor>& prescale = std::nullopt);
 void scale_cpu(at::TensorList tensors, const at::Tensor& scale);
 
 }  // namespace cpu

@@ -111,6 +111,7 @@ struct NormPartialsArgs {
   double* partials;        // [slots of the call]: this launch writes [slot0, slot0 + num_chunks)
   double* tensor_starts;   // kL0 only, else nullptr: 1 at the slot of a tensor's first chunk, else 0
   int64_t slot0;           // first slot of this launch
+  ScalarArg prescale;      // elements are multiplied by it before their term (1: as they are)
 };
 
 // The finishing launch of total_norm: one block merges the partials of every dtype's launch

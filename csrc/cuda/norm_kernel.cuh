@@ -4,7 +4,7 @@
 // total_norm, two launches for one dtype (k + 1 for k dtypes), deterministic, no atomics:
 //   1. norm_partials_kernel, one launch per dtype over that dtype's work table: each chunk is
 //      reduced by the one block that owns it (block_chunk_range); every thread folds its
-//      elements in its fixed order (16-byte packs when aligned, then single elements) with
+//      elements (each multiplied by args.prescale first, 1 unless given) in its fixed order (16-byte packs when aligned, then single elements) with
 //      norm::term / norm::combine in the math type (float for fp32/fp16/bf16, double for
 //      fp64), the block merges the threads' results in a fixed tree in double (norm::merge),
 //      and thread 0 stores the chunk's partial in its own slot. A chunk's partial therefore
@@ -59,6 +59,7 @@ struct NormElements {
   static constexpr bool kMaxMin = K == Kind::kInf || K == Kind::kNegInf;
   const S* x = nullptr;  // the tensor
   M p;                   // the norm order (kLp)
+  M prescale;            // each element is multiplied by it first (GradScaler's 1 / scale)
   mutable M acc;         // this thread's combine() of its terms
   mutable bool nan_seen; // max/min: a NaN was skipped by combine()
 
@@ -67,7 +68,7 @@ struct NormElements {
     const Pack<S, N> v = load_pack<N>(x, e);
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const M xk = to_math(v.v[k]);
+      const M xk = to_math(v.v[k]) * prescale;
       acc = norm::accumulate<K>(acc, xk, p);
       if constexpr (kMaxMin) nan_seen = nan_seen || xk != xk;
     }
@@ -116,6 +117,7 @@ norm_partials_kernel(const WorkTable table, const NormPartialsArgs args) {
   __shared__ double scratch[kBlockThreads];
   NormElements<S, K> op;
   op.p = static_cast<M>(args.p);
+  op.prescale = static_cast<M>(read_scalar(args.prescale));
   auto start_chunk = [&](int32_t, const ChunkRef&) {
     op.acc = norm::identity<M>(K);
     op.nan_seen = false;

@@ -1,8 +1,10 @@
 // CUDA implementations of the clipping ops (schemas in csrc/cpu/norm.cpp, CPU kernels there):
 //
-//   fusedopt::total_norm(Tensor[] tensors, float norm_type) -> Tensor
+//   fusedopt::total_norm(Tensor[] tensors, float norm_type, Tensor? prescale=None) -> Tensor
 //       one partials launch per dtype present plus one finishing launch; deterministic (every
 //       chunk's partial has its own slot, merged in a fixed order), no atomics, no host sync.
+//       A `prescale` multiplies each element first (read like scale_'s scale: on the device
+//       when it is a CUDA tensor).
 //       The 0-dim result is float64 if any input is float64, else float32, on the tensors' device.
 //   fusedopt::scale_(Tensor(a!)[] tensors, Tensor scale) -> ()
 //       one launch per dtype. A CUDA `scale` is read by the kernel (whose threads return at once
@@ -32,6 +34,7 @@
 
 #include "fusedopt/norm.h"
 #include "launch.h"
+#include "list_overlap.h"
 #include "prepare.h"
 #include "table_layout.h"
 #include "tables.h"
@@ -136,7 +139,27 @@ void finish_writes(Groups& g, at::TensorList tensors) {
 
 // ---- ops ------------------------------------------------------------------------------------
 
-at::Tensor total_norm_cuda(at::TensorList tensors, double norm_type) {
+// A one-element factor (scale_'s scale, total_norm's prescale) as the kernels read it: a CPU
+// tensor is read here (host memory: no device sync), a CUDA one on the device, through
+// `keep_alive` (converted to float64 first when it is neither float32 nor float64).
+ScalarArg factor_arg(const at::Tensor& t, const at::Device& device, const char* op,
+                     const char* name, at::Tensor& keep_alive) {
+  TORCH_CHECK(t.defined() && t.numel() == 1, "fusedopt::", op, ": ", name,
+              " must have one element, got shape ", t.defined() ? t.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(!t.is_complex(), "fusedopt::", op, ": ", name, " must be real, got ",
+              t.scalar_type());
+  if (t.device().is_cpu()) return ScalarArg{nullptr, false, t.item<double>()};
+  TORCH_CHECK(t.device() == device, "fusedopt::", op, ": ", name, " is on ", t.device(),
+              " but the tensors are on ", device);
+  keep_alive = t;
+  if (t.scalar_type() != at::kFloat && t.scalar_type() != at::kDouble) {
+    keep_alive = t.to(at::kDouble);  // one small conversion kernel (fp16/bf16/integer)
+  }
+  return ScalarArg{keep_alive.data_ptr(), keep_alive.scalar_type() == at::kDouble, 0.0};
+}
+
+at::Tensor total_norm_cuda(at::TensorList tensors, double norm_type,
+                           const std::optional<at::Tensor>& prescale) {
   static constexpr const char* op = "total_norm";
   const Kind kind = norm::kind_of(norm_type);
   if (tensors.empty()) {  // not reached through the dispatcher (no tensor to dispatch on)
@@ -149,6 +172,10 @@ at::Tensor total_norm_cuda(at::TensorList tensors, double norm_type) {
   const int device = call.device.index();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   const at::TensorOptions on_device = at::TensorOptions().device(call.device);
+  at::Tensor prescale_alive;  // keeps a converted device prescale alive until the launches
+  const ScalarArg pre = prescale.has_value() && prescale->defined()
+                            ? factor_arg(*prescale, call.device, op, "prescale", prescale_alive)
+                            : ScalarArg{nullptr, false, 1.0};
 
   // Slots [0, slots): the partials; for p = 0 also [slots, 2 slots): the tensor-start marks.
   const int64_t words = std::max<int64_t>(1, kind == Kind::kL0 ? 2 * groups.slots : groups.slots);
@@ -164,7 +191,7 @@ at::Tensor total_norm_cuda(at::TensorList tensors, double norm_type) {
     TORCH_CHECK(table.num_chunks == group.chunks, "fusedopt::total_norm (CUDA): table has ",
                 table.num_chunks, " chunks, expected ", group.chunks);
     const NormPartialsArgs args{static_cast<int32_t>(kind), norm_type, partials_ptr, starts_ptr,
-                                group.slot0};
+                                group.slot0, pre};
     check_launch(op, launch_norm_partials(group.dtype, table, args, sms, stream));
   }
   const NormFinishArgs finish{static_cast<int32_t>(kind), norm_type, partials_ptr, starts_ptr,
@@ -175,9 +202,22 @@ at::Tensor total_norm_cuda(at::TensorList tensors, double norm_type) {
 
 // The element-wise ops (scale_, clamp_): one launch per dtype present, `launch(dtype, table,
 // sms, stream)` returning the launch's cudaError_t, then working copies written back and
-// version counters bumped.
+// version counters bumped. When two tensors share memory (list_overlap.h), one tensor at a
+// time in list order instead (stream-ordered, as torch's ops: an element listed twice is
+// rewritten twice, never by two blocks at once).
 template <class Launch>
 void rewrite_in_place(const char* op, at::TensorList tensors, const Call& call, Launch&& launch) {
+  if (tensors.size() > 1 && any_two_share_memory(tensors)) {
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      Call one;
+      one.device = call.device;
+      one.dtypes = {call.dtypes[i]};
+      one.numels = {call.numels[i]};
+      one.any_double = call.dtypes[i] == DType::kFloat64;
+      rewrite_in_place(op, tensors.slice(i, 1), one, launch);
+    }
+    return;
+  }
   Groups groups = make_groups(tensors, call, /*written=*/true);
   const int device = call.device.index();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
@@ -199,21 +239,9 @@ void scale_cuda(at::TensorList tensors, const at::Tensor& scale) {
   const Call call = validate(op, tensors, /*written=*/true);
   const c10::cuda::CUDAGuard guard(call.device);
 
-  ScalarArg factor{nullptr, false, 0.0};
   at::Tensor on_device;  // keeps a converted device scale alive until the launches are queued
-  if (scale.device().is_cpu()) {
-    factor.value = scale.item<double>();  // host memory: no device sync
-    if (factor.value == 1.0) return;      // exact no-op (as the CPU op: no version bump)
-  } else {
-    TORCH_CHECK(scale.device() == call.device, "fusedopt::scale_: scale is on ", scale.device(),
-                " but the tensors are on ", call.device);
-    on_device = scale;
-    if (scale.scalar_type() != at::kFloat && scale.scalar_type() != at::kDouble) {
-      on_device = scale.to(at::kDouble);  // one small conversion kernel (fp16/bf16/integer scale)
-    }
-    factor.ptr = on_device.data_ptr();
-    factor.is_double = on_device.scalar_type() == at::kDouble;
-  }
+  const ScalarArg factor = factor_arg(scale, call.device, op, "scale", on_device);
+  if (factor.ptr == nullptr && factor.value == 1.0) return;  // exact no-op (as the CPU op)
 
   rewrite_in_place(op, tensors, call, [&](DType dtype, const WorkTable& table, int sms,
                                           cudaStream_t stream) {

@@ -40,15 +40,16 @@ class CpuBackend(NativeBackend):
             return f"dtype {dtype} not supported (float32, float64, bfloat16, float16 are)"
         return None
 
-    def norm_of_grads(self, params: List[torch.Tensor], norm_type: float = 2.0
-                      ) -> Optional[torch.Tensor]:
-        """The norm of the params' ``.grad`` (``torch.ops.fusedopt.total_norm`` of them), read in
-        C++; ``None`` (nothing done) when a param has no plain grad or the call needs the
-        dispatcher. For steps with ``max_grad_norm``, like ``adam_reading_grads``."""
+    def norm_of_grads(self, params: List[torch.Tensor], norm_type: float = 2.0,
+                      prescale: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """The norm of the params' ``.grad`` (``torch.ops.fusedopt.total_norm`` of them, of
+        ``prescale * grad`` when given), read in C++; ``None`` (nothing done) when a param has
+        no plain grad or the call needs the dispatcher. For steps with ``max_grad_norm``, like
+        ``adam_reading_grads``."""
         direct = getattr(_ops._C, "_total_norm_cpu", None)
         if not params or direct is None or _is_compiling():
             return None
-        return direct(params, float(norm_type), True)
+        return direct(params, float(norm_type), True, prescale)
 
 
 BACKEND = CpuBackend()

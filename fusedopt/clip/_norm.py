@@ -192,26 +192,36 @@ def _triton_ok(device: torch.device, summary: Summary, norm_type: float) -> bool
 
 
 def device_norm(tensors: Sequence[Tensor], norm_type: float, backend: str = "auto",
-                summary: Optional[Summary] = None) -> Tensor:
-    """Norm of tensors that share one device, as a 0-dim tensor of :func:`accumulate_dtype`."""
+                summary: Optional[Summary] = None, prescale: Optional[Tensor] = None) -> Tensor:
+    """Norm of tensors that share one device (of ``prescale * tensors`` when ``prescale`` is
+    given), as a 0-dim tensor of :func:`accumulate_dtype`."""
     if summary is None or len(summary.devices) > 1:
         summary = Summary(tensors)
-    how = choose(backend, summary.devices[0], tensors, norm_type, summary)
+    device = summary.devices[0]
+    if prescale is not None:
+        prescale = to_device(prescale, device)
+    how = choose(backend, device, tensors, norm_type, summary)
     if how == "native":
-        return _norm_ops.total_norm(tensors, norm_type)
+        return _norm_ops.total_norm(tensors, norm_type, prescale)
     if how == "triton":
         from ..backends.triton import norm as triton_norm
-        return triton_norm.total_norm(tensors, norm_type)
-    return reference_norm(tensors, norm_type)
+        return triton_norm.total_norm(tensors, norm_type, prescale)
+    return reference_norm(tensors, norm_type, prescale)
 
 
-def reference_norm(tensors: Sequence[Tensor], norm_type: float) -> Tensor:
-    """torch's method (norm of the per-tensor norms), accumulating in :func:`accumulate_dtype`."""
+def reference_norm(tensors: Sequence[Tensor], norm_type: float,
+                   prescale: Optional[Tensor] = None) -> Tensor:
+    """torch's method (norm of the per-tensor norms), accumulating in :func:`accumulate_dtype`;
+    with ``prescale``, of the tensors multiplied by it first, in float32 (float64 for float64)
+    and not rounded back to 16 bits: what the native and Triton kernels compute."""
     acc = accumulate_dtype(tensors)
     groups: Dict[torch.dtype, List[Tensor]] = {}
     for t in tensors:
         if t.layout != torch.strided:  # a sparse grad (Embedding(sparse=True)): its values
             t = _sparse_values(t)
+        if prescale is not None:
+            wide = torch.promote_types(t.dtype, torch.float32)
+            t = t.to(wide) * prescale.to(real_dtype(wide))
         groups.setdefault(t.dtype, []).append(t.abs() if t.is_complex() else t)
     norms: List[Tensor] = []
     for group in groups.values():
@@ -232,21 +242,25 @@ def _sparse_values(t: Tensor) -> Tensor:
 
 
 def total_norm(tensors: Sequence[Tensor], norm_type: float = 2.0, backend: str = "auto",
-               summary: Optional[Summary] = None) -> Tensor:
+               summary: Optional[Summary] = None, prescale: Optional[Tensor] = None) -> Tensor:
     """Norm of tensors on any devices, in :func:`accumulate_dtype`, on the first tensor's device.
 
     Per-device norms are combined as torch does (the norm of the per-device norms; for ``p = 0``
     their sum, as each is a count). Nothing here reads a value on the host. ``summary``: the
-    :class:`Summary` of ``tensors`` when the caller has it already.
+    :class:`Summary` of ``tensors`` when the caller has it already. ``prescale`` (a one-element
+    tensor): the norm of ``prescale * tensors``, each element multiplied before its term is
+    taken, as GradScaler's ``unscale_`` would rewrite it; the optimizers pass ``1 / scale``, so
+    the norm of the unscaled gradients stays in range however large the scale.
     """
     norm_type = float(norm_type)
     if len(tensors) == 0:
         return torch.tensor(0.0)
     summary = Summary.of(tensors, summary)
     if summary.any_dtensor:
-        return sharded_norm(by_layout(tensors), norm_type, backend)
+        return sharded_norm(by_layout(tensors), norm_type, backend, prescale)
     groups = by_device(tensors, summary)
-    norms = [device_norm(group, norm_type, backend, summary if len(groups) == 1 else None)
+    norms = [device_norm(group, norm_type, backend, summary if len(groups) == 1 else None,
+                         prescale)
              for group in groups.values()]
     return combine_norms(norms, norm_type)
 
@@ -276,7 +290,7 @@ def by_layout(tensors: Sequence[Tensor]) -> Dict[_dtensor.Layout, List[Tensor]]:
 
 
 def sharded_norm(groups: Dict[_dtensor.Layout, List[Tensor]], norm_type: float,
-                 backend: str = "auto") -> Tensor:
+                 backend: str = "auto", prescale: Optional[Tensor] = None) -> Tensor:
     r"""Norm of DTensors given as their local tensors by layout (:func:`by_layout`), the same on
     every rank: each layout's local norm (:func:`total_norm`) is combined over the mesh
     dimensions that shard it, by a collective on the device (no host sync):
@@ -297,7 +311,9 @@ def sharded_norm(groups: Dict[_dtensor.Layout, List[Tensor]], norm_type: float,
     by_reduction: Dict[Tuple[Any, Tuple[int, ...]], List[Tensor]] = {}
     for layout, local in groups.items():
         key = (layout[0], tuple(_dtensor.sharded_dims(layout)))
-        by_reduction.setdefault(key, []).append(total_norm(local, norm_type, backend))
+        by_reduction.setdefault(key, []).append(
+            total_norm(local, norm_type, backend, prescale=_dtensor.plain(prescale)
+                       if prescale is not None else None))
     norms = [_reduce_norms(local_norms, mesh, dims, norm_type)
              for (mesh, dims), local_norms in by_reduction.items()]
     return combine_norms(norms, norm_type)

@@ -2,16 +2,20 @@ r"""Clipping and non-finite skipping folded into an optimizer step, on the devic
 
 Every backend divides the gradients by a 0-dim ``grad_scale`` tensor inside its update kernel
 (GradScaler's scale :math:`s`). Clipping by global norm becomes one more factor in it: with
-:math:`n = \|g\|_2` the norm of the gradients as stored,
+:math:`g` the gradients as stored,
 
 .. math::
 
-    \hat n = n / s \ \ (\text{the norm of the unscaled gradients}), \qquad
+    \hat n = \|g \cdot (1/s)\|_2 \ \ (\text{the norm of the unscaled gradients}), \qquad
     c = \min\Big(1, \frac{\text{max\_grad\_norm}}{\hat n + 10^{-6}}\Big), \qquad
     s_{\text{eff}} = s / c
 
 and the kernel computes :math:`g / s_{\text{eff}} = c\,g/s`: the gradients are read once for the
-norm and once by the update, never written. With ``skip_nonfinite`` the step's ``found_inf``
+norm and once by the update, never written. The norm kernel multiplies each element by
+:math:`1/s` before squaring it (its ``prescale``), as ``GradScaler.unscale_`` would rewrite it:
+taking the norm of the scaled gradients and dividing it by :math:`s` afterwards overflows
+float32 once :math:`s |g|` passes ~1.8e19 (GradScaler keeps doubling its scale while nothing
+overflows, e.g. under bf16 autocast), and underflows for tiny scales. With ``skip_nonfinite`` the step's ``found_inf``
 becomes ``found_inf + (not isfinite(n))``, so a NaN/inf gradient anywhere makes every kernel of
 the step a no-op. All of it is a handful of 0-dim tensor ops: nothing is read on the host.
 """
@@ -40,14 +44,23 @@ class StepScaling:
         return self.grad_scales[max_grad_norm]
 
 
+def unscaling(grad_scale: Optional[Tensor]) -> Optional[Tensor]:
+    """The ``prescale`` of the step's norm (:func:`fusedopt.clip._norm.total_norm`): ``1 / s``,
+    correctly rounded in float32 as GradScaler's ``unscale_`` computes it, or None without a
+    scale. A device op: nothing is read on the host."""
+    if grad_scale is None:
+        return None
+    return torch.reciprocal(grad_scale.to(torch.float64)).to(torch.float32) \
+        if grad_scale.dtype != torch.float32 else torch.reciprocal(grad_scale)
+
+
 def fold_norm(norm: Tensor, max_grad_norms: Sequence[Optional[float]],
               grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
               skip_nonfinite: bool) -> StepScaling:
-    """The effective grad scales of one step from the global 2-norm of the gradients as stored
-    (computed by the caller, once): ``max_grad_norms`` are the thresholds in use (one per param
-    group; ``None``: no clipping for that group, which then gets ``grad_scale`` unchanged)."""
-    if grad_scale is not None:
-        norm = norm / to_device(grad_scale, norm.device, norm.dtype)
+    """The effective grad scales of one step from the global 2-norm of the *unscaled*
+    gradients (computed by the caller, once, with ``prescale=unscaling(grad_scale)``):
+    ``max_grad_norms`` are the thresholds in use (one per param group; ``None``: no clipping for
+    that group, which then gets ``grad_scale`` unchanged)."""
     out = StepScaling(norm=norm, found_inf=found_inf)
     for max_norm in set(max_grad_norms):
         if max_norm is None:

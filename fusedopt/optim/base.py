@@ -417,7 +417,7 @@ class FusedOptimizer(Optimizer):
         if norm_of_grads is None:
             return None
         params = [p for _, bucket in buckets for p in bucket.params]
-        norm = norm_of_grads(params, 2.0)
+        norm = norm_of_grads(params, 2.0, clip_step.unscaling(grad_scale))
         if norm is None:
             return None
         scaling = clip_step.fold_norm(norm, max_norms, grad_scale, found_inf, skip)
@@ -442,8 +442,9 @@ class FusedOptimizer(Optimizer):
         device (see :mod:`fusedopt.clip._step`). Sets ``last_grad_norm`` and ``skipped_steps``."""
         if skip or any(m is not None for m in max_norms):
             backend = self.param_groups[0].get("backend", "auto")
+            prescale = clip_step.unscaling(grad_scale)
             if any(b.layout is not None for _, b, _, _ in work):
-                norm = clip_norm.sharded_norm(self._grads_by_layout(work), 2.0, backend)
+                norm = clip_norm.sharded_norm(self._grads_by_layout(work), 2.0, backend, prescale)
             else:
                 all_grads = [g for _, _, grads, _ in work for g in grads] + list(sparse_grads)
                 # Buckets know their device and (real) dtype; sparse grads were refused by
@@ -451,7 +452,7 @@ class FusedOptimizer(Optimizer):
                 # written, except those an optimizer steps apart (SGD), read here.
                 summary = None if sparse_grads else clip_norm.Summary.from_parts(
                     [b.device for _, b, _, _ in work], [b.dtype for _, b, _, _ in work])
-                norm = clip_norm.total_norm(all_grads, 2.0, backend, summary)
+                norm = clip_norm.total_norm(all_grads, 2.0, backend, summary, prescale)
             scaling = clip_step.fold_norm(norm, max_norms, grad_scale, found_inf, skip)
             self._step_stats["last_grad_norm"] = scaling.norm
         else:

@@ -232,11 +232,14 @@ int fusedopt_emu_sgd(int dtype, int64_t n, void* const* ptrs, const int64_t* num
 // total_norm on host memory, as the CUDA op does it: the tensors grouped by dtype, one partials
 // launch per group (grid x block, block order `order`), then the one-block finishing launch.
 //   n tensors with dtypes[i] (DType codes), ptrs[i], numels[i]; norm_type: the order;
+//   prescale: read "on the device" from prescale_ptr (a float, or a double when
+//   prescale_is_double) or, when prescale_ptr is null, prescale_value (1: no prescaling);
 //   out: a float (out_is_double == 0) or double the result is written to.
 // Returns 0; -1 for a bad dtype or norm kind.
 int fusedopt_emu_total_norm(int64_t n, const int* dtypes, void* const* ptrs, const int64_t* numels,
-                            double norm_type, void* out, int out_is_double, int grid, int block,
-                            int order) {
+                            double norm_type, const void* prescale_ptr, int prescale_is_double,
+                            double prescale_value, void* out, int out_is_double, int grid,
+                            int block, int order) {
   using namespace emu;
   ClipCall call;
   if (!clip_call(n, dtypes, ptrs, numels, call)) return -1;
@@ -248,7 +251,8 @@ int fusedopt_emu_total_norm(int64_t n, const int* dtypes, void* const* ptrs, con
   for (size_t g = 0; g < call.plan.size(); ++g) {
     HostTable& table = call.tables[g];
     const NormPartialsArgs args{kind, norm_type, partials.data(), l0 ? starts.data() : nullptr,
-                                call.plan[g].slot0};
+                                call.plan[g].slot0,
+                                ScalarArg{prescale_ptr, prescale_is_double != 0, prescale_value}};
     bool ok = false;
     with_storage(call.plan[g].dtype, [&](auto s) {
       const kernels::NormPartialsKernel k = kernels::norm_partials_kernel_for<decltype(s)>(kind);

@@ -61,22 +61,24 @@ if AVAILABLE:
         return None
 
     @torch.library.custom_op(f"{NAMESPACE}::total_norm", mutates_args=())
-    def _total_norm_op(tensors: List[Tensor], norm_type: float) -> Tensor:
+    def _total_norm_op(tensors: List[Tensor], norm_type: float,
+                       prescale: Optional[Tensor] = None) -> Tensor:
         from . import norm
-        return norm.launch_total_norm(tensors, norm_type)
+        return norm.launch_total_norm(tensors, norm_type, prescale)
 
     @_total_norm_op.register_fake
-    def _total_norm_fake(tensors: List[Tensor], norm_type: float) -> Tensor:
+    def _total_norm_fake(tensors: List[Tensor], norm_type: float,
+                         prescale: Optional[Tensor] = None) -> Tensor:
         return tensors[0].new_empty((), dtype=torch.float32)
 
 
-def total_norm(tensors, norm_type: float) -> Tensor:
+def total_norm(tensors, norm_type: float, prescale: Optional[Tensor] = None) -> Tensor:
     """The Triton global norm through the custom op (the launcher when custom ops are
     unavailable)."""
     from . import norm
     if not AVAILABLE or not tensors:
-        return norm.launch_total_norm(tensors, norm_type)
-    return torch.ops.fusedopt_triton.total_norm(list(tensors), float(norm_type))
+        return norm.launch_total_norm(tensors, norm_type, prescale)
+    return torch.ops.fusedopt_triton.total_norm(list(tensors), float(norm_type), prescale)
 
 
 def adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1,

@@ -6,6 +6,9 @@ r"""Global norm of a list of tensors with Triton: one launch per dtype, one laun
     \|x\|_\infty = \max_i |x_i|
 
 over all elements of all tensors, accumulated in fp32 (a NaN anywhere gives NaN, like torch).
+With a ``prescale`` tensor, the norm of ``prescale * x``: each element is multiplied before its
+term is taken (the optimizers pass GradScaler's ``1 / scale``, so the norm of the unscaled
+gradients stays in range however large the scale).
 
 Launch 1 (per dtype present): program ``pid`` reduces chunk ``pid`` (``TILES`` tiles of
 ``BLOCK`` elements of one tensor, the chunk map of :mod:`.tables`) to one fp32 partial, stored
@@ -21,7 +24,7 @@ tensors under ``TRITON_INTERPRET=1`` (tests).
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import triton
@@ -76,12 +79,16 @@ def _tile_term(x, mask, KIND: tl.constexpr):
 
 
 @triton.jit
-def norm_partials_kernel(ptrs, numels, chunk_tensor, chunk_start, partials, slot0,
+def norm_partials_kernel(ptrs, numels, chunk_tensor, chunk_start, partials, slot0, prescale,
                          DTYPE: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr,
-                         ALIGNED: tl.constexpr, KIND: tl.constexpr):
-    """partials[slot0 + pid] = reduction of this program's chunk (sum, or max |x|; NaN if any)."""
+                         ALIGNED: tl.constexpr, KIND: tl.constexpr, PRESCALE: tl.constexpr):
+    """partials[slot0 + pid] = reduction of this program's chunk (sum, or max |x|; NaN if any),
+    of ``prescale[0] * x`` when PRESCALE."""
     tensor, start, numel = chunk_of(chunk_tensor, chunk_start, numels, BLOCK)
     x_ptr = tensor_at(ptrs, tensor, DTYPE, ALIGNED)
+    factor = 1.0
+    if PRESCALE:
+        factor = tl.load(prescale).to(tl.float32)
     lanes = tl.arange(0, BLOCK)
     acc = tl.full([BLOCK], 0.0, tl.float32)
     nans = tl.full([BLOCK], 0, tl.int32)
@@ -89,6 +96,8 @@ def norm_partials_kernel(ptrs, numels, chunk_tensor, chunk_start, partials, slot
         offsets = start + tile * BLOCK + lanes
         mask = offsets < numel
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        if PRESCALE:
+            x = x * factor
         t = _tile_term(x, mask, KIND)
         if KIND == 2:
             acc = tl.where(t > acc, t, acc)
@@ -126,17 +135,20 @@ def supports(norm_type: float, dtype: torch.dtype) -> bool:
     return float(norm_type) in KINDS and dtype in _TL_DTYPES
 
 
-def total_norm(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
-    """The ``norm_type``-norm (2, 1 or inf) of ``tensors`` (one device; fp32/bf16/fp16), as a
-    0-dim fp32 tensor on that device. Under ``torch.compile``, through a custom op (the launch
-    reads tensor addresses, which traced tensors do not have)."""
+def total_norm(tensors: Sequence[Tensor], norm_type: float = 2.0,
+               prescale: Optional[Tensor] = None) -> Tensor:
+    """The ``norm_type``-norm (2, 1 or inf) of ``tensors`` (one device; fp32/bf16/fp16), of
+    ``prescale * tensors`` when ``prescale`` (a one-element tensor) is given, as a 0-dim fp32
+    tensor on that device. Under ``torch.compile``, through a custom op (the launch reads tensor
+    addresses, which traced tensors do not have)."""
     if is_compiling():
         from . import compile_ops
-        return compile_ops.total_norm(tensors, norm_type)
-    return launch_total_norm(tensors, norm_type)
+        return compile_ops.total_norm(tensors, norm_type, prescale)
+    return launch_total_norm(tensors, norm_type, prescale)
 
 
-def launch_total_norm(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
+def launch_total_norm(tensors: Sequence[Tensor], norm_type: float = 2.0,
+                      prescale: Optional[Tensor] = None) -> Tensor:
     """:func:`total_norm`, launched here and now."""
     kind = KINDS[float(norm_type)]
     tensors = list(tensors)
@@ -148,6 +160,9 @@ def launch_total_norm(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tens
         partials = plan.norm_partials = torch.empty(max(n_partials, 1), dtype=torch.float32,
                                                     device=device)
     out = torch.empty((), dtype=torch.float32, device=device)
+    if prescale is not None:  # one float32 element on the device (no host read)
+        prescale = prescale.detach().reshape(1).to(device=device, dtype=torch.float32,
+                                                   non_blocking=True)
     slot = 0
     with _on_device(device):
         for bucket in plan.buckets:
@@ -155,8 +170,10 @@ def launch_total_norm(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tens
             norm_partials_kernel[(bucket.n_chunks,)](
                 bucket.rows["param_ptrs"], bucket.rows["numels"], bucket.rows["chunk_tensor"],
                 bucket.rows["chunk_start"], partials, slot,
+                partials if prescale is None else prescale,
                 DTYPE=_TL_DTYPES[bucket.dtype], BLOCK=cfg.block, TILES=cfg.tiles,
-                ALIGNED=all(bucket.static_aligned), KIND=kind, num_warps=cfg.num_warps)
+                ALIGNED=all(bucket.static_aligned), KIND=kind, PRESCALE=prescale is not None,
+                num_warps=cfg.num_warps)
             LAUNCHES["norm_partials_kernel"] += 1
             slot += bucket.n_chunks
         if slot == 0:
@@ -167,7 +184,8 @@ def launch_total_norm(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tens
             LAUNCHES["norm_finish_kernel"] += 1
     if plan.fallback:  # tensors the kernels cannot address (not dense): torch, then combine
         from ...clip._norm import reference_norm
-        rest = reference_norm([tensors[i] for i in plan.fallback], norm_type).to(torch.float32)
+        rest = reference_norm([tensors[i] for i in plan.fallback], norm_type,
+                              prescale).to(torch.float32)
         out = torch.linalg.vector_norm(torch.stack([out, rest]), norm_type)
     return out
 

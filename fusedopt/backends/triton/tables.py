@@ -6,13 +6,14 @@ element). :class:`Plan` holds these as int64 device tensors ("tables"), one :cla
 dtype present (one launch each), plus the entries the kernels cannot address (see below).
 
 Caching. Building a plan costs Python work and a host-to-device copy, so :class:`PlanCache` keeps
-plans keyed on the *addresses*: the ``data_ptr()`` of every param, state tensor and step counter
-plus the size of every param. Any change (a reallocated state after ``load_state_dict``, a
-``p.data = ...`` swap, a resize) changes the key and builds a new plan; an unchanged key means the
-tables hold exactly the right numbers, whichever Python objects carry them. Plans hold no reference
+plans keyed on the *addresses*: the ``data_ptr()`` and dtype of every param, state tensor and step
+counter plus the shape and strides of every param. Any change (a reallocated state after
+``load_state_dict``, a ``p.data = ...`` swap, a resize, another dtype or layout in reused memory)
+changes the key and builds a new plan; an unchanged key means the tables hold exactly the right
+numbers, whichever Python objects carry them. Plans hold no reference
 to the tensors. Gradients have a table of their own, rebuilt only when a gradient address changes
 (``zero_grad(set_to_none=True)`` may reallocate them; the caching allocator usually hands back the
-same addresses). Tables go to the device through pinned memory and a non-blocking copy: even a
+same addresses), or when one's dtype or layout changes. Tables go to the device through pinned memory and a non-blocking copy: even a
 rebuild does not synchronise with the host.
 
 Layouts. The kernels see each tensor as its flat storage. That is right whenever the param is
@@ -20,13 +21,13 @@ dense (no gaps, no overlap: contiguous, channels_last, ...) and its state tensor
 param's strides. Entries that break this go to :attr:`Plan.fallback` and are updated by the
 reference backend instead (correct, slower, may synchronise). A gradient whose strides differ from
 its dense param is copied each step into a persistent buffer laid out like the param.
-Not detected: a layout change that keeps the address (``as_strided_`` in place).
+Not detected: a state tensor's layout changed in place (``as_strided_``) with the same address.
 """
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -35,8 +36,6 @@ from . import config as launch_config
 from . import tuning
 
 Tensor = torch.Tensor
-_data_ptr = torch.Tensor.data_ptr
-_numel = torch.Tensor.numel
 # One C++ pass reading every address of a step (fusedopt._C._addresses; ~5 ns a tensor against
 # ~70 ns for a data_ptr() call from Python), when the extension is built.
 _native_addresses = getattr(_ops._C, "_addresses", None) if _ops.available() else None
@@ -49,19 +48,26 @@ STEP_DTYPES = (torch.float32, torch.float64)
 VECTOR_BYTES = 16
 
 
+def _layout_words(t: Tensor) -> Tuple[int, ...]:
+    return (t.dim(), *t.shape, *t.stride())
+
+
 def address_key(lists: Sequence[Sequence[Tensor]], sizes_of: Sequence[Tensor]):
-    """The ``data_ptr()`` of every tensor of ``lists``, then the ``numel()`` of every tensor of
-    ``sizes_of``: native int64 bytes from the C++ pass, or a list of ints (same order) when the
-    extension is missing or a tensor is not a plain one. Keys compare equal only with keys of the
-    same kind, which is all the cache needs (one process builds one kind for given tensors)."""
+    """The ``data_ptr()`` and dtype of every tensor of ``lists``, then the ``dim()``, sizes and
+    strides of every tensor of ``sizes_of``: native int64 bytes from the C++ pass, or a list
+    (same order; dtypes as torch.dtype objects) when the extension is missing or a tensor is not a
+    plain one. Keys compare equal only with keys of the same kind, which is all the cache needs
+    (one process builds one kind for given tensors)."""
     if _native_addresses is not None:
         key = _native_addresses(lists, sizes_of)
         if key is not None:
             return key
-    key: List[int] = []
+    key: List[Any] = []
     for lst in lists:
-        key.extend(map(_data_ptr, lst))  # map/extend: no Python bytecode per tensor
-    key.extend(map(_numel, sizes_of))
+        for t in lst:
+            key += (t.data_ptr(), t.dtype)
+    for t in sizes_of:
+        key += _layout_words(t)
     return key
 
 
@@ -120,7 +126,7 @@ class Plan:
         """Make every bucket's gradient table point at ``grads``; cheap when they did not move.
 
         Also refreshes the copies of gradients whose layout differs from their param's."""
-        grad_key = address_key((grads,), ())
+        grad_key = address_key((grads,), grads)  # the layouts decide the copies
         if grad_key != self.grad_key:
             for bucket in self.buckets:
                 self._build_grad_table(bucket, grads, params)
