@@ -1027,6 +1027,21 @@ def test_max_grad_norm_under_any_grad_scale(backend, scale, dtype):
         torch.testing.assert_close(p, q, **tol)
 
 
+@pytest.mark.parametrize("norm_type", [INF, -INF, -2.0, 2.0, 0.0, 0.5], ids=str)
+def test_empty_tensors_give_the_same_norm_on_every_backend(norm_type):
+    """torch refuses the inf / -inf / negative-p norms of an empty tensor; fusedopt's empty
+    tensors contribute no element, on every backend alike (an empty max is 0, an empty min or
+    a negative p over nothing +inf), alone or beside non-empty ones."""
+    _needs_cpu_ops()
+    for tensors in ([torch.empty(0, 3)], [torch.empty(0), torch.tensor([3.0, -4.0]), torch.empty(2, 0)]):
+        got = {impl: fusedopt.get_total_norm(tensors, norm_type, backend=impl)
+               for impl in ("cpu", "reference")}
+        torch.testing.assert_close(got["cpu"], got["reference"], rtol=1e-6, atol=0)
+        if len(tensors) > 1 and norm_type != 0.0:
+            want = torch.nn.utils.get_total_norm([tensors[1]], norm_type)
+            torch.testing.assert_close(got["cpu"], want, rtol=1e-6, atol=0)
+
+
 def test_norm_dispatch_choices():
     t = [torch.zeros(3)]
     assert _norm.choose("reference", torch.device("cpu"), t, 2.0) == "reference"

@@ -24,6 +24,7 @@ mesh dimensions that shard them (:func:`sharded_norm`); every rank gets the glob
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -225,12 +226,15 @@ def reference_norm(tensors: Sequence[Tensor], norm_type: float,
         groups.setdefault(t.dtype, []).append(t.abs() if t.is_complex() else t)
     norms: List[Tensor] = []
     for group in groups.values():
-        if norm_type in (float("inf"), float("-inf")):
-            group = [t for t in group if t.numel() > 0]  # no identity for max/min of nothing
+        if norm_type < 0 or math.isinf(norm_type):
+            # torch refuses these norms of an empty tensor (max/min of nothing, 0^(1/p) with
+            # p < 0); an empty tensor has no element to contribute, as in the native kernels
+            group = [t for t in group if t.numel() > 0]
         if group:
             norms.extend(torch._foreach_norm(group, norm_type, dtype=acc))
-    if not norms:
-        return torch.zeros((), dtype=acc, device=tensors[0].device)
+    if not norms:  # no element at all: the native kernels' value (min over nothing: +inf)
+        empty = float("inf") if norm_type < 0 else 0.0
+        return torch.full((), empty, dtype=acc, device=tensors[0].device)
     return torch.linalg.vector_norm(torch.stack(norms), norm_type)
 
 
