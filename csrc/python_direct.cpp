@@ -218,34 +218,36 @@ py::object summarize(py::handle sequence) {
 
 // The cache key of the Triton backend's tables (fusedopt/backends/triton/tables.py): the
 // data_ptr() and dtype of every tensor of every sequence in `lists`, then the dim(), sizes and
-// strides of every tensor of `sizes_of`, as native int64s in one bytes object (compared with
-// memcmp). The dtype and strides matter as much as the address: a freed gradient's memory is
+// strides of every tensor of the first `layouts` sequences, as native int64s in one bytes
+// object (compared with memcmp). The dtype and strides matter as much as the address: a freed gradient's memory is
 // often handed to a tensor of another dtype or layout with the same element count. In Python that is one
 // getter call per tensor, ~70 ns each: ~0.35 ms for an Adam step of 1000 tensors (5000 calls),
 // more than the GPU needs for the step itself. None when some element is not a plain tensor.
-py::object addresses(py::handle lists, py::handle sizes_of) {
+py::object addresses(py::handle lists, size_t layouts) {
   const py::tuple seqs = py::reinterpret_steal<py::tuple>(PySequence_Tuple(lists.ptr()));
   if (!seqs) throw py::error_already_set();
-  std::vector<BorrowedTensors> loaded(seqs.size() + 1);
+  if (layouts > seqs.size()) throw py::value_error("_addresses: layouts > len(lists)");
+  std::vector<BorrowedTensors> loaded(seqs.size());
   size_t total = 0;
-  for (size_t i = 0; i <= seqs.size(); ++i) {
-    if (!loaded[i].load(i < seqs.size() ? seqs[i] : sizes_of)) return py::none();
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    if (!loaded[i].load(seqs[i])) return py::none();
     total += loaded[i].list().size();
   }
   std::vector<int64_t> key;
-  key.reserve(4 * total);
-  for (size_t i = 0; i <= seqs.size(); ++i) {
-    const bool layouts = i == seqs.size();
+  key.reserve(6 * total);
+  for (size_t i = 0; i < seqs.size(); ++i) {
     for (const at::Tensor& t : loaded[i].list()) {
       if (!t.defined()) return py::none();
-      if (layouts) {  // dim, sizes, strides: what decides a tensor's tables besides its address
-        key.push_back(t.dim());
-        for (int64_t d = 0; d < t.dim(); ++d) key.push_back(t.size(d));
-        for (int64_t d = 0; d < t.dim(); ++d) key.push_back(t.stride(d));
-      } else {
-        key.push_back(reinterpret_cast<int64_t>(t.const_data_ptr()));
-        key.push_back(static_cast<int64_t>(t.scalar_type()));
-      }
+      key.push_back(reinterpret_cast<int64_t>(t.const_data_ptr()));
+      key.push_back(static_cast<int64_t>(t.scalar_type()));
+    }
+  }
+  for (size_t i = 0; i < layouts; ++i) {
+    for (const at::Tensor& t : loaded[i].list()) {
+      // dim, sizes, strides: what decides a tensor's tables besides its address and dtype
+      key.push_back(t.dim());
+      for (int64_t d = 0; d < t.dim(); ++d) key.push_back(t.size(d));
+      for (int64_t d = 0; d < t.dim(); ++d) key.push_back(t.stride(d));
     }
   }
   return py::bytes(reinterpret_cast<const char*>(key.data()), key.size() * sizeof(int64_t));
@@ -289,10 +291,10 @@ void bind_direct_calls(py::module& m) {
         "Positions of the non-strided (sparse) tensors of a list of tensors and Nones.");
   m.def("_same_objects", &same_objects, py::arg("a"), py::arg("b"),
         "Whether lists a and b hold the same objects (by identity) in the same order.");
-  m.def("_addresses", &addresses, py::arg("lists"), py::arg("sizes_of"),
+  m.def("_addresses", &addresses, py::arg("lists"), py::arg("layouts"),
         "bytes of int64: the data_ptr() and dtype (ScalarType number) of every tensor of every "
-        "sequence of `lists`, then the dim(), sizes and strides of every tensor of "
-        "`sizes_of`, read in one C++ pass; None when some element is not a plain "
+        "sequence of `lists`, then the dim(), sizes and strides of every tensor of the first "
+        "`layouts` sequences, read in one C++ pass; None when some element is not a plain "
         "torch.Tensor / nn.Parameter.");
   m.def("_total_norm_cpu", &total_norm_direct, py::arg("tensors"), py::arg("norm_type"),
         py::arg("of_grads") = false, py::arg("prescale") = py::none(),

@@ -480,15 +480,15 @@ def test_address_key_lists_every_address_and_dtype_then_every_layout(address_key
     dtype_word = {torch.float32: 6, torch.bfloat16: 15} if native else {d: d for d in (torch.float32, torch.bfloat16)}
     expected = [w for t in a + b for w in (t.data_ptr(), dtype_word[t.dtype])]
     expected += [1, 3, 1] + [1, 0, 1] + [1, 5, 2]  # dim, sizes, strides of each tensor of a
-    key = tables.address_key((a, b), a)
+    key = tables.address_key((a, b), 1)
     if native:
         assert isinstance(key, bytes)
         key = [int.from_bytes(key[i:i + 8], sys.byteorder, signed=True) for i in range(0, len(key), 8)]
     assert key == expected
     # a subclass (which may answer data_ptr() its own way) takes the Python path: a list
     sub = torch.zeros(2).as_subclass(Sub)
-    assert tables.address_key(([a[0], sub],), ()) == [a[0].data_ptr(), torch.float32,
-                                                      sub.data_ptr(), torch.float32]
+    assert tables.address_key(([a[0], sub],), 0) == [a[0].data_ptr(), torch.float32,
+                                                     sub.data_ptr(), torch.float32]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -513,6 +513,28 @@ def test_table_cache_reuse_and_rebuild(triton_backend, device, address_keys):
     case.run(REFERENCE, reference_params, reference_state, steps=1, **hyper)
     _assert_lists_close(params, reference_params, torch.float32, "param")
     _assert_lists_close(state["exp_avgs"], reference_state["exp_avgs"], torch.float32, "exp_avg")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_state_of_another_layout_at_the_same_address_rebuilds(triton_backend, device, address_keys):
+    """A state tensor replaced by one of another layout over the same memory (same address and
+    dtype) must not be read through the old tables, which walk it in the param's order."""
+    torch.manual_seed(0)
+    p = torch.randn(6, 4, device=device).t()           # dense, column-major (4, 6)
+    g = torch.randn(4, 6, device=device)
+    m_mem, v_mem = torch.zeros(24, device=device), torch.zeros(24, device=device)
+    steps = [torch.zeros((), device=device)]
+    hyper = dict(ADAM_DEFAULTS)
+    triton_backend.adam_([p], [g], [m_mem.as_strided((4, 6), (1, 4))],
+                         [v_mem.as_strided((4, 6), (1, 4))], [], steps, **hyper)
+    builds = tables.PLANS.builds
+    m, v = m_mem.as_strided((4, 6), (6, 1)), v_mem.as_strided((4, 6), (6, 1))  # row-major now
+    p_ref, m_ref, v_ref, steps_ref = p.clone(), m.clone(), v.clone(), [steps[0].clone()]
+    triton_backend.adam_([p], [g], [m], [v], [], steps, **hyper)
+    REFERENCE.adam_([p_ref], [g], [m_ref], [v_ref], [], steps_ref, **hyper)
+    assert tables.PLANS.builds == builds + 1
+    torch.testing.assert_close(p, p_ref)
+    torch.testing.assert_close(m, m_ref)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -7,7 +7,7 @@ dtype present (one launch each), plus the entries the kernels cannot address (se
 
 Caching. Building a plan costs Python work and a host-to-device copy, so :class:`PlanCache` keeps
 plans keyed on the *addresses*: the ``data_ptr()`` and dtype of every param, state tensor and step
-counter plus the shape and strides of every param. Any change (a reallocated state after
+counter plus the shape and strides of every param and state tensor. Any change (a reallocated state after
 ``load_state_dict``, a ``p.data = ...`` swap, a resize, another dtype or layout in reused memory)
 changes the key and builds a new plan; an unchanged key means the tables hold exactly the right
 numbers, whichever Python objects carry them. Plans hold no reference
@@ -21,7 +21,7 @@ dense (no gaps, no overlap: contiguous, channels_last, ...) and its state tensor
 param's strides. Entries that break this go to :attr:`Plan.fallback` and are updated by the
 reference backend instead (correct, slower, may synchronise). A gradient whose strides differ from
 its dense param is copied each step into a persistent buffer laid out like the param.
-Not detected: a state tensor's layout changed in place (``as_strided_``) with the same address.
+Not detected: a layout changed in place (``as_strided_``) on the same tensor object.
 """
 from __future__ import annotations
 
@@ -52,22 +52,23 @@ def _layout_words(t: Tensor) -> Tuple[int, ...]:
     return (t.dim(), *t.shape, *t.stride())
 
 
-def address_key(lists: Sequence[Sequence[Tensor]], sizes_of: Sequence[Tensor]):
+def address_key(lists: Sequence[Sequence[Tensor]], layouts: int):
     """The ``data_ptr()`` and dtype of every tensor of ``lists``, then the ``dim()``, sizes and
-    strides of every tensor of ``sizes_of``: native int64 bytes from the C++ pass, or a list
-    (same order; dtypes as torch.dtype objects) when the extension is missing or a tensor is not a
-    plain one. Keys compare equal only with keys of the same kind, which is all the cache needs
-    (one process builds one kind for given tensors)."""
+    strides of every tensor of the first ``layouts`` lists: native int64 bytes from the C++
+    pass, or a list (same order; dtypes as torch.dtype objects) when the extension is missing or
+    a tensor is not a plain one. Keys compare equal only with keys of the same kind, which is all
+    the cache needs (one process builds one kind for given tensors)."""
     if _native_addresses is not None:
-        key = _native_addresses(lists, sizes_of)
+        key = _native_addresses(lists, layouts)
         if key is not None:
             return key
     key: List[Any] = []
     for lst in lists:
         for t in lst:
             key += (t.data_ptr(), t.dtype)
-    for t in sizes_of:
-        key += _layout_words(t)
+    for lst in lists[:layouts]:
+        for t in lst:
+            key += _layout_words(t)
     return key
 
 
@@ -126,7 +127,7 @@ class Plan:
         """Make every bucket's gradient table point at ``grads``; cheap when they did not move.
 
         Also refreshes the copies of gradients whose layout differs from their param's."""
-        grad_key = address_key((grads,), grads)  # the layouts decide the copies
+        grad_key = address_key((grads,), 1)  # the layouts decide the copies
         if grad_key != self.grad_key:
             for bucket in self.buckets:
                 self._build_grad_table(bucket, grads, params)
@@ -183,7 +184,7 @@ class PlanCache:
         """The plan for ``lists`` (params first, then the state lists; ``names`` names their
         address tables) and ``steps`` (may be empty)."""
         params = lists[0]
-        key = address_key((*lists, steps), params)
+        key = address_key((*lists, steps), len(lists))  # (steps are 0-dim)
         signature = (kind, tuple(names), len(params), len(steps), params[0].data_ptr(),
                      params[0].device, os.environ.get(launch_config.ENV_VAR),
                      os.environ.get(tuning.ENV_TUNE))
