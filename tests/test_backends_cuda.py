@@ -985,6 +985,28 @@ def test_emulated_found_inf_changes_nothing(emu, algo):
     assert not torch.equal(bits(lists[0][3]), before[0][3])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_emulated_grad_scale_beyond_float32(emu, dtype):
+    """A float64 grad_scale beyond float32's range (GradScaler's scale at its ceiling divided by
+    a clip coefficient) divides in two exact steps, not by inf: the reference's numbers."""
+    scale = torch.tensor(2.0 ** 125 * 37.0, dtype=torch.float64)  # > FLT_MAX
+    ours = cpu_adam_lists(ODD_SIZES, dtype, amsgrad=False)
+    theirs = clone_lists(ours)
+    ours[1] = [(g.double() * 2.0 ** 125).to(dtype) for g in ours[1]]  # grads of a 2^125 scale
+    theirs[1] = [(g.double() / 37.0).to(dtype) for g in theirs[1]]    # unscaled, clipped by 1/37
+    adam_call(EmuBackend(emu), ours, lr=1e-2, grad_scale=scale, weight_decay=0.1)
+    adam_call(REFERENCE, theirs, lr=1e-2, weight_decay=0.1)
+    assert_lists_close(ours, theirs, dtype, skip=(1,))
+    sg = cpu_sgd_lists(ODD_SIZES, dtype, 0.9)
+    sg_ref = clone_lists(sg)
+    sg[1] = [(g.double() * 2.0 ** 125).to(dtype) for g in sg[1]]
+    sg_ref[1] = [(g.double() / 37.0).to(dtype) for g in sg_ref[1]]
+    sgd_call(EmuBackend(emu), sg, lr=0.5, momentum=0.9, nesterov=True, grad_scale=scale)
+    sgd_call(REFERENCE, sg_ref, lr=0.5, momentum=0.9, nesterov=True)
+    assert_lists_close(sg, sg_ref, dtype, skip=(1,))
+    assert all(torch.isfinite(p).all() and p.abs().max() > 0 for p in sg[0] if p.numel())
+
+
 @pytest.mark.parametrize("gs_dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_emulated_grad_scale_and_lr_tensor(emu, gs_dtype):
     scale = torch.full((), 512.0, dtype=gs_dtype)

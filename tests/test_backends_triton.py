@@ -392,6 +392,26 @@ def test_grad_scale_divides_and_never_writes(triton_backend, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_grad_scale_beyond_float32(triton_backend, device):
+    """A float64 grad_scale beyond float32's range (GradScaler's scale near its ceiling divided
+    by a clip coefficient) divides in two exact steps, not by inf (which zeroed the gradients)."""
+    gen = torch.Generator().manual_seed(5)
+    params = [_randn(s, torch.float32, device, gen) for s in SIZES]
+    grads = [_randn(s, torch.float32, device, gen).clamp(-3, 3) for s in SIZES]
+    scaled = [(g.double() * 2.0 ** 125).float() for g in grads]  # finite: |g| 2^125 < FLT_MAX
+    scale = torch.tensor(2.0 ** 125 * 37.0, dtype=torch.float64, device=device)
+    results = []
+    for backend, gs, grad_scale in ((triton_backend, scaled, scale),
+                                    (REFERENCE, [g / 37.0 for g in grads], None)):
+        p = [t.clone() for t in params]
+        backend.sgd_(p, gs, [], lr=0.5, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                     nesterov=False, maximize=False, is_first_step=False, grad_scale=grad_scale)
+        results.append(p)
+    _assert_lists_close(results[0], results[1], torch.float32, "param")
+    assert any(not torch.equal(a, b) for a, b in zip(results[0], params))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_lr_tensor_equals_float_lr(triton_backend, device):
     case = AdamCase(SIZES, torch.float32, device)
     by_float, by_tensor = case.copy(), case.copy()

@@ -997,18 +997,22 @@ def test_total_norm_prescale(impl, dtype):
 
 
 @pytest.mark.parametrize("backend", opt_backends(cuda=True))
-@pytest.mark.parametrize("scale", [2.0 ** 16, 2.0 ** 70, 2.0 ** -100], ids=["2^16", "2^70", "2^-100"])
+@pytest.mark.parametrize("scale", [2.0 ** 16, 2.0 ** 70, 2.0 ** -100, 2.0 ** 127],
+                         ids=["2^16", "2^70", "2^-100", "2^127"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_max_grad_norm_under_any_grad_scale(backend, scale, dtype):
     """With GradScaler's grad_scale, the step clips the *unscaled* gradients whatever the scale:
     the norm takes each element times 1/s before squaring. Taking the norm of the scaled
     gradients and dividing afterwards gave inf at large scales (GradScaler keeps doubling while
     nothing overflows, e.g. under bf16 autocast: no clipping, and skip_nonfinite skipped every
-    step from then on) and 0 at tiny ones."""
+    step from then on) and 0 at tiny ones. At GradScaler's float32 ceiling (2^127) the folded
+    divisor s / c passes float32's range: the kernels divide by it in two exact steps instead of
+    by inf (which zeroed every gradient: a step of decay alone)."""
     torch.manual_seed(0)
     ours = on(backend, [torch.randn(s, dtype=dtype) for s in [(40, 30), (30,), (7,)]])
     theirs = clone_params(ours)
-    true_grads = [torch.randn_like(p) * 3 for p in ours]
+    # |g| < 0.45: finite at 2^127 too; norm ~5, so c ~ 0.2 and s / c passes float32's range
+    true_grads = [(torch.rand_like(p) - 0.5) * 0.9 for p in ours]
     opt = fusedopt.optim.AdamW(ours, lr=1e-2, max_grad_norm=1.0, skip_nonfinite=True, backend=backend)
     ref = torch.optim.AdamW(theirs, lr=1e-2, fused=True)
     for step in range(3):

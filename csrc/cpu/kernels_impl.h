@@ -101,16 +101,22 @@ constexpr int64_t kDivideLanes = 1;
 inline void divide_lanes(float* x, float d, float) { *x = *x / d; }
 #endif
 
-// A divisor with its correctly rounded reciprocal, made once per kernel call, not per block.
+// A divisor with its correctly rounded reciprocal, made once per kernel call, not per block,
+// and a factor applied after the division (rules::grad_divisor: 1 unless the grad scale is
+// beyond float's range; x * 1 == x).
 struct Divisor {
-  float d, y;
-  explicit Divisor(float divisor) : d(divisor), y(1.0f / divisor) {}
+  float d, y, post;
+  explicit Divisor(float divisor, float post_factor = 1.0f)
+      : d(divisor), y(1.0f / divisor), post(post_factor) {}
 };
 
 template <int64_t N>
 __attribute__((always_inline)) inline void divide_block(float (&x)[N], const Divisor& by) {
   static_assert(N % kDivideLanes == 0, "a block is whole vectors");
   for (int64_t j = 0; j < N; j += kDivideLanes) divide_lanes(x + j, by.d, by.y);
+  if (__builtin_expect(by.post != 1.0f, 0)) {
+    for (int64_t j = 0; j < N; ++j) x[j] *= by.post;
+  }
 }
 
 // For kBlocksOf<S>: runs update_block(w, g) over the whole blocks of [begin, end), where g
@@ -148,7 +154,8 @@ void adam_kernel_impl(const AdamItem& item, const AdamCall& call, int64_t begin,
   using T = typename S::math;
   using R = typename S::raw;
   const rules::AdamScalars<T> s = rules::cast_scalars<T>(item.scalars);
-  const T grad_scale = static_cast<T>(call.grad_scale);
+  const rules::GradDivisor<T> scale = rules::grad_divisor<T>(call.grad_scale);
+  const T grad_scale = scale.divisor, grad_post = scale.post;
   R* __restrict param = static_cast<R*>(item.param);
   const R* __restrict grad = static_cast<const R*>(item.grad);
   R* __restrict exp_avg = static_cast<R*>(item.exp_avg);
@@ -161,7 +168,7 @@ void adam_kernel_impl(const AdamItem& item, const AdamCall& call, int64_t begin,
     // The update in two halves around one division of the block's sqrt(v_hat) by the
     // tensor's bias_correction2_sqrt (divide_block: exact, without the division unit, which
     // bounds these steps). g is divided by grad_scale already.
-    first = for_each_block16<S, SCALED>(begin, end, grad, Divisor(grad_scale), written,
+    first = for_each_block16<S, SCALED>(begin, end, grad, Divisor(grad_scale, grad_post), written,
                                         [&](Block (&w)[4], const Block& g) {
       Block root;
 #pragma GCC ivdep
@@ -179,7 +186,7 @@ void adam_kernel_impl(const AdamItem& item, const AdamCall& call, int64_t begin,
     T m = S::load(exp_avg[i]);
     T v = S::load(exp_avg_sq[i]);
     T vmax = AMSGRAD ? S::load(max_exp_avg_sq[i]) : T(0);
-    const T g = rules::prepare_grad(S::load(grad[i]), SCALED, grad_scale, MAXIMIZE);
+    const T g = rules::prepare_grad(S::load(grad[i]), SCALED, grad_scale, MAXIMIZE, grad_post);
     rules::adam_update(p, g, m, v, vmax, s, WD, AMSGRAD);
     param[i] = S::store(p);
     exp_avg[i] = S::store(m);
@@ -193,7 +200,8 @@ void sgd_kernel_impl(const SgdItem& item, const SgdCall& call, int64_t begin, in
   using T = typename S::math;
   using R = typename S::raw;
   const rules::SgdScalars<T> s = rules::cast_scalars<T>(call.scalars);
-  const T grad_scale = static_cast<T>(call.grad_scale);
+  const rules::GradDivisor<T> scale = rules::grad_divisor<T>(call.grad_scale);
+  const T grad_scale = scale.divisor, grad_post = scale.post;
   R* __restrict param = static_cast<R*>(item.param);
   const R* __restrict grad = static_cast<const R*>(item.grad);
   R* __restrict buffer = static_cast<R*>(item.momentum_buffer);
@@ -201,7 +209,7 @@ void sgd_kernel_impl(const SgdItem& item, const SgdCall& call, int64_t begin, in
   if constexpr (kBlocksOf<S>) {
     uint16_t* const written[4] = {param, MOM == rules::Momentum::kNone ? nullptr : buffer,
                                   nullptr, nullptr};
-    first = for_each_block16<S, SCALED>(begin, end, grad, Divisor(grad_scale), written,
+    first = for_each_block16<S, SCALED>(begin, end, grad, Divisor(grad_scale, grad_post), written,
                                         [&](Block (&w)[4], const Block& g) {
 #pragma GCC ivdep
       for (int64_t j = 0; j < kBlock; ++j) {
@@ -218,7 +226,7 @@ void sgd_kernel_impl(const SgdItem& item, const SgdCall& call, int64_t begin, in
     T p = S::load(param[i]);
     // The first step overwrites the buffer without reading it (it may hold garbage).
     T buf = (MOM == rules::Momentum::kRun) ? S::load(buffer[i]) : T(0);
-    const T g = rules::prepare_grad(S::load(grad[i]), SCALED, grad_scale, MAXIMIZE);
+    const T g = rules::prepare_grad(S::load(grad[i]), SCALED, grad_scale, MAXIMIZE, grad_post);
     rules::sgd_update(p, g, buf, s, L2, MOM, NESTEROV);
     param[i] = S::store(p);
     if (MOM != rules::Momentum::kNone) buffer[i] = S::store(buf);

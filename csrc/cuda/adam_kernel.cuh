@@ -25,6 +25,7 @@ struct AdamElements {
   S* max_exp_avg_sq = nullptr;   // running max of the second moment (AMSGrad only)
   rules::AdamScalars<M> s;    // this tensor's scalars for this step
   M grad_scale;               // divisor of the gradient when has_grad_scale
+  M grad_post;                // then a factor (rules::grad_divisor: 1 unless beyond M's range)
   bool has_grad_scale;        // a GradScaler scale is folded in
   bool maximize;              // negate the gradient
   rules::WeightDecay wd;      // kind of weight decay
@@ -41,7 +42,8 @@ struct AdamElements {
     for (int k = 0; k < N; ++k) {
       M pk = to_math(p.v[k]), mk = to_math(m.v[k]), vk = to_math(v.v[k]);
       M vmaxk = kAmsgrad ? to_math(vmax.v[k]) : M(0);
-      const M gk = rules::prepare_grad(to_math(g.v[k]), has_grad_scale, grad_scale, maximize);
+      const M gk = rules::prepare_grad(to_math(g.v[k]), has_grad_scale, grad_scale, maximize,
+                                       grad_post);
       rules::adam_update(pk, gk, mk, vk, vmaxk, s, wd, kAmsgrad);
       p.v[k] = from_math<S>(pk);
       m.v[k] = from_math<S>(mk);
@@ -81,7 +83,10 @@ adam_kernel(const WorkTable table, const AdamArgs args) {
   __shared__ rules::AdamScalars<M> tensor_scalars;  // written by thread 0 per tensor
   AdamElements<S, kAmsgrad> op;
   op.has_grad_scale = args.has_grad_scale;
-  op.grad_scale = args.has_grad_scale ? static_cast<M>(read_scalar(args.grad_scale)) : M(1);
+  const rules::GradDivisor<M> scale =
+      rules::grad_divisor<M>(args.has_grad_scale ? read_scalar(args.grad_scale) : 1.0);
+  op.grad_scale = scale.divisor;
+  op.grad_post = scale.post;
   op.maximize = args.maximize;
   op.wd = static_cast<rules::WeightDecay>(args.weight_decay_mode);
   constexpr int V = kVecElems<S>;

@@ -20,6 +20,7 @@ struct SgdElements {
   S* momentum_buffer = nullptr;  // momentum buffer (kMomentum only; written, read unless first step)
   rules::SgdScalars<M> s;   // lr, momentum, 1 - dampening, weight decay
   M grad_scale;             // divisor of the gradient when has_grad_scale
+  M grad_post;              // then a factor (rules::grad_divisor: 1 unless beyond M's range)
   bool has_grad_scale;      // a GradScaler scale is folded in
   bool maximize;            // negate the gradient
   bool l2;                  // weight_decay != 0
@@ -38,7 +39,8 @@ struct SgdElements {
     for (int k = 0; k < N; ++k) {
       M pk = to_math(p.v[k]);
       M bk = (kMomentum && mom == rules::Momentum::kRun) ? to_math(b.v[k]) : M(0);
-      const M gk = rules::prepare_grad(to_math(g.v[k]), has_grad_scale, grad_scale, maximize);
+      const M gk = rules::prepare_grad(to_math(g.v[k]), has_grad_scale, grad_scale, maximize,
+                                       grad_post);
       rules::sgd_update(pk, gk, bk, s, l2, kMomentum ? mom : rules::Momentum::kNone, nesterov);
       p.v[k] = from_math<S>(pk);
       if constexpr (kMomentum) b.v[k] = from_math<S>(bk);
@@ -64,7 +66,10 @@ sgd_kernel(const WorkTable table, const SgdArgs args) {
   op.s = rules::cast_scalars<M>(rules::make_sgd_scalars(read_scalar(args.lr), args.momentum,
                                                         args.dampening, args.weight_decay));
   op.has_grad_scale = args.has_grad_scale;
-  op.grad_scale = args.has_grad_scale ? static_cast<M>(read_scalar(args.grad_scale)) : M(1);
+  const rules::GradDivisor<M> scale =
+      rules::grad_divisor<M>(args.has_grad_scale ? read_scalar(args.grad_scale) : 1.0);
+  op.grad_scale = scale.divisor;
+  op.grad_post = scale.post;
   op.maximize = args.maximize;
   op.l2 = args.weight_decay != 0.0;
   op.nesterov = args.nesterov;

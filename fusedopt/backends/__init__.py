@@ -26,7 +26,8 @@ maximize, is_first_step, grad_scale=None, found_inf=None)``
 Contract shared by all backends: every list holds real floating tensors (complex parameters
 arrive as real views), all on one device; dtypes may differ between tensors; ``lr`` is a Python
 float or a 0-dim tensor; ``grad_scale`` divides the gradients on the fly (gradients are never
-written); a nonzero ``found_inf`` makes the call change nothing at all.
+written; a float64 ``grad_scale`` beyond float32's range, which clipping under GradScaler's
+ceiling scale produces, divides float32 math as ``(g / (scale 2^-64)) 2^-64``, not by inf); a nonzero ``found_inf`` makes the call change nothing at all.
 
 Adding a backend means adding one module here and its name to :data:`BACKEND_NAMES`.
 """

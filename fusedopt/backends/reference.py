@@ -65,7 +65,7 @@ class ReferenceBackend:
                              max_exp_avg_sqs[i] if amsgrad else None])
             p, grad, exp_avg, exp_avg_sq, max_exp_avg_sq = work.tensors
             if grad_scale is not None:
-                grad = grad / grad_scale.to(grad.device)
+                grad = _unscale(grad, grad_scale)
             step_t = state_steps[i]
             step_t += 1
             step = _as_float(step_t)
@@ -102,7 +102,7 @@ class ReferenceBackend:
             work = _Working([param, grads[i], momentum_buffers[i] if momentum != 0 else None])
             p, grad, buf = work.tensors
             if grad_scale is not None:
-                grad = grad / grad_scale.to(grad.device)
+                grad = _unscale(grad, grad_scale)
             if maximize:
                 grad = -grad
             if weight_decay != 0:
@@ -115,6 +115,23 @@ class ReferenceBackend:
                 grad = grad.add(buf, alpha=momentum) if nesterov else buf
             p.add_(grad, alpha=-lr)
             work.commit([0, 2] if momentum != 0 else [0])
+
+
+_FLOAT_MAX = torch.finfo(torch.float32).max
+
+
+def _unscale(grad: torch.Tensor, grad_scale: torch.Tensor) -> torch.Tensor:
+    """``grad / grad_scale`` in ``grad``'s dtype. A scale beyond float32's range (a float64
+    grad_scale: GradScaler's scale near its ceiling divided by a clip coefficient) would round
+    to inf there and zero the gradient: it is divided as ``(grad / (scale * 2^-64)) * 2^-64``,
+    the same quotient, as the kernels do (rules.h, grad_divisor)."""
+    scale = grad_scale.to(grad.device)
+    if grad.dtype == torch.float64 or scale.dtype != torch.float64:
+        return grad / scale
+    huge = scale.abs() > _FLOAT_MAX
+    divisor = torch.where(huge, scale * 2.0 ** -64, scale).to(torch.float32)
+    post = torch.where(huge, 2.0 ** -64, 1.0).to(torch.float32)
+    return grad / divisor * post
 
 
 BACKEND = ReferenceBackend()

@@ -66,11 +66,15 @@ def fold_norm(norm: Tensor, max_grad_norms: Sequence[Optional[float]],
         if max_norm is None:
             out.grad_scales[None] = grad_scale
             continue
-        coef = clip_coefficient(float(max_norm), norm)
+        # s / c in float64: near GradScaler's float32 ceiling (s ~ 2^127) it passes float32's
+        # range, and the kernels divide by such a scale in two exact steps (rules.h,
+        # grad_divisor) instead of by inf; within range the float64 quotient rounds to the
+        # float32 one (one rounding of s / c either way).
+        coef = clip_coefficient(float(max_norm), norm).to(torch.float64)
         if grad_scale is None:
             out.grad_scales[max_norm] = torch.reciprocal(coef)
         else:
-            out.grad_scales[max_norm] = to_device(grad_scale, norm.device, norm.dtype) / coef
+            out.grad_scales[max_norm] = to_device(grad_scale, norm.device, torch.float64) / coef
     if skip_nonfinite:
         bad = torch.logical_not(torch.isfinite(norm)).to(torch.float32)
         out.found_inf = bad if found_inf is None else to_device(found_inf, bad.device) + bad

@@ -80,10 +80,32 @@ FUSEDOPT_HD WeightDecay weight_decay_mode(double weight_decay, bool decoupled) {
 // Gradient preprocessing shared by all algorithms.
 //   g = grad / grad_scale   (only when a grad scale is given; the stored grad is never written)
 //   g = -g                  (maximize)
+// A grad scale beyond the range of the math type T (a float64 grad_scale of a float32 step:
+// GradScaler's scale near its float32 ceiling divided by a clip coefficient, see
+// fusedopt/clip/_step.py) would round to inf and zero every gradient; it is divided as
+// (grad / (grad_scale * 2^-64)) * 2^-64 instead: the same quotient, the second factor being an
+// exact power of two. grad_divisor gives {divisor, post}; within range post is 1 (x * 1 == x).
 // ----------------------------------------------------------------------------------------------
 template <typename T>
-FUSEDOPT_HD T prepare_grad(T grad, bool has_grad_scale, T grad_scale, bool maximize) {
-  T g = has_grad_scale ? grad / grad_scale : grad;
+struct GradDivisor {
+  T divisor;
+  T post;
+};
+
+template <typename T>
+FUSEDOPT_HD GradDivisor<T> grad_divisor(double grad_scale) {
+  constexpr double kFloatMax = 3.4028234663852886e38;  // FLT_MAX
+  constexpr double kTwoToMinus64 = 5.421010862427522e-20;
+  if (sizeof(T) < sizeof(double) && (grad_scale > kFloatMax || grad_scale < -kFloatMax)) {
+    return {static_cast<T>(grad_scale * kTwoToMinus64), static_cast<T>(kTwoToMinus64)};
+  }
+  return {static_cast<T>(grad_scale), T(1)};
+}
+
+template <typename T>
+FUSEDOPT_HD T prepare_grad(T grad, bool has_grad_scale, T grad_scale, bool maximize,
+                           T post = T(1)) {
+  T g = has_grad_scale ? grad / grad_scale * post : grad;
   return maximize ? -g : g;
 }
 

@@ -58,10 +58,16 @@ def step_applies(found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
 @triton.jit
 def load_grad(grad_pointer, offsets, mask, grad_scale_ptr, HAS_GRAD_SCALE: tl.constexpr):
     """A tile of gradient in fp32, divided by the GradScaler scale when there is one (the
-    gradient in memory is never written)."""
+    gradient in memory is never written). A scale beyond fp32's range (a float64 grad_scale:
+    GradScaler's scale near its ceiling divided by a clip coefficient) is divided as
+    (g / (scale * 2^-64)) * 2^-64, the same quotient (rules.h, grad_divisor)."""
     grad = tl.load(grad_pointer + offsets, mask=mask).to(tl.float32)
     if HAS_GRAD_SCALE:
-        grad = tl.div_rn(grad, tl.load(grad_scale_ptr).to(tl.float32))
+        scale = tl.load(grad_scale_ptr).to(tl.float64)
+        huge = scale > 3.4028234663852886e38
+        divisor = tl.where(huge, scale * 5.421010862427522e-20, scale).to(tl.float32)
+        post = tl.where(huge, 5.421010862427522e-20, 1.0).to(tl.float32)
+        grad = tl.div_rn(grad, divisor) * post
     return grad
 
 
