@@ -1046,6 +1046,26 @@ def test_empty_tensors_give_the_same_norm_on_every_backend(norm_type):
             torch.testing.assert_close(got["cpu"], want, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("backend", opt_backends())
+@pytest.mark.parametrize("scale", [2.0 ** 16, 2.0 ** 127], ids=["2^16", "2^127"])
+def test_sparse_sgd_clipped_under_any_grad_scale(backend, scale):
+    """SGD steps params with sparse grads apart (torch's ops). With a clip folded into the grad
+    scale, s / c passes float32's range at GradScaler's ceiling: the factor must not become
+    1 / inf = 0 (or lose its bits as a subnormal float32)."""
+    true = torch.tensor([[0.3, -0.2, 0.1, 0.25], [0.05, 0.4, -0.35, 0.15]])
+    for max_norm in (1e-2, 1e-6):
+        w = torch.nn.Parameter(torch.zeros(10, 4))
+        opt = fusedopt.optim.SGD([w], lr=1.0, max_grad_norm=max_norm, backend=backend)
+        w.grad = torch.sparse_coo_tensor([[1, 3]], (true.double() * scale).float(), (10, 4)).coalesce()
+        opt.grad_scale, opt.found_inf = torch.tensor(scale), torch.tensor(0.0)
+        opt.step()
+        v = torch.nn.Parameter(torch.zeros(10, 4))
+        v.grad = torch.sparse_coo_tensor([[1, 3]], true, (10, 4)).coalesce()
+        torch.nn.utils.clip_grad_norm_([v], max_norm)
+        torch.optim.SGD([v], lr=1.0).step()
+        torch.testing.assert_close(w, v, rtol=1e-6, atol=0)
+
+
 def test_norm_dispatch_choices():
     t = [torch.zeros(3)]
     assert _norm.choose("reference", torch.device("cpu"), t, 2.0) == "reference"

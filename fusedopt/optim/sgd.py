@@ -56,6 +56,24 @@ def _skipped_on_host(found_inf: Optional[Tensor]) -> bool:
     return found_inf is not None and bool(found_inf.ne(0).any())
 
 
+_FLOAT_MAX = torch.finfo(torch.float32).max
+
+
+def _unscale_sparse(grad: Tensor, grad_scale: Tensor) -> Tensor:
+    """A sparse grad times ``1 / grad_scale``, as torch's GradScaler unscales (a reciprocal,
+    then a multiplication). The clip-folded scale ``s / c`` arrives in float64 (see
+    fusedopt/clip/_step.py): it is rounded to float32 first, as it was computed before, unless it
+    is beyond float32's range (GradScaler's ceiling scale over a clip coefficient), where the
+    reciprocal of ``s / c * 2^-64`` times ``2^-64`` gives the factor instead of 1/inf = 0."""
+    scale = grad_scale.to(grad.device)
+    if scale.dtype != torch.float64 or grad.dtype == torch.float64:
+        return grad * scale.reciprocal()
+    huge = scale.abs() > _FLOAT_MAX
+    divisor = torch.where(huge, scale * 2.0 ** -64, scale).to(torch.float32)
+    post = torch.where(huge, 2.0 ** -64, 1.0).to(torch.float32)
+    return grad * divisor.reciprocal() * post
+
+
 class SGD(FusedOptimizer):
     __doc__ = __doc__ + r"""
 
@@ -102,11 +120,10 @@ class SGD(FusedOptimizer):
             return
         lr, momentum, dampening = group["lr"], group["momentum"], group["dampening"]
         weight_decay, nesterov, maximize = group["weight_decay"], group["nesterov"], group["maximize"]
-        inv_scale = grad_scale.reciprocal() if grad_scale is not None else None
         before = self._state_version()
         for p, grad in pairs:
-            if inv_scale is not None:
-                grad = grad * inv_scale.to(grad.device)
+            if grad_scale is not None:
+                grad = _unscale_sparse(grad, grad_scale)
             if maximize:
                 grad = -grad
             if weight_decay != 0:
