@@ -60,12 +60,13 @@ class ReferenceBackend:
         if _step_skipped(found_inf):
             return
         lr = _as_float(lr)
+        unscale = GradDivisor(grad_scale) if grad_scale is not None else None
         for i, param in enumerate(params):
             work = _Working([param, grads[i], exp_avgs[i], exp_avg_sqs[i],
                              max_exp_avg_sqs[i] if amsgrad else None])
             p, grad, exp_avg, exp_avg_sq, max_exp_avg_sq = work.tensors
-            if grad_scale is not None:
-                grad = _unscale(grad, grad_scale)
+            if unscale is not None:
+                grad = unscale.divide(grad)
             step_t = state_steps[i]
             step_t += 1
             step = _as_float(step_t)
@@ -98,11 +99,12 @@ class ReferenceBackend:
         if _step_skipped(found_inf):
             return
         lr = _as_float(lr)
+        unscale = GradDivisor(grad_scale) if grad_scale is not None else None
         for i, param in enumerate(params):
             work = _Working([param, grads[i], momentum_buffers[i] if momentum != 0 else None])
             p, grad, buf = work.tensors
-            if grad_scale is not None:
-                grad = _unscale(grad, grad_scale)
+            if unscale is not None:
+                grad = unscale.divide(grad)
             if maximize:
                 grad = -grad
             if weight_decay != 0:
@@ -120,18 +122,39 @@ class ReferenceBackend:
 _FLOAT_MAX = torch.finfo(torch.float32).max
 
 
-def _unscale(grad: torch.Tensor, grad_scale: torch.Tensor) -> torch.Tensor:
-    """``grad / grad_scale`` in ``grad``'s dtype. A scale beyond float32's range (a float64
-    grad_scale: GradScaler's scale near its ceiling divided by a clip coefficient) would round
-    to inf there and zero the gradient: it is divided as ``(grad / (scale * 2^-64)) * 2^-64``,
-    the same quotient, as the kernels do (rules.h, grad_divisor)."""
-    scale = grad_scale.to(grad.device)
-    if grad.dtype == torch.float64 or scale.dtype != torch.float64:
-        return grad / scale
-    huge = scale.abs() > _FLOAT_MAX
-    divisor = torch.where(huge, scale * 2.0 ** -64, scale).to(torch.float32)
-    post = torch.where(huge, 2.0 ** -64, 1.0).to(torch.float32)
-    return grad / divisor * post
+class GradDivisor:
+    """A grad scale as the kernels apply it (rules.h, ``grad_divisor``), made once per call. A
+    float64 scale beyond float32's range (GradScaler's scale near its ceiling divided by a clip
+    coefficient) would round to inf in float32 math and zero the gradient: float32 gradients are
+    divided by ``scale * 2^-64`` and then multiplied by ``2^-64`` instead, the same quotient."""
+
+    def __init__(self, grad_scale: torch.Tensor):
+        self.scale = grad_scale
+        self.split = None  # (divisor, post) in float32, for a float64 scale
+        if grad_scale.dtype == torch.float64:
+            huge = grad_scale.abs() > _FLOAT_MAX
+            self.split = (torch.where(huge, grad_scale * 2.0 ** -64, grad_scale).to(torch.float32),
+                          torch.where(huge, 2.0 ** -64, 1.0).to(torch.float32))
+
+    def _factors(self, grad: torch.Tensor):
+        """(divisor, post or None) for ``grad``'s math, on its device."""
+        if self.split is None or grad.dtype == torch.float64:
+            return self.scale.to(grad.device), None
+        divisor, post = self.split
+        return divisor.to(grad.device), post.to(grad.device)
+
+    def divide(self, grad: torch.Tensor) -> torch.Tensor:
+        """``grad / scale`` in ``grad``'s dtype (the optimizer kernels' unscaling)."""
+        divisor, post = self._factors(grad)
+        grad = grad / divisor
+        return grad if post is None else grad * post
+
+    def multiply_by_reciprocal(self, grad: torch.Tensor) -> torch.Tensor:
+        """``grad * (1 / scale)``, as GradScaler's ``unscale_`` computes it (for float32 math a
+        float64 scale is rounded to float32 first, then split as above when beyond range)."""
+        divisor, post = self._factors(grad)
+        grad = grad * divisor.reciprocal()
+        return grad if post is None else grad * post
 
 
 BACKEND = ReferenceBackend()

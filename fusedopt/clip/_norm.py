@@ -313,11 +313,11 @@ def sharded_norm(groups: Dict[_dtensor.Layout, List[Tensor]], norm_type: float,
         raise ValueError("norm_type=0 (the number of nonzero tensors) is not supported for "
                          "DTensor gradients")
     by_reduction: Dict[Tuple[Any, Tuple[int, ...]], List[Tensor]] = {}
+    prescale = _dtensor.plain(prescale) if prescale is not None else None
     for layout, local in groups.items():
         key = (layout[0], tuple(_dtensor.sharded_dims(layout)))
         by_reduction.setdefault(key, []).append(
-            total_norm(local, norm_type, backend, prescale=_dtensor.plain(prescale)
-                       if prescale is not None else None))
+            total_norm(local, norm_type, backend, prescale=prescale))
     norms = [_reduce_norms(local_norms, mesh, dims, norm_type)
              for (mesh, dims), local_norms in by_reduction.items()]
     return combine_norms(norms, norm_type)

@@ -29,6 +29,7 @@ import torch
 from .._lists import any_none as _any_none
 from .._lists import sparse_positions as _sparse_positions
 from .._views import kernel_view
+from ..backends.reference import GradDivisor
 from .base import FusedOptimizer, GroupBucket, check_hyperparameter, check_value
 
 Tensor = torch.Tensor
@@ -54,24 +55,6 @@ def _validate_sgd(lr, momentum, dampening, weight_decay, nesterov, on_step: bool
 def _skipped_on_host(found_inf: Optional[Tensor]) -> bool:
     """Whether GradScaler's ``found_inf`` says to skip this step, read on the host (a sync)."""
     return found_inf is not None and bool(found_inf.ne(0).any())
-
-
-_FLOAT_MAX = torch.finfo(torch.float32).max
-
-
-def _unscale_sparse(grad: Tensor, grad_scale: Tensor) -> Tensor:
-    """A sparse grad times ``1 / grad_scale``, as torch's GradScaler unscales (a reciprocal,
-    then a multiplication). The clip-folded scale ``s / c`` arrives in float64 (see
-    fusedopt/clip/_step.py): it is rounded to float32 first, as it was computed before, unless it
-    is beyond float32's range (GradScaler's ceiling scale over a clip coefficient), where the
-    reciprocal of ``s / c * 2^-64`` times ``2^-64`` gives the factor instead of 1/inf = 0."""
-    scale = grad_scale.to(grad.device)
-    if scale.dtype != torch.float64 or grad.dtype == torch.float64:
-        return grad * scale.reciprocal()
-    huge = scale.abs() > _FLOAT_MAX
-    divisor = torch.where(huge, scale * 2.0 ** -64, scale).to(torch.float32)
-    post = torch.where(huge, 2.0 ** -64, 1.0).to(torch.float32)
-    return grad * divisor.reciprocal() * post
 
 
 class SGD(FusedOptimizer):
@@ -120,10 +103,14 @@ class SGD(FusedOptimizer):
             return
         lr, momentum, dampening = group["lr"], group["momentum"], group["dampening"]
         weight_decay, nesterov, maximize = group["weight_decay"], group["nesterov"], group["maximize"]
+        # The clip-folded scale s / c arrives in float64 (fusedopt/clip/_step.py): GradDivisor
+        # rounds it to float32 for float32 grads, as it was computed before, and splits it beyond
+        # float32's range (GradScaler's ceiling scale), where 1 / inf would zero the grads.
+        unscale = GradDivisor(grad_scale) if grad_scale is not None else None
         before = self._state_version()
         for p, grad in pairs:
-            if grad_scale is not None:
-                grad = _unscale_sparse(grad, grad_scale)
+            if unscale is not None:
+                grad = unscale.multiply_by_reciprocal(grad)
             if maximize:
                 grad = -grad
             if weight_decay != 0:
