@@ -151,17 +151,7 @@ void check_tensor(const at::Tensor& t, const char* op, size_t i, bool written) {
 at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type,
                           const std::optional<at::Tensor>& prescale) {
   const Kind kind = norm::kind_of(norm_type);
-  double factor = 1.0;
-  if (prescale.has_value() && prescale->defined()) {
-    TORCH_CHECK(prescale->numel() == 1, "fusedopt::total_norm: prescale must have one element, "
-                "got shape ", prescale->sizes());
-    TORCH_CHECK(prescale->device().is_cpu(), "fusedopt::total_norm: prescale is on ",
-                prescale->device(), "; the CPU implementation reads it on the host and needs a "
-                "CPU tensor");
-    TORCH_CHECK(!prescale->is_complex(), "fusedopt::total_norm: prescale must be real, got ",
-                prescale->scalar_type());
-    factor = prescale->item<double>();
-  }
+  const double factor = read_scalar(prescale, "total_norm", "prescale").value_or(1.0);
   bool any_double = false;
   ChunkList list;
   std::vector<NormChunkFn> fns;  // per chunk
@@ -201,15 +191,17 @@ at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type,
 
 namespace {
 
-// Applies fn(chunk) to every element chunk of tensors [begin, end) in one parallel region.
-// Tensors that are not one dense block are rewritten through a contiguous copy, copied back
-// after the region, so that every element goes through the same kernel (the same rounding).
+// Applies fn(chunk) to every element chunk of tensors [begin, end) (of dtypes[i]) in one
+// parallel region. Tensors that are not one dense block are rewritten through a contiguous
+// copy, copied back after the region, so that every element goes through the same kernel (the
+// same rounding).
 template <class ChunkFn>
-void update_range(at::TensorList tensors, size_t begin, size_t end, const char* op, ChunkFn& fn) {
+void update_range(at::TensorList tensors, const std::vector<DType>& dtypes, size_t begin,
+                  size_t end, ChunkFn& fn) {
   ChunkList list;
   std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;  // (original, contiguous copy)
   for (size_t i = begin; i < end; ++i) {
-    const DType dtype = dtype_of(tensors[i], op, "tensors", i);
+    const DType dtype = dtypes[i];
     if (tensors[i].is_non_overlapping_and_dense()) {
       list.add(tensors[i], dtype, static_cast<int64_t>(i));
     } else {
@@ -227,15 +219,17 @@ void update_range(at::TensorList tensors, size_t begin, size_t end, const char* 
 // ops do (an element listed twice is rewritten twice, never by two threads at once).
 template <class ChunkFn>
 void update_in_place(at::TensorList tensors, const char* op, ChunkFn&& fn) {
+  std::vector<DType> dtypes;
+  dtypes.reserve(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
     check_tensor(tensors[i], op, i, /*written=*/true);
-    dtype_of(tensors[i], op, "tensors", i);
+    dtypes.push_back(dtype_of(tensors[i], op, "tensors", i));
   }
   if (!any_two_share_memory(tensors)) {
-    update_range(tensors, 0, tensors.size(), op, fn);
+    update_range(tensors, dtypes, 0, tensors.size(), fn);
     return;
   }
-  for (size_t i = 0; i < tensors.size(); ++i) update_range(tensors, i, i + 1, op, fn);
+  for (size_t i = 0; i < tensors.size(); ++i) update_range(tensors, dtypes, i, i + 1, fn);
 }
 
 }  // namespace
