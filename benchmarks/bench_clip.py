@@ -30,6 +30,10 @@ goes and how close each implementation's passes run to the memory):
                 calls and neither implementation may skip the pass (baseline
                 ``torch.nn.utils.clip_grads_with_norm_(foreach=True)``). 8 B per fp32 param.
 
+On torch 2.5, which has neither ``get_total_norm`` nor ``clip_grads_with_norm_``, the baselines of
+``norm`` and ``scale`` are the two halves of that release's ``clip_grad_norm_``
+(``torch_baselines.py``).
+
 Records use the schema of common.py; ``bytes_per_step`` is the minimum traffic above and
 ``speedup_vs_torch_fused`` is against the algorithm's torch baseline (same run). Method (common.py):
 providers interleaved with the bandwidth reference, warmup, min and median of --repeats samples.
@@ -49,6 +53,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from torch_baselines import clip_grads_with_norm_, get_total_norm  # noqa: E402
 
 BENCHMARK = "clip"
 ALGOS = ("clip", "clip-noop", "clip+adamw", "norm", "scale")
@@ -83,7 +88,7 @@ class ActiveClip:
     def __init__(self, params, clip_fn):
         self.params, self.clip_fn = params, clip_fn
         self.master = [p.grad.clone() for p in params]
-        self.start = float(torch.nn.utils.get_total_norm([p.grad.float() for p in params]))
+        self.start = float(get_total_norm([p.grad.float() for p in params]))
         self.calls = 0
         self.threshold = 0.5 * self.start
 
@@ -140,7 +145,7 @@ def pass_callables(algo: str, workload, device, dtype, backends: List[str]) -> D
         def make(norm_fn):
             grads = [p.grad for p in grads_only(workload, device, dtype)]
             return lambda: norm_fn(grads)
-        out["torch-foreach"] = make(lambda gs: torch.nn.utils.get_total_norm(gs, foreach=True))
+        out["torch-foreach"] = make(lambda gs: get_total_norm(gs, foreach=True))
         for b in backends:
             out[f"fusedopt-{b}"] = make(lambda gs, b=b: fusedopt.get_total_norm(gs, backend=b))
         return out
@@ -149,7 +154,7 @@ def pass_callables(algo: str, workload, device, dtype, backends: List[str]) -> D
         params = grads_only(workload, device, dtype)
         max_norm, total_norm = flip_norm(params)
         return lambda: scale_fn(params, max_norm, total_norm)
-    out["torch-foreach"] = make(lambda ps, m, n: torch.nn.utils.clip_grads_with_norm_(ps, m, n, foreach=True))
+    out["torch-foreach"] = make(lambda ps, m, n: clip_grads_with_norm_(ps, m, n, foreach=True))
     for b in backends:
         out[f"fusedopt-{b}"] = make(lambda ps, m, n, b=b: fusedopt.clip_grads_with_norm_(ps, m, n, backend=b))
     return out
@@ -159,7 +164,7 @@ def clip_adamw_callables(workload, device, dtype, backends: List[str]) -> Dict[s
     """Timed callables of clip + AdamW step; the params are shared, state and grads per provider."""
     import fusedopt
     params = common.make_tensors(workload, device, dtype)
-    start = float(torch.nn.utils.get_total_norm([p.grad.float() for p in params]))
+    start = float(get_total_norm([p.grad.float() for p in params]))
     out: Dict[str, Callable[[], Any]] = {}
 
     def with_own_grads(seed: int):

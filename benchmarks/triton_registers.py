@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import inspect
 import os
 import re
 import subprocess
@@ -62,9 +63,21 @@ def _ptxas() -> str:
     return here if os.path.exists(here) else "ptxas"
 
 
+def _source(kernel, constants) -> ASTSource:
+    """The kernel specialised on ``constants``. Triton >= 3.3 takes every argument's type by name
+    and the constexprs keyed by argument path; older triton (3.1 with torch 2.5, 3.2 with 2.6)
+    takes the types of the other arguments and the constants, both by name (3.2 refuses other
+    keys)."""
+    signature = _signature(kernel, constants)
+    if "constexprs" in inspect.signature(ASTSource.__init__).parameters:
+        return ASTSource(fn=kernel, signature=signature,
+                         constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()})
+    return ASTSource(fn=kernel, signature={n: t for n, t in signature.items() if n not in constants},
+                     constants=dict(constants))
+
+
 def measure(kernel, constants, warps: int, arch: int) -> dict:
-    source = ASTSource(fn=kernel, signature=_signature(kernel, constants),
-                       constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()})
+    source = _source(kernel, constants)
     ptx = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}).asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")

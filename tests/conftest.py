@@ -8,7 +8,7 @@ import tempfile
 import pytest
 import torch
 
-from fusedopt import backends
+from fusedopt import _compiling, backends
 
 # Triton launch tuning (on by default on CUDA) writes its choices under FUSEDOPT_CACHE_DIR: a
 # test run on a GPU keeps them in a directory of its own, not in the user's ~/.cache/fusedopt.
@@ -29,6 +29,16 @@ if _hypothesis_settings is not None:
 #: Backends whose parity with torch.optim is tested on CPU tensors by the front-end tests.
 #: (triton runs under TRITON_INTERPRET=1 in its own test file; cuda needs a GPU.)
 CPU_BACKENDS = ("reference", "cpu")
+
+
+#: Tests of optimizer.step() traced by torch.compile: only where this torch's dynamo can trace it
+#: (fusedopt._compiling.STEP_TRACEABLE); older torch runs the step eagerly inside compiled code,
+#: which test_optim.py::test_compiled_step_runs_eagerly_where_torch_cannot_trace_it checks.
+needs_traceable_step = pytest.mark.skipif(
+    not _compiling.STEP_TRACEABLE,
+    reason=f"torch {torch.__version__}'s dynamo cannot trace optimizer.step() (fusedopt traces it "
+           f"from torch {'.'.join(map(str, _compiling.STEP_TRACEABLE_FROM))}; older torch steps "
+           "eagerly outside the graph)")
 
 
 def backend_params():

@@ -13,6 +13,8 @@ import torch
 
 from fusedopt import _ops
 
+import torch_oracles
+
 pytestmark = pytest.mark.skipif(not _ops.available(), reason=f"fusedopt._C not built: {_ops.LOAD_ERROR}")
 
 if _ops.available():
@@ -110,9 +112,9 @@ class OurSgd:
 
 def torch_adam(params, lr, weight_decay, amsgrad, maximize, decoupled, **betas):
     hp = {**ADAM_DEFAULTS, **betas}
-    return torch.optim.Adam(params, lr=lr, betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"],
-                            weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                            foreach=False, decoupled_weight_decay=decoupled)
+    return torch_oracles.torch_adam(params, lr=lr, betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"],
+                                    weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                                    foreach=False, decoupled_weight_decay=decoupled)
 
 
 def check_adam_against_torch(ours: OurAdam, ref_params, opt, dtype, grad_scale=1.0):

@@ -31,7 +31,7 @@ from fusedopt import _norm_ops, _ops, backends
 from fusedopt.backends import cuda as cuda_backend
 from fusedopt.clip import _clip, _norm
 
-from conftest import no_host_sync
+from conftest import needs_traceable_step, no_host_sync
 from test_optim import DEVICE_STEP_CASES, check_compiled_step, check_graphed_step
 
 CUDA = cuda_backend.BACKEND
@@ -1263,6 +1263,7 @@ def test_emulated_clip_ops_thousand_tiny_tensors(emu):
 # ---- torch.compile and CUDA graphs (the checks live in test_optim.py) -------------------------
 
 
+@needs_traceable_step
 @needs_gpu
 @DEVICE_STEP_CASES
 def test_compiled_optimizer_step_is_one_graph(name, flags):

@@ -11,7 +11,6 @@ Most tests shrink the launch configuration (``FUSEDOPT_TRITON_CONFIG``) so that 
 straddle several tiles and programs: the interpreter is slow, and the multi-program paths (step
 counter hand-off, tail chunks) are what needs testing.
 """
-from __future__ import annotations
 
 import math
 import os
@@ -33,16 +32,22 @@ from fusedopt import backends  # noqa: E402
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
+from fusedopt.backends.triton import compat  # noqa: E402
 from fusedopt.backends.triton import config as triton_config  # noqa: E402
 from fusedopt.backends.triton import interpreting, tables  # noqa: E402
 from fusedopt.backends.triton.rules import bias_correction  # noqa: E402
+from conftest import needs_traceable_step  # noqa: E402
 from test_optim import DEVICE_STEP_CASES, check_compiled_step, check_graphed_step  # noqa: E402
 
 INTERPRETED = interpreting()
+#: Why this triton's interpreter cannot run the kernels with this numpy (triton 3.1 with numpy 2,
+#: ...: fusedopt/backends/triton/compat.py), or None. The backend then reports itself unavailable
+#: under the interpreter, with this reason, and the tests that need kernels on CPU tensors skip.
+INTERPRETER_PROBLEM = compat.interpreter_problem() if INTERPRETED else None
 #: (device, reason to skip or None): CPU tensors need the interpreter, CUDA tensors need a GPU
 #: and compiled kernels.
 _DEVICES = {
-    "cpu": None if INTERPRETED else "CPU tensors need TRITON_INTERPRET=1",
+    "cpu": INTERPRETER_PROBLEM if INTERPRETED else "CPU tensors need TRITON_INTERPRET=1",
     "cuda": ("no CUDA device" if not torch.cuda.is_available() else
              "TRITON_INTERPRET=1: CUDA tensors would run in the interpreter" if INTERPRETED else None),
 }
@@ -63,6 +68,8 @@ def _small_blocks(monkeypatch):
 
 @pytest.fixture(scope="module")
 def triton_backend():
+    if INTERPRETER_PROBLEM is not None:
+        pytest.skip(INTERPRETER_PROBLEM)
     return backends.get("triton")
 
 
@@ -140,8 +147,71 @@ ADAM_VARIANTS = {
 
 # ---- registration ----------------------------------------------------------------------------
 def test_registered_and_available_here():
+    if INTERPRETER_PROBLEM is not None:  # an interpreter that cannot run the kernels: refused
+        assert backends.available()["triton"] == INTERPRETER_PROBLEM
+        with pytest.raises(backends.BackendUnavailableError,
+                           match="backend 'triton' is unavailable: the Triton interpreter"):
+            backends.get("triton")
+        return
     assert backends.available()["triton"] is None
     assert backends.get("triton").name == "triton"
+
+
+def test_interpreter_problems_are_decided_by_versions(monkeypatch):
+    """triton < 3.2 with numpy >= 2: refused whatever the probe would say (its interpreter
+    misreads numpy 2 arrays and may crash the process, so it is not run); with numpy 1.x, and
+    numpy < 2.4 on newer triton, no problem and no probe."""
+    monkeypatch.setattr(compat, "_run_loop_probe", lambda: pytest.fail("the probe must not run"))
+    monkeypatch.setattr(compat, "_loop_probe", [])
+    for triton_version, numpy_version, problem in (((3, 1, 0), (2, 0, 0), "install numpy<2 or triton>=3.2"),
+                                                   ((3, 1, 0), (2, 4, 6), "install numpy<2 or triton>=3.2"),
+                                                   ((3, 1, 0), (1, 26, 4), None),
+                                                   ((3, 2, 0), (2, 3, 5), None),
+                                                   ((3, 8, 0), (1, 26, 4), None)):
+        monkeypatch.setattr(compat, "TRITON_VERSION", triton_version)
+        monkeypatch.setattr(compat, "NUMPY_VERSION", numpy_version)
+        reason = compat.interpreter_problem()
+        assert (reason is None) if problem is None else (problem in reason), \
+            (triton_version, numpy_version, reason)
+    monkeypatch.setattr(compat, "TRITON_VERSION", (3, 2, 0))
+    monkeypatch.setattr(compat, "NUMPY_VERSION", (2, 4, 0))
+    monkeypatch.setattr(compat, "_loop_probe", ["the probe's verdict"])
+    assert compat.interpreter_problem() == "the probe's verdict"  # numpy >= 2.4: the probe decides
+    assert compat.version_tuple("3.1.0") == (3, 1, 0)
+    assert compat.version_tuple("3.2.0+git1a2b3c") == (3, 2, 0)
+    assert compat.version_tuple("2.4.0rc1") == (2, 4, 0)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the refusal is an interpreter matter")
+def test_an_interpreter_problem_makes_the_backend_unavailable(monkeypatch):
+    monkeypatch.setattr(compat, "interpreter_problem", lambda: "the interpreter cannot")
+    assert backends.available()["triton"] == "the interpreter cannot"
+    with pytest.raises(backends.BackendUnavailableError,
+                       match="backend 'triton' is unavailable: the interpreter cannot"):
+        backends.get("triton")
+
+
+def test_kernel_annotations_are_objects():
+    """Every @triton.jit function (ours and this module's) has its constexpr parameters annotated
+    with the tl.constexpr object, not the string a ``from __future__ import annotations`` makes of
+    it: triton 3.1's interpreter takes only the object for a constexpr (its GridExecutor compares
+    the annotation's name with "constexpr"), and would pass BLOCK to tl.arange as a tensor."""
+    import importlib
+    names = ("adam_kernel", "sgd_kernel", "program", "rules", "norm", "interpreter_probe")
+    kernels = {}
+    modules = [importlib.import_module(f"fusedopt.backends.triton.{n}") for n in names]
+    for module in modules + [sys.modules[__name__]]:
+        for name, obj in vars(module).items():
+            fn = getattr(obj, "fn", None)
+            if callable(fn) and getattr(fn, "__module__", None) == module.__name__:
+                kernels[f"{module.__name__}.{name}"] = fn
+    assert len(kernels) >= 20, sorted(kernels)  # the kernels and helpers were found
+    constexprs = 0
+    for name, fn in kernels.items():
+        for param, annotation in fn.__annotations__.items():
+            assert not isinstance(annotation, str), f"{name}({param}: {annotation!r}): a string annotation"
+            constexprs += annotation is tl.constexpr
+    assert constexprs >= 50
 
 
 def test_supports_reasons(triton_backend):
@@ -693,9 +763,11 @@ def test_compiled_step_has_no_graph_break(triton_backend, device):
     hyper = dict(ADAM_DEFAULTS, weight_decay=0.1, decoupled_weight_decay=True)
     grads = case.grad_steps[0]
 
+    fixed = {k: v for k, v in hyper.items() if k != "lr"}  # torch 2.5's dynamo cannot trace dict(d, lr=...)
+
     def step(params, state, lr):
         triton_backend.adam_(params, grads, state["exp_avgs"], state["exp_avg_sqs"], [],
-                             state["state_steps"], **dict(hyper, lr=lr))
+                             state["state_steps"], lr=lr, **fixed)
 
     torch._dynamo.reset()
     lr = torch.tensor(1e-2, device=device)
@@ -708,6 +780,7 @@ def test_compiled_step_has_no_graph_break(triton_backend, device):
         assert torch.equal(a, b)
 
 
+@needs_traceable_step
 @pytest.mark.parametrize("device", DEVICES)
 @DEVICE_STEP_CASES
 def test_compiled_optimizer_step_with_clipping_is_one_graph(triton_backend, device, name, flags):
@@ -725,15 +798,18 @@ def test_step_captured_in_a_cuda_graph_matches_eager(name, flags):
 
 # ---- the compiled (GPU) kernels build, checked without a GPU ---------------------------------
 _COMPILE_CHECK = textwrap.dedent("""
+    import inspect
     import triton, triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from fusedopt.backends.triton.adam_kernel import adam_kernel
+    from fusedopt.backends.triton.norm import norm_finish_kernel, norm_partials_kernel
     from fusedopt.backends.triton.sgd_kernel import sgd_kernel
 
     def signature(kernel, constants):
         types = {"arrivals": "*i32", "lr": "fp32", "lr_ptr": "*fp32", "grad_scale_ptr": "*fp32",
-                 "found_inf_ptr": "*fp32"}
+                 "found_inf_ptr": "*fp32", "partials": "*fp32", "prescale": "*fp32", "out": "*fp32",
+                 "slot0": "i32", "n": "i32"}
         return {n: "constexpr" if n in constants else types.get(n, "*i64" if not n.endswith(
             ("beta1", "beta2", "eps", "decay", "momentum", "dampening")) else "fp32")
             for n in kernel.arg_names}
@@ -742,22 +818,45 @@ _COMPILE_CHECK = textwrap.dedent("""
               HAS_WEIGHT_DECAY=True, LR_ON_DEVICE=True, HAS_GRAD_SCALE=True, HAS_FOUND_INF=True)
     off = dict(DTYPE=tl.float32, BLOCK=512, TILES=8, MAXIMIZE=False,
                HAS_WEIGHT_DECAY=False, LR_ON_DEVICE=False, HAS_GRAD_SCALE=False, HAS_FOUND_INF=False)
+    # triton >= 3.3 (ASTSource takes constexprs): every argument in the signature, constexprs
+    # keyed by (index,); triton 3.1 / 3.2: the signature has the other arguments only, by name,
+    # and constants are keyed by name.
+    NEW_API = "constexprs" in inspect.signature(ASTSource).parameters
+
+    def source_of(kernel, constants):
+        types = signature(kernel, constants)
+        if NEW_API:
+            return ASTSource(fn=kernel, signature=types,
+                             constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()})
+        return ASTSource(fn=kernel, signature={n: t for n, t in types.items() if t != "constexpr"},
+                         constants=dict(constants))
+
     for kernel, constants in (
             (adam_kernel, dict(on, STEP_DTYPE=tl.float32, AMSGRAD=True, DECOUPLED=True)),
             (adam_kernel, dict(off, STEP_DTYPE=tl.float64, AMSGRAD=False, DECOUPLED=False)),
             (sgd_kernel, dict(on, HAS_MOMENTUM=True, NESTEROV=True, FIRST_STEP=False)),
             (sgd_kernel, dict(off, HAS_MOMENTUM=False, NESTEROV=False, FIRST_STEP=True))):
-        source = ASTSource(fn=kernel, signature=signature(kernel, constants),
-                           constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()})
+        source = source_of(kernel, constants)
         ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
         assert "ld.global.v4" in ptx, kernel  # 128-bit vector loads on the aligned path
+        print(kernel.__name__, "ok")
+    for kernel, constants in (  # the clipping norm's kernels (masked loads: no vector check)
+            (norm_partials_kernel, dict(DTYPE=tl.bfloat16, BLOCK=1024, TILES=4, ALIGNED=True, KIND=0,
+                                        PRESCALE=True)),
+            (norm_partials_kernel, dict(DTYPE=tl.float32, BLOCK=512, TILES=8, ALIGNED=False, KIND=2,
+                                        PRESCALE=False)),
+            (norm_finish_kernel, dict(KIND=0, BLOCK=1024)),
+            (norm_finish_kernel, dict(KIND=2, BLOCK=1024))):
+        triton.compile(source_of(kernel, constants), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 4})
         print(kernel.__name__, "ok")
 """)
 
 
 def test_kernels_compile_for_a_gpu_target():
-    """Compile both kernels for sm_90 in a fresh process (no interpreter): catches code that the
-    interpreter accepts but the compiler rejects, and checks the aligned path vectorises."""
+    """Compile both kernels (and the norm's two) for sm_90 in a fresh process (no interpreter):
+    catches code that the interpreter accepts but the compiler rejects (e.g. triton 3.1's
+    pointer_type refusing a constexpr dtype), and checks the aligned path vectorises."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(fusedopt.__file__)),
                                                       env.get("PYTHONPATH")]))
@@ -767,4 +866,4 @@ def test_kernels_compile_for_a_gpu_target():
     if result.returncode != 0 and ("GPUTarget" in result.stderr and "ImportError" in result.stderr):
         pytest.skip("this triton cannot compile for a CUDA target here")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("ok") == 4, (result.stdout, time.time() - start)
+    assert result.stdout.count("ok") == 8, (result.stdout, time.time() - start)

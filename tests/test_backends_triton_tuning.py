@@ -23,12 +23,16 @@ triton = pytest.importorskip("triton")
 
 from fusedopt import backends  # noqa: E402
 from fusedopt.backends.triton import config as triton_config  # noqa: E402
-from fusedopt.backends.triton import tables, tuning, tuning_cache  # noqa: E402
+from fusedopt.backends.triton import interpreting, tables, tuning, tuning_cache  # noqa: E402
 from fusedopt.backends.triton.__main__ import main as tuning_main  # noqa: E402
 from fusedopt.backends.triton.config import LaunchConfig  # noqa: E402
-from test_backends_triton import ADAM_DEFAULTS, DEVICES, REFERENCE, AdamCase, _randn, launcher  # noqa: E402
+from test_backends_triton import (ADAM_DEFAULTS, DEVICES, INTERPRETER_PROBLEM,  # noqa: E402
+                                  REFERENCE, AdamCase, _randn, launcher)
 
-TRITON = backends.get("triton") if backends.get("triton").unavailable_reason() is None else None
+TRITON = backends.get("triton") if backends.available()["triton"] is None else None
+#: for the tests that run kernels on CPU tensors without the ``device`` parameter (whose cpu
+#: case skips for the same reason)
+needs_interpreter = pytest.mark.skipif(INTERPRETER_PROBLEM is not None, reason=str(INTERPRETER_PROBLEM))
 FP32 = torch.float32
 
 
@@ -176,6 +180,7 @@ def test_a_candidate_that_fails_is_dropped(device):
     {"config": "512x8x4", "timings_ms": [1, 2], "failed": 5},  # a candidate, odd extras
     "512x8x4", ["512x8x4"], None,
 ], ids=repr)
+@needs_interpreter
 def test_cache_entries_that_are_not_candidates_are_timed_again(entry):
     cpu = torch.device("cpu")
     key = tuning.cache_key("sgd", FP32, cpu)
@@ -185,6 +190,7 @@ def test_cache_entries_that_are_not_candidates_are_timed_again(entry):
     assert result.from_cache == expect_cached and result.config in triton_config.CANDIDATES[FP32]
 
 
+@needs_interpreter
 def test_a_cache_file_too_deep_to_parse_is_ignored():
     path = tuning_cache.path()
     os.makedirs(os.path.dirname(path))
@@ -253,6 +259,17 @@ def test_tune_refuses_unknown_variants_and_dtypes():
         tuning.tune(torch.device("cpu"), dtypes=[torch.float64], variants=["sgd"])
 
 
+@pytest.mark.skipif(not interpreting(), reason="the interpreter's problems")
+def test_tune_refuses_when_the_interpreter_cannot_run_the_kernels(monkeypatch):
+    """tune() (and the command line) runs kernels outside the backend's dispatch: an interpreter
+    that would lose stores or crash (triton 3.1 with numpy 2, see compat.py) is refused there too."""
+    from fusedopt.backends.triton import compat
+    monkeypatch.setattr(compat, "interpreter_problem", lambda: "the interpreter cannot")
+    with pytest.raises(backends.BackendUnavailableError, match="unavailable: the interpreter cannot"):
+        tuning.tune(torch.device("cpu"), dtypes=[FP32], variants=["sgd"])
+    assert _cached_entries() == {}
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_command_line_tunes_and_writes_json(device, tmp_path, capsys):
     out = tmp_path / "tuned.json"
@@ -279,6 +296,7 @@ class _StillTiming:
         return self._result
 
 
+@needs_interpreter
 def test_tables_built_while_timing_are_rebuilt_with_the_tuned_row(monkeypatch):
     """The first steps use the default row without waiting; the step after the timing is done
     rebuilds the tables with the chosen row (same numbers throughout, cache file written)."""
@@ -314,6 +332,7 @@ class _FinishesWhenAsked(_StillTiming):
         return was
 
 
+@needs_interpreter
 def test_a_timing_that_ends_while_tables_are_built_still_gets_them_rebuilt(monkeypatch):
     monkeypatch.setenv(tuning.ENV_TUNE, "1")
     cpu, chosen = torch.device("cpu"), LaunchConfig(64, 2, 4)

@@ -19,6 +19,7 @@ BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH_DIR))
 
 import common  # noqa: E402
+from torch_baselines import get_total_norm  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- byte model
@@ -607,9 +608,9 @@ def test_bench_clip_active_clip_clips_at_every_call():
     for name, fn in fns.items():
         for call in range(bench_clip.ActiveClip.RESET_EVERY + 3):
             threshold = fn.threshold if call % bench_clip.ActiveClip.RESET_EVERY else None
-            before = float(torch.nn.utils.get_total_norm(_grads_of(fn)))
+            before = float(get_total_norm(_grads_of(fn)))
             fn()
-            after = float(torch.nn.utils.get_total_norm(_grads_of(fn)))
+            after = float(get_total_norm(_grads_of(fn)))
             if threshold is not None:  # clipped down to the threshold of the call
                 assert before > threshold
                 assert after == pytest.approx(threshold, rel=1e-5)

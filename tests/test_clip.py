@@ -19,6 +19,7 @@ from fusedopt import _norm_ops, backends
 from fusedopt.clip import _norm
 
 from conftest import no_host_sync
+from torch_oracles import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
 from test_optim import assert_state_equal, clone_params, make_params, set_grads
 
 INF = float("inf")
@@ -101,8 +102,8 @@ def test_total_norm_matches_torch(case, norm_type, dtype, impl):
         shapes = [s for s in shapes if s != (0,)]
     tensors = [t.to(dev(impl)) for t in grads_for(shapes, dtype)]
     ours = fusedopt.get_total_norm(tensors, norm_type, backend=impl)
-    theirs = torch.nn.utils.get_total_norm(tensors, norm_type)
-    exact = torch.nn.utils.get_total_norm([t.double() for t in tensors], norm_type)
+    theirs = get_total_norm(tensors, norm_type)
+    exact = get_total_norm([t.double() for t in tensors], norm_type)
     assert ours.dtype == theirs.dtype and ours.shape == theirs.shape == ()
     # ours accumulates in fp32 and rounds once: a rounding of the dtype from the exact value
     torch.testing.assert_close(ours.double(), exact, rtol=rtol_of(dtype), atol=0)
@@ -116,8 +117,8 @@ def test_total_norm_other_orders_and_mixed_dtypes(impl, norm_type):
     tensors += grads_for([(33,)], torch.bfloat16, seed=2) + [torch.zeros(5)]
     tensors = [t.to(dev(impl)) for t in tensors]
     ours = fusedopt.get_total_norm(tensors, norm_type, backend=impl)
-    theirs = torch.nn.utils.get_total_norm(tensors, norm_type)
-    exact = torch.nn.utils.get_total_norm([t.double() for t in tensors], norm_type)
+    theirs = get_total_norm(tensors, norm_type)
+    exact = get_total_norm([t.double() for t in tensors], norm_type)
     assert ours.dtype == theirs.dtype == torch.float64
     torch.testing.assert_close(ours, exact, rtol=1e-6, atol=0)
     # torch rounds the bf16 tensor's own norm to bf16 before combining
@@ -126,7 +127,7 @@ def test_total_norm_other_orders_and_mixed_dtypes(impl, norm_type):
 
 @pytest.mark.parametrize("impl", norm_impls())
 def test_total_norm_empty_and_scalar_inputs(impl):
-    assert torch.equal(fusedopt.get_total_norm([], backend=impl), torch.nn.utils.get_total_norm([]))
+    assert torch.equal(fusedopt.get_total_norm([], backend=impl), get_total_norm([]))
     t = torch.tensor([3.0, 4.0], device=dev(impl))
     assert fusedopt.get_total_norm(t, backend=impl).item() == pytest.approx(5.0)
     assert fusedopt.get_total_norm([torch.empty(0, device=dev(impl))], backend=impl).item() == 0.0
@@ -139,7 +140,7 @@ def test_total_norm_fp16_squares_overflow_but_norm_does_not(impl):
     ours = fusedopt.get_total_norm([g], backend=impl)
     assert ours.dtype == torch.float16
     torch.testing.assert_close(ours.float().cpu(), torch.tensor(300.0 * math.sqrt(10)), rtol=1e-3, atol=0)
-    torch.testing.assert_close(ours, torch.nn.utils.get_total_norm([g]))
+    torch.testing.assert_close(ours, get_total_norm([g]))
 
 
 @pytest.mark.parametrize("impl", norm_impls())
@@ -207,7 +208,7 @@ def test_clip_grads_with_norm_matches_torch(impl):
     set_grads([params, theirs], 0)
     norm = fusedopt.get_total_norm([p.grad for p in params], backend=impl)
     fusedopt.clip_grads_with_norm_(params, 0.3, norm, backend=impl)
-    torch.nn.utils.clip_grads_with_norm_(theirs, 0.3, torch.nn.utils.get_total_norm([q.grad for q in theirs]))
+    clip_grads_with_norm_(theirs, 0.3, get_total_norm([q.grad for q in theirs]))
     for p, q in zip(params, theirs):
         torch.testing.assert_close(p.grad, q.grad)
 
@@ -256,7 +257,9 @@ def test_unknown_backend_is_refused_by_name(call):
 def test_unavailable_backend_is_refused_saying_why(call):
     """An explicit backend that cannot run is an error, as for the optimizers (it used to fall
     back to the reference silently)."""
-    with pytest.raises(backends.BackendUnavailableError, match="backend 'cuda' is unavailable: no CUDA"):
+    # the reason: no GPU, or (a CPU-only build) no CUDA kernels at all
+    with pytest.raises(backends.BackendUnavailableError,
+                       match=r"backend 'cuda' is unavailable: (no CUDA device|fusedopt\._C was built without CUDA)"):
         _clip_calls("cuda")[call]()
 
 
@@ -308,7 +311,7 @@ def test_norm_beyond_the_float32_range_is_inf_like_torch(dtype, norm_type):
     if norm_type == 2.0:
         n, value = 2 ** 20, 1e17  # squares 1e34 and runs of them fit float32, the sum 1e40 not
     grads = [torch.full((n,), value).to(dtype)]
-    want = torch.nn.utils.get_total_norm(grads, norm_type)
+    want = get_total_norm(grads, norm_type)
     got = fusedopt.get_total_norm(grads, norm_type, backend="cpu")
     if norm_type == 2.0:  # the sum of squares is past float32, the norm (1.0e20) is not
         exact = float(grads[0][0].double()) * 2 ** 10
@@ -368,7 +371,7 @@ def test_tensors_sharing_memory_are_scaled_one_after_the_other(threads):
             assert torch.equal(ours, theirs)
             ours, theirs = buf.clone(), buf.clone()
             fusedopt.clip_grads_with_norm_([_holder(t) for t in make(ours)], 1.0, torch.tensor(4.0))
-            torch.nn.utils.clip_grads_with_norm_([_holder(t) for t in make(theirs)], 1.0, torch.tensor(4.0))
+            clip_grads_with_norm_([_holder(t) for t in make(theirs)], 1.0, torch.tensor(4.0))
             assert torch.equal(ours, theirs)
         disjoint = buf.clone()
         parts = [disjoint[: 2 ** 19], disjoint[2 ** 19:]]  # one buffer, no overlap: one region
@@ -406,10 +409,10 @@ def test_sparse_gradients_are_normed_and_clipped_like_torch(impl, norm_type, mon
         model(idx).square().sum().backward()
     assert ours[0].weight.grad.is_sparse and not ours[0].weight.grad.is_coalesced()
     sparse_only = fusedopt.get_total_norm([ours[0].weight.grad], norm_type)
-    torch.testing.assert_close(sparse_only, torch.nn.utils.get_total_norm(
+    torch.testing.assert_close(sparse_only, get_total_norm(
         [theirs[0].weight.grad], norm_type), rtol=2e-6, atol=0)
     got = fusedopt.clip_grad_norm_(ours.parameters(), 0.5, norm_type)
-    want = torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.5, norm_type)
+    want = clip_grad_norm_(theirs.parameters(), 0.5, norm_type)
     torch.testing.assert_close(got, want, rtol=2e-6, atol=0)
     for p, q in zip(ours.parameters(), theirs.parameters()):
         assert p.grad.layout == q.grad.layout
@@ -518,6 +521,28 @@ def test_compiled_percentile_clipper_matches_eager():
 
 
 # ---- adaptive clipping --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_clipper_nanquantile_is_torchs_bit_for_bit(dtype):
+    """The clipper's percentile is written out (torch 2.5 cannot trace torch.nanquantile); it
+    must give torch.nanquantile's numbers: with NaNs, all-NaN, inf, one element, any q."""
+    from fusedopt.clip._adaptive import nanquantile
+
+    gen = torch.Generator().manual_seed(3)
+    cases = [torch.full((4,), float("nan")), torch.tensor([0.0, 0.0, 0.0, 1.0]),
+             torch.tensor([float("inf"), 1.0, float("nan")]), torch.tensor([2.5])]
+    for n in (2, 3, 4, 5, 7, 16, 100, 1000):
+        for _ in range(8):
+            x = torch.randn(n, generator=gen) * 100
+            x[torch.rand(n, generator=gen) < torch.rand((), generator=gen)] = float("nan")
+            cases.append(x)
+    for x in cases:
+        x = x.to(dtype)
+        for q in (0.0, 0.1, 0.25, 1 / 3, 0.5, 0.73, 0.9, 0.999, 1.0):
+            got, want = nanquantile(x, q), torch.nanquantile(x, q)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            assert torch.equal(got, want) or (got.isnan() and want.isnan()), (x, q, got, want)
+
 
 def test_percentile_clipper_matches_its_definition():
     clipper = fusedopt.PercentileClipper(percentile=50.0, history=4)
@@ -680,8 +705,8 @@ def test_max_grad_norm_per_group_and_large_threshold(backend):
     ref = torch.optim.SGD(_groups(theirs), lr=0.1, foreach=False)
     half = len(SHAPES) // 2
     set_grads([params, theirs], 0)
-    total = torch.nn.utils.get_total_norm([q.grad for q in theirs])
-    torch.nn.utils.clip_grads_with_norm_(theirs[:half], 0.5, total)
+    total = get_total_norm([q.grad for q in theirs])
+    clip_grads_with_norm_(theirs[:half], 0.5, total)
     ours.step()
     ref.step()
     assert_state_equal(ours, params, ref, theirs, rtol=2e-5, atol=1e-6)
@@ -716,8 +741,8 @@ def test_cpu_step_with_clipping_reads_the_grads_in_cpp(monkeypatch):
         if step == 2:  # a grad removed: the C++ read declines, the general path steps
             params[0].grad = theirs[0].grad = None
         grads = [q.grad for q in theirs if q.grad is not None]
-        total = torch.nn.utils.get_total_norm(grads)
-        torch.nn.utils.clip_grads_with_norm_([q for q in theirs[:half] if q.grad is not None],
+        total = get_total_norm(grads)
+        clip_grads_with_norm_([q for q in theirs[:half] if q.grad is not None],
                                              0.5, total)
         ours.step()
         ref.step()
@@ -944,8 +969,8 @@ def test_grad_scaler_with_max_grad_norm(dtype, backend):
 
     def clip_scaled(ps):  # the norm in fp32: an fp16 norm of scaled grads overflows
         ps = list(ps)
-        norm = torch.nn.utils.get_total_norm([p.grad.float() for p in ps])
-        torch.nn.utils.clip_grads_with_norm_(ps, 0.05 * scaler_b.get_scale(), norm)
+        norm = get_total_norm([p.grad.float() for p in ps])
+        clip_grads_with_norm_(ps, 0.05 * scaler_b.get_scale(), norm)
 
     _loop(model_b, opt_b, scaler_b, dtype, 6, inject_at=(2,), clip=clip_scaled)
     low = dtype != torch.float32
@@ -990,7 +1015,7 @@ def test_total_norm_prescale(impl, dtype):
             prescale = torch.tensor(s)
             ours = _norm.total_norm(tensors, norm_type, impl, prescale=prescale)
             exact = [t.double() * float(torch.tensor(s, dtype=torch.float32)) for t in tensors]
-            want = torch.nn.utils.get_total_norm(exact, norm_type) if norm_type else \
+            want = get_total_norm(exact, norm_type) if norm_type else \
                 torch.tensor(float(sum(bool(t.count_nonzero()) for t in exact)), dtype=torch.float64)
             assert ours.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
             torch.testing.assert_close(ours.double(), want, rtol=max(rtol_of(dtype), 1e-5), atol=0)
@@ -1042,7 +1067,7 @@ def test_empty_tensors_give_the_same_norm_on_every_backend(norm_type):
                for impl in ("cpu", "reference")}
         torch.testing.assert_close(got["cpu"], got["reference"], rtol=1e-6, atol=0)
         if len(tensors) > 1 and norm_type != 0.0:
-            want = torch.nn.utils.get_total_norm([tensors[1]], norm_type)
+            want = get_total_norm([tensors[1]], norm_type)
             torch.testing.assert_close(got["cpu"], want, rtol=1e-6, atol=0)
 
 
@@ -1061,7 +1086,7 @@ def test_sparse_sgd_clipped_under_any_grad_scale(backend, scale):
         opt.step()
         v = torch.nn.Parameter(torch.zeros(10, 4))
         v.grad = torch.sparse_coo_tensor([[1, 3]], true, (10, 4)).coalesce()
-        torch.nn.utils.clip_grad_norm_([v], max_norm)
+        clip_grad_norm_([v], max_norm)
         torch.optim.SGD([v], lr=1.0).step()
         torch.testing.assert_close(w, v, rtol=1e-6, atol=0)
 
@@ -1110,7 +1135,7 @@ def test_every_cpu_kernel_variant(cpu_isa):
         tensors[1][77] = float("nan") if dtype == torch.float32 else tensors[1][77]
         for norm_type in NORMS + [0.0, -INF]:
             ours = fusedopt.get_total_norm(tensors, norm_type, backend="cpu")
-            exact = torch.nn.utils.get_total_norm([t.double() for t in tensors], norm_type)
+            exact = get_total_norm([t.double() for t in tensors], norm_type)
             torch.testing.assert_close(ours.double(), exact, rtol=rtol_of(dtype), atol=0,
                                        equal_nan=True)
         grads = [t.clone() for t in tensors]
@@ -1270,7 +1295,7 @@ def test_direct_clipping_ops_match_the_dispatcher_and_decline_what_they_cannot_t
     # and the public functions give torch's numbers through it, or through the fallback
     for ts in (tensors, sub + tensors[1:]):
         torch.testing.assert_close(fusedopt.get_total_norm(ts).double(),
-                                   torch.nn.utils.get_total_norm([t.double() for t in ts]),
+                                   get_total_norm([t.double() for t in ts]),
                                    rtol=1e-6, atol=0)
 
 

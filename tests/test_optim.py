@@ -21,9 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fusedopt
-from fusedopt import backends
+from fusedopt import _compiling, backends
 
-from conftest import backend_params
+from conftest import backend_params, needs_traceable_step
+from torch_oracles import ADAM_HAS_DECOUPLED_WEIGHT_DECAY, TORCH_VERSION, clip_grad_norm_
 
 STEPS = 20
 SHAPES = [(5, 3), (17,), (4097,), (0,), (2, 3, 4), ()]
@@ -161,11 +162,31 @@ def test_low_precision_matches_reference(name, flags, dtype, backend):
     assert_state_equal(ours, params, ref, ref_params)
 
 
+def _torch_fused_sgd_nesterov_error(dtype) -> float:
+    """How far one step of torch's fused CPU SGD (momentum 0.9, Nesterov) on ``dtype`` params
+    lands from torch's for-loop SGD on the same values in fp32 (a correct kernel: within a
+    rounding of ``dtype``, < 0.008 here)."""
+    gen = torch.Generator().manual_seed(0)
+    start, grad = torch.randn(40, generator=gen), torch.randn(40, generator=gen)
+    low = start.to(dtype).requires_grad_()
+    exact = start.to(dtype).float().requires_grad_()
+    low.grad, exact.grad = grad.to(dtype), grad.to(dtype).float()
+    torch.optim.SGD([low], lr=1e-2, momentum=0.9, nesterov=True, fused=True).step()
+    torch.optim.SGD([exact], lr=1e-2, momentum=0.9, nesterov=True, foreach=False).step()
+    return float((low.detach().float() - exact.detach()).abs().max())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("name,flags", [("AdamW", {"amsgrad": True}), ("Adam", {"weight_decay": 0.1}),
                                         ("SGD", {"momentum": 0.9, "nesterov": True})], ids=str)
 def test_reference_low_precision_matches_torch_fused(name, flags, dtype):
     """Sanity of the oracle itself: torch's fused CPU kernels also do fp32 math on bf16/fp16."""
+    if name == "SGD":
+        error = _torch_fused_sgd_nesterov_error(dtype)
+        if error > 0.02:
+            pytest.skip(f"torch {torch.__version__}'s fused CPU SGD (Nesterov, {dtype}) is wrong: one "
+                        f"step is {error:.3f} off torch's own SGD in fp32 (torch 2.5-2.10 measured; "
+                        "right in 2.14)")
     ours, params = _run_ours(name, flags, "reference", dtype)
     theirs = make_params(SHAPES, dtype)
     ref = PAIRS[name][1](theirs, lr=1e-2, fused=True, **flags)
@@ -512,7 +533,10 @@ def test_state_dict_has_torch_keys():
     ours.step()
     sd = ours.state_dict()
     assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
-    assert set(theirs.state_dict()["param_groups"][0]) == set(sd["param_groups"][0])
+    # torch >= 2.7 has "decoupled_weight_decay" in AdamW's groups; ours has it on every torch
+    # (an older torch.optim.AdamW loading our state_dict keeps the key and never reads it)
+    newer_keys = set() if ADAM_HAS_DECOUPLED_WEIGHT_DECAY else {"decoupled_weight_decay"}
+    assert set(theirs.state_dict()["param_groups"][0]) | newer_keys == set(sd["param_groups"][0])
     assert "backend" in ours.param_groups[0] and "max_grad_norm" in ours.param_groups[0]
     assert sd["state"][0]["step"].dtype == torch.float32 and sd["state"][0]["step"].dim() == 0
 
@@ -609,7 +633,7 @@ def test_env_var_overrides_backend(monkeypatch):
 def _bucket(opt, params):
     params[0].grad = torch.ones_like(params[0])
     grads = [p.grad for p in opt.param_groups[0]["params"]]
-    return opt._group_cache(opt.param_groups[0], grads).buckets[0]
+    return opt._group_cache(0, opt.param_groups[0], grads).buckets[0]
 
 
 def test_explicit_unavailable_backend_raises_with_reason():
@@ -632,11 +656,17 @@ def test_explicit_unavailable_backend_raises_with_reason():
 ], ids=str)
 def test_invalid_hyperparameters_raise_like_torch(name, kwargs):
     ours_cls, torch_cls = PAIRS[name]
-    with pytest.raises(ValueError) as theirs:
-        torch_cls(make_params([(2,)]), **kwargs)
     with pytest.raises(ValueError) as ours:
         ours_cls(make_params([(2,)]), **kwargs)
-    assert str(ours.value) == str(theirs.value)
+    try:
+        torch_cls(make_params([(2,)]), **kwargs)
+    except ValueError as theirs:
+        assert str(ours.value) == str(theirs)
+    else:
+        # torch 2.5 accepted a float beta beside a Tensor one (later releases refuse it); ours
+        # refuses it on every torch, with the later releases' message.
+        assert TORCH_VERSION < (2, 6) and name == "Adam" and isinstance(kwargs["betas"][0], torch.Tensor)
+        assert str(ours.value) == "betas must be either both floats or both Tensors"
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -707,6 +737,7 @@ def test_nesterov_group_whose_momentum_is_set_later_steps_like_torch():
         assert_state_equal(ours, ours_params, ref, ref_params)
 
 
+@needs_traceable_step
 def test_compiled_step_checks_changed_hyperparameters_while_tracing():
     """The values are guarded constants of the compiled step: a changed one retraces, and the
     check runs in the trace (nothing of it in the graph)."""
@@ -850,7 +881,7 @@ def test_sgd_sparse_grads_with_clipping_and_grad_scaler_like_torch(backend):
                                   max_grad_norm=0.5)
     opt_theirs = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9)
     _train_sparse_pair(ours, opt_ours, theirs, opt_theirs, before_step=lambda step:
-                       torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.5))
+                       clip_grad_norm_(theirs.parameters(), 0.5))
     for p, q in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
@@ -1168,6 +1199,7 @@ def check_graphed_step(name, flags, backend):
         assert int(graphed_opt.skipped_steps) == 1
 
 
+@needs_traceable_step
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("tensor_lr", [False, True], ids=["float_lr", "tensor_lr"])
 @pytest.mark.parametrize("name,flags", COMPILE_CASES, ids=lambda v: v if isinstance(v, str) else str(v))
@@ -1189,6 +1221,29 @@ def test_compiled_step_is_one_graph_and_matches_eager(name, flags, tensor_lr, ba
         assert int(compiled_opt.skipped_steps) == 1
 
 
+@pytest.mark.skipif(_compiling.STEP_TRACEABLE, reason="this torch traces the step into the graph")
+@pytest.mark.parametrize("backend", backend_params())
+def test_compiled_step_runs_eagerly_where_torch_cannot_trace_it(backend):
+    """torch < 2.10: a compiled region that calls step() breaks its graph there and runs the step
+    eagerly, with eager's numbers bit for bit; fullgraph=True refuses, naming the eager step."""
+    from torch._dynamo.utils import counters
+
+    for name, flags in COMPILE_CASES:
+        compiled_opt, params, eager_opt, eager_params = run_compiled_and_eager(
+            name, flags, backend, tensor_lr=False, fullgraph=False)
+        assert_state_equal(compiled_opt, params, eager_opt, eager_params, rtol=0, atol=0)
+        assert_step_stats_equal(compiled_opt, eager_opt)
+        assert sum(counters["graph_break"].values()) >= 1, (name, dict(counters["graph_break"]))
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    opt = fusedopt.optim.AdamW([p], lr=0.1, backend=backend)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="_step_outside_the_graph"):
+        torch.compile(lambda: opt.step(), fullgraph=True, backend="aot_eager")()
+    assert torch.equal(p.detach(), torch.ones(3))
+
+
+@needs_traceable_step
 def test_compiled_first_step_loads_its_backend_inside_the_trace():
     """In a fresh process no backend is imported before the first, compiled, step: the traced
     step imports the one it picks (import statements, which dynamo follows) with no graph break.
@@ -1211,6 +1266,7 @@ def test_compiled_first_step_loads_its_backend_inside_the_trace():
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
+@needs_traceable_step
 @pytest.mark.parametrize("backend", backend_params())
 def test_compiled_step_with_inductor(backend):
     """The default compiler, Inductor (which fuses the reference backend's torch ops)."""

@@ -11,7 +11,8 @@ At call :math:`t`, with :math:`n_t = \|g_t\|_p` the global norm of the gradients
 (Seetharaman et al., "AutoClip: Adaptive Gradient Clipping for Source Separation Networks",
 2020). The history is a ring buffer tensor on the gradients' device, written with ``scatter_``
 at position ``count mod history``; unfilled slots and non-finite norms hold NaN, which the
-percentile (``torch.nanquantile``) ignores. Everything stays on the device: no host sync.
+percentile (``torch.nanquantile``'s numbers, see :func:`nanquantile`) ignores. Everything stays on
+the device: no host sync.
 """
 from __future__ import annotations
 
@@ -24,6 +25,39 @@ from .. import backends
 from ._norm import Summary, TensorOrTensors, check_backend, total_norm
 
 Tensor = torch.Tensor
+
+
+def _probe_rank_dtype() -> Optional[torch.dtype]:
+    """float64 if the installed torch's quantile ranks float32 data in float64, else None (in the
+    data's dtype). Probe: the 0.9-quantile of [0, 0, 0, 1] is the rank's fraction, 0.9f * 3 - 2,
+    which is 0.6999998f in float32 and 0.69999993f from float64."""
+    got = torch.nanquantile(torch.tensor([0.0, 0.0, 0.0, 1.0]), 0.9)
+    in_float64 = float(torch.tensor(0.9, dtype=torch.float32).double() * 3 - 2)
+    return torch.float64 if float(got) == float(torch.tensor(in_float64, dtype=torch.float32)) else None
+
+
+_RANK_DTYPE: Optional[torch.dtype] = _probe_rank_dtype()
+
+
+def nanquantile(x: Tensor, q: float) -> Tensor:
+    """``torch.nanquantile(x, q)`` (linear interpolation) of a 1-d ``x``, bit for bit, written with
+    ops that ``torch.compile`` traces on every supported torch: torch 2.5's fake-tensor
+    ``nanquantile`` checks its input with a data-dependent ``aten.equal`` and cannot be traced.
+
+    Same steps as torch's: sort (NaNs last); ``q`` rounded to ``x``'s dtype, then the rank
+    ``q * (finite count - 1)``, clamped at 0; the values at its floor and ceiling; ``lerp`` by
+    the rank's fraction rounded to ``x``'s dtype. All-NaN gives NaN (the rank is 0 and the first
+    sorted value is NaN). torch 2.5 takes the rank in ``x``'s dtype, later releases in float64
+    (a float32 rank differs in the last bit): :data:`_RANK_DTYPE` is what the installed torch does.
+    """
+    ordered = torch.sort(x).values
+    count = ordered.isnan().logical_not().sum()
+    q_in_x = torch.full((), q, dtype=x.dtype, device=x.device)
+    rank = (q_in_x.to(_RANK_DTYPE or x.dtype) * (count - 1)).clamp_min(0)
+    below = rank.long()
+    above = rank.ceil().long()
+    low, high = ordered.gather(0, below.view(1)), ordered.gather(0, above.view(1))
+    return low.lerp(high, (rank - below).to(x.dtype).view(1)).view(())
 
 
 class PercentileClipper:
@@ -64,7 +98,7 @@ class PercentileClipper:
         value = torch.where(torch.isfinite(norm), norm, torch.full_like(norm, float("nan")))
         self.history_norms.scatter_(0, slot, value.view(1))
         self.count += 1
-        self.threshold = torch.nanquantile(self.history_norms, self.percentile / 100.0)
+        self.threshold = nanquantile(self.history_norms, self.percentile / 100.0)
         return self.threshold
 
     def __call__(self, parameters: TensorOrTensors) -> Tensor:

@@ -24,7 +24,7 @@ import torch
 from torch.optim.optimizer import Optimizer
 
 from .. import _dtensor, backends
-from .._compiling import is_compiling
+from .._compiling import STEP_TRACEABLE, is_compiling
 from .._lists import any_none as _any_none
 from .._lists import any_sparse as _any_sparse
 from .._lists import grads_of as _grads_of
@@ -157,6 +157,22 @@ def check_group_options(group: Dict[str, Any]) -> None:
                          "autograd-aware); use torch.optim for differentiable optimisation")
 
 
+def _step_outside_the_graph(optimizer: "FusedOptimizer", closure=None):
+    """``optimizer.step()`` on a torch whose dynamo cannot trace it
+    (``fusedopt._compiling.STEP_TRACEABLE``: torch < 2.10), wrapped in ``torch.compiler.disable``
+    below: a compiled region breaks its graph around the step and runs it as eager code, with
+    the eager numbers (``fullgraph=True`` refuses the break, naming this function), and dynamo
+    does not try the step's own frames one by one. Every step goes through it there (a frame
+    that broke its graph is rerun eagerly, where ``is_compiling()`` is False: a step choosing by
+    that would then run unwrapped). On torch >= 2.10 the step is traced into the graph."""
+    with torch.no_grad():
+        return optimizer._step(closure)
+
+
+if not STEP_TRACEABLE:
+    _step_outside_the_graph = torch.compiler.disable(_step_outside_the_graph)
+
+
 class FusedOptimizer(Optimizer):
     """Base class: subclasses define the state of a parameter and the backend call."""
 
@@ -184,6 +200,10 @@ class FusedOptimizer(Optimizer):
                 "autograd-aware); use torch.optim for differentiable optimisation")
         if defaults.get("fused") and defaults.get("foreach"):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        # param_groups index -> its work cache. Keyed by position, not id(group): torch.compile
+        # of torch 2.5 cannot trace id() of a dict. A cache is used only while current() (the
+        # group's very params list, the state version, the options that shape the state), so a
+        # group dict replaced at the same position cannot be stepped with another's cache.
         self._group_caches: Dict[int, GroupCache] = {}
         self._checked_values: Dict[int, tuple] = {}  # id(group) -> values last validated by a step
         super().__init__(params, defaults)  # (it sets self.state: see the property)
@@ -317,6 +337,11 @@ class FusedOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
+        if not STEP_TRACEABLE:  # (always: a compiled caller that breaks its graph here reruns
+            return _step_outside_the_graph(self, closure)  # step() eagerly, with the same frames)
+        return self._step(closure)
+
+    def _step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -336,11 +361,11 @@ class FusedOptimizer(Optimizer):
             if clipping else None
         work = []
         sparse_work = []  # (group, [(param, sparse grad)]): stepped apart, by torch ops
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             if not clipping or scaling is not None:
                 scale, inf = (grad_scale, found_inf) if scaling is None else \
                     (scaling.grad_scale_for(group.get("max_grad_norm")), scaling.found_inf)
-                if self._step_reading_grads(group, scale, inf):
+                if self._step_reading_grads(index, group, scale, inf):
                     continue
             grads = _grads_of(group["params"])
             sparse = self._sparse_grad_positions(grads)
@@ -348,7 +373,7 @@ class FusedOptimizer(Optimizer):
                 sparse_work.append((group, [(group["params"][i], grads[i]) for i in sparse]))
                 for i in sparse:  # (the kernels see these params as having no grad)
                     grads[i] = None
-            cache = self._group_cache(group, grads)
+            cache = self._group_cache(index, group, grads)
             for bucket in cache.buckets:
                 backend = self._select_backend(group, bucket)
                 work.append((group, bucket, self._bucket_grads(bucket, grads, backend), backend))
@@ -369,7 +394,7 @@ class FusedOptimizer(Optimizer):
                               scaling.found_inf)
         return loss
 
-    def _step_reading_grads(self, group: Dict[str, Any], grad_scale: Optional[Tensor],
+    def _step_reading_grads(self, index: int, group: Dict[str, Any], grad_scale: Optional[Tensor],
                             found_inf: Optional[Tensor]) -> bool:
         """Fast path: step ``group`` with a backend that reads each param's ``.grad`` itself, when
         the group's cache was built with every param having a grad and holds one bucket of real
@@ -377,18 +402,18 @@ class FusedOptimizer(Optimizer):
         :meth:`_fold_clipping_reading_grads`). The backend declines
         (nothing changed) when a grad is now missing or unusual; the caller then takes the
         general path, which sees the new situation and rebuilds the cache."""
-        bucket = self._fast_path_bucket(group)
+        bucket = self._fast_path_bucket(index, group)
         if bucket is None:
             return False
         backend = self._select_backend(group, bucket)
         # (skipped steps are counted once per step, by step() itself)
         return self._apply_reading_grads(group, bucket, grad_scale, found_inf, backend)
 
-    def _fast_path_bucket(self, group: Dict[str, Any]) -> Optional[GroupBucket]:
-        """The one bucket of ``group``'s cache when the fast path may read the grads in C++:
-        the cache is current and was built with every param having a grad, all of them real
-        plain tensors and in one bucket. None otherwise."""
-        cache = self._group_caches.get(id(group))
+    def _fast_path_bucket(self, index: int, group: Dict[str, Any]) -> Optional[GroupBucket]:
+        """The one bucket of the cache of ``group`` (``param_groups[index]``) when the fast path
+        may read the grads in C++: the cache is current and was built with every param having a
+        grad, all of them real plain tensors and in one bucket. None otherwise."""
+        cache = self._group_caches.get(index)
         if (cache is None or cache.present is not None or len(cache.buckets) != 1
                 or not cache.current(group["params"], self._state_version(),
                                      self._cache_flags(group))):
@@ -405,8 +430,8 @@ class FusedOptimizer(Optimizer):
         grads (one C++ call, no grads list in Python), when every group can take the fast path
         with one backend that can do that. None (nothing done) otherwise."""
         buckets = []
-        for group in self.param_groups:
-            bucket = self._fast_path_bucket(group)
+        for index, group in enumerate(self.param_groups):
+            bucket = self._fast_path_bucket(index, group)
             if bucket is None:
                 return None
             buckets.append((group, bucket))
@@ -484,16 +509,18 @@ class FusedOptimizer(Optimizer):
             out = [torch.view_as_real(g) if c else g for g, c in zip(out, bucket.complex_mask)]
         return out
 
-    def _group_cache(self, group: Dict[str, Any], grads: List[Optional[Tensor]]) -> GroupCache:
+    def _group_cache(self, index: int, group: Dict[str, Any],
+                     grads: List[Optional[Tensor]]) -> GroupCache:
+        """The work cache of ``group`` (``param_groups[index]``), rebuilt when not current."""
         params = group["params"]
         present = tuple(g is not None for g in grads) if _any_none(grads) else None
-        cache = self._group_caches.get(id(group))
+        cache = self._group_caches.get(index)
         if (cache is not None and cache.present == present and len(params) == len(grads)
                 and cache.current(params, self._state_version(), self._cache_flags(group))
                 and _buckets_current(cache)):
             return cache
         cache = self._build_cache(group, grads, present)
-        self._group_caches[id(group)] = cache
+        self._group_caches[index] = cache
         return cache
 
     def _rebase_caches(self, before: int) -> None:
@@ -512,13 +539,20 @@ class FusedOptimizer(Optimizer):
         self._rebase_caches(before)
         return cache
 
+    def _param_state(self, p: Tensor):
+        """``self.state[p]``, created empty if missing, without the defaultdict's ``__missing__``:
+        the dynamo of torch 2.7 does not call a dict subclass's ``__missing__`` when tracing."""
+        if p not in self.state:
+            self.state[p] = {}
+        return self.state[p]
+
     def _collect_buckets(self, group, grads, present) -> GroupCache:
         buckets: Dict[tuple, GroupBucket] = {}
         for index, (p, g) in enumerate(zip(group["params"], grads)):
             if g is None:
                 continue
             self._check_param(p, g)
-            state = self.state[p]
+            state = self._param_state(p)
             if len(state) == 0:
                 self._init_state(group, p, state)
             self._prepare_state(group, p, state)

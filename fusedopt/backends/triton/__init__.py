@@ -10,7 +10,8 @@ Layout of this package:
 * :mod:`.tuning` -- times the candidates on the device and keeps the fastest (autotuning), with
   its file cache in :mod:`.tuning_cache` and its command line in ``__main__``;
 * :mod:`.launch` -- the launchers (imported at the first step: it defines the kernels);
-* :mod:`.compile_ops` -- custom ops so ``torch.compile`` keeps the step in its graph.
+* :mod:`.compile_ops` -- custom ops so ``torch.compile`` keeps the step in its graph;
+* :mod:`.compat` -- triton / numpy versions, and what an old triton's interpreter cannot do.
 
 Runs on CUDA tensors, and on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``),
 which is how CI tests it. See ``docs/triton.md``.
@@ -23,6 +24,7 @@ from typing import Optional
 import torch
 
 from ..._compiling import is_compiling
+from . import compat
 from .tables import SUPPORTED_DTYPES
 from .tuning import tune
 
@@ -44,6 +46,10 @@ class TritonBackend:
     def unavailable_reason(self) -> Optional[str]:
         if _triton_error is not None:
             return _triton_error
+        if interpreting():  # an old triton's interpreter with a numpy it cannot use (.compat)
+            problem = compat.interpreter_problem()
+            if problem is not None:
+                return problem
         if not (torch.cuda.is_available() or interpreting()):
             return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)"
         return None

@@ -21,8 +21,12 @@ Used by :func:`fusedopt.get_total_norm` / :func:`fusedopt.clip_grad_norm_` and t
 ``max_grad_norm`` for CUDA tensors when the ``cuda`` extension has no norm kernel, and on CPU
 tensors under ``TRITON_INTERPRET=1`` (tests).
 """
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here, nor in any module that defines a ``@triton.jit``
+# function: it turns ``BLOCK: tl.constexpr`` into the string "tl.constexpr", which triton 3.1's
+# interpreter does not take for a constexpr (it compares the annotation with "constexpr"), so it
+# passes BLOCK as a tensor and ``tl.arange(0, BLOCK)`` fails. Compiled kernels (every version) and
+# newer interpreters accept both forms; the annotation object works everywhere.
+# tests/test_backends_triton.py::test_kernel_annotations_are_objects checks it.
 from collections import Counter
 from typing import Optional, Sequence
 

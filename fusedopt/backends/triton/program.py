@@ -7,6 +7,12 @@ addresses are read from int64 tables and cast to typed pointers here.
 import triton
 import triton.language as tl
 
+# ``tl.pointer_type(tl.constexpr(DTYPE).value)`` below, not ``tl.pointer_type(DTYPE)``: in compiled
+# code a constexpr parameter arrives wrapped in ``tl.constexpr``, and triton 3.1's pointer_type()
+# refuses the wrapper ("element_ty is a constexpr"; triton 3.2 and later unwrap it themselves),
+# while the interpreter passes the plain dtype. ``tl.constexpr(x).value`` is the dtype in both
+# cases (the constructor unwraps a constexpr), so the pointer type, and the code, are the same.
+
 
 @triton.jit
 def chunk_of(chunk_tensor, chunk_start, numels, BLOCK: tl.constexpr):
@@ -29,7 +35,7 @@ def tensor_at(address_table, tensor, DTYPE: tl.constexpr, VECTOR: tl.constexpr):
     VECTOR: the launcher checked that the address is a multiple of 16 bytes; telling the
     compiler lets it emit 128-bit vector loads and stores.
     """
-    pointer = tl.load(address_table + tensor).to(tl.pointer_type(DTYPE))
+    pointer = tl.load(address_table + tensor).to(tl.pointer_type(tl.constexpr(DTYPE).value))
     if VECTOR:
         pointer = tl.multiple_of(pointer, 16)
     return pointer
@@ -91,7 +97,7 @@ def advance_step(step_ptrs, chunk_counts, arrivals, tensor, STEP_DTYPE: tl.const
     launch. Writing from a fixed program instead (say chunk 0) would race with the sibling
     programs that have not read the old value yet.
     """
-    step_ptr = tl.load(step_ptrs + tensor).to(tl.pointer_type(STEP_DTYPE))
+    step_ptr = tl.load(step_ptrs + tensor).to(tl.pointer_type(tl.constexpr(STEP_DTYPE).value))
     step = tl.atomic_add(step_ptr, 0.0, sem="acq_rel").to(tl.float32) + 1.0
     count = tl.load(chunk_counts + tensor)
     if count == 1:

@@ -211,15 +211,19 @@ def tune(device: Optional[torch.device] = None, dtypes: Iterable[torch.dtype] = 
         variants = [variants]
     if isinstance(dtypes, torch.dtype):
         dtypes = [dtypes]
-    results = []
+    variants, dtypes = list(variants), list(dtypes)
     for variant in variants:
         if variant not in _LISTS:
             raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
-        for dtype in dtypes:
-            if dtype not in launch_config.CANDIDATES:
-                raise ValueError(f"dtype {dtype} is not supported by the triton backend")
-            results.append(lookup_or_tune(variant, dtype, device, force=force))
-    return results
+    for dtype in dtypes:
+        if dtype not in launch_config.CANDIDATES:
+            raise ValueError(f"dtype {dtype} is not supported by the triton backend")
+    from . import BACKEND  # the kernels must be able to run (e.g. not an interpreter that cannot)
+    reason = BACKEND.unavailable_reason()
+    if reason is not None:
+        from .. import BackendUnavailableError
+        raise BackendUnavailableError(f"backend 'triton' is unavailable: {reason}")
+    return [lookup_or_tune(variant, dtype, device, force=force) for variant in variants for dtype in dtypes]
 
 
 def _variant(kind: str, n_lists: int, dtype: torch.dtype, device: torch.device) -> Optional[str]:
