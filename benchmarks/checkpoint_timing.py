@@ -5,7 +5,8 @@
 Each format is measured twice, alternated (full, sharded, full, sharded): a Trainer takes 2
 steps (so the optimizer has state), then ``Trainer.save()`` is timed ``--repeats`` times and
 ``Trainer.load()`` of the newest checkpoint twice; the minimum of each is printed. Checkpoints go
-to a temporary directory that is removed at the end. CPU only (gloo), one thread per rank.
+to a temporary directory that is removed at the end. CPU only (gloo), one thread per rank; FSDP2
+on CPU needs torch >= 2.9 (fusedopt.train.sharding.FSDP2_CPU_MIN_TORCH; older torch is refused).
 """
 from __future__ import annotations
 

@@ -21,8 +21,24 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fusedopt.lr_scheduler as fls
+from torch_oracles import TORCH_VERSION
 
 REL_TOL = 1e-12
+
+# torch releases that fixed scheduler behaviour which fusedopt has on every torch (the fixed one).
+# Where the installed torch is older, the tests compare with torch's scheduler with that fix applied
+# to it (below) and check the documented behaviour explicitly.
+#: torch 2.8: a scheduler created with ``last_epoch=k >= 0`` (a resume) no longer applies the
+#: chainable update once more to the lr the optimizer holds (pytorch/pytorch#149312, issue #102261;
+#: ExponentialLR, CosineAnnealingLR, LinearLR, PolynomialLR, MultiplicativeLR), and
+#: CosineAnnealingWarmRestarts takes ``T_cur % T_i`` there instead of subtracting ``T_i`` once
+#: (pytorch/pytorch#151289, issue #88791).
+TORCH_RESUME_FIXED = TORCH_VERSION >= (2, 8)
+#: torch 2.10: a tensor lr is no longer aliased with ``initial_lr`` / ``base_lrs``: before it,
+#: SequentialLR replaced each group's lr tensor by its ``initial_lr`` tensor, which the schedulers'
+#: ``base_lrs`` are, so the first scheduler's in-place writes moved the base of the later ones
+#: (pytorch/pytorch#163120, issue #163103).
+TORCH_TENSOR_LR_ALIASING_FIXED = TORCH_VERSION >= (2, 10)
 SETTINGS = settings(max_examples=12, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -79,11 +95,15 @@ def run(scheduler, optimizer, steps, metrics=None):
     return trace
 
 
-def compare_runs(build, steps, lrs=(0.1, 0.03, 0.5), kind="sgd", metrics=None, tensor_lr=False):
-    """Run ``build(module, optimizer)`` with torch's module and ours; the traces must match."""
+def compare_runs(build, steps, lrs=(0.1, 0.03, 0.5), kind="sgd", metrics=None, tensor_lr=False,
+                 torch_tensor_lr=None):
+    """Run ``build(module, optimizer)`` with torch's module and ours; the traces must match.
+
+    ``torch_tensor_lr`` (default: ``tensor_lr``) gives torch's run float or tensor lrs."""
     traces = []
     for module in (tls, fls):
-        optimizer = make_optimizer(lrs, kind, tensor_lr)
+        tensor = tensor_lr if module is fls or torch_tensor_lr is None else torch_tensor_lr
+        optimizer = make_optimizer(lrs, kind, tensor)
         scheduler = build(module, optimizer)
         traces.append(run(scheduler, optimizer, steps, metrics))
     for step, (theirs, ours) in enumerate(zip(*traces)):
@@ -320,7 +340,11 @@ def test_state_dict_has_exactly_torchs_keys(name, data):
 @SETTINGS
 @given(data=st.data())
 def test_resume_with_last_epoch_matches_torch(name, data):
-    """Creating a scheduler with last_epoch=k on an optimizer that has initial_lr (a resume)."""
+    """Creating a scheduler with last_epoch=k on an optimizer that has initial_lr (a resume).
+
+    On torch < 2.8 the oracle is torch's scheduler with torch 2.8's resume fixes applied to it
+    (``_as_fixed_in_torch_2_8``); ``test_resume_with_last_epoch_keeps_the_loaded_lr`` checks the
+    values themselves."""
     build = data.draw(SHARED[name], label="scheduler")
     steps = horizon(name, build)
     k = data.draw(st.integers(0, max(0, steps - 2)), label="last_epoch")
@@ -330,10 +354,82 @@ def test_resume_with_last_epoch_matches_torch(name, data):
         build(module, optimizer)  # stores initial_lr (and max_lr, momentum bounds) in the groups
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * 0.5  # as if loaded from a checkpoint
+        loaded = [group["lr"] for group in optimizer.param_groups]
         scheduler = _rebuild_with_last_epoch(build, module, optimizer, k)
+        if module is tls and not TORCH_RESUME_FIXED:
+            _as_fixed_in_torch_2_8(scheduler, optimizer, loaded, k)
         traces.append(run(scheduler, optimizer, max(0, steps - k - 1)))
     for step, (theirs, ours) in enumerate(zip(*traces)):
         assert_close(ours, theirs, f"step {step} after last_epoch={k}")
+
+
+#: The schedulers whose constructor step, on a resume, leaves the loaded lr as it is since torch 2.8.
+_KEEP_LOADED_LR_ON_RESUME = ("ExponentialLR", "CosineAnnealingLR", "LinearLR", "PolynomialLR",
+                             "MultiplicativeLR")
+
+
+def _as_fixed_in_torch_2_8(scheduler, optimizer, loaded_lrs, last_epoch):
+    """Give a torch < 2.8 scheduler just created with ``last_epoch`` the state torch 2.8's would have.
+
+    The two constructors differ only in the initial step (``last_epoch`` -> ``last_epoch + 1``):
+    torch < 2.8 applied the chainable update of that epoch to the loaded lr (pytorch#102261), and
+    CosineAnnealingWarmRestarts subtracted ``T_i`` once from ``T_cur = last_epoch + 1`` where torch
+    2.8 takes the remainder (pytorch#88791). Every later step runs torch's own code."""
+    name = type(scheduler).__name__
+    if name in _KEEP_LOADED_LR_ON_RESUME:
+        for group, lr in zip(optimizer.param_groups, loaded_lrs):
+            group["lr"] = lr
+    elif name == "CosineAnnealingWarmRestarts":
+        scheduler.T_cur = (last_epoch + 1) % scheduler.T_0  # T_i was T_0 when the initial step wrapped
+        with tls._enable_get_lr_call(scheduler):
+            for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
+                group["lr"] = lr
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+RESUME_CASES = {
+    "ExponentialLR": lambda m, o: m.ExponentialLR(o, gamma=0.9),
+    "CosineAnnealingLR": lambda m, o: m.CosineAnnealingLR(o, T_max=20, eta_min=1e-3),
+    "LinearLR": lambda m, o: m.LinearLR(o, start_factor=0.2, total_iters=10),
+    "PolynomialLR": lambda m, o: m.PolynomialLR(o, total_iters=10, power=2.0),
+    "MultiplicativeLR": lambda m, o: m.MultiplicativeLR(o, lr_lambda=lambda e: 0.8),
+    "CosineAnnealingWarmRestarts": lambda m, o: m.CosineAnnealingWarmRestarts(o, T_0=3, eta_min=1e-3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RESUME_CASES))
+def test_resume_with_last_epoch_keeps_the_loaded_lr(name):
+    """Our documented resume (torch >= 2.8's) on every torch: created with ``last_epoch=7``, a
+    chainable schedule moves to epoch 8 and keeps the lr the optimizer holds; warm restarts
+    (``T_0=3``, ``T_mult=1``) are where an uninterrupted run is at epoch 8, ``T_cur = 8 % 3``.
+    torch < 2.8 applies the update of epoch 8 to the loaded lr, and puts ``T_cur`` at ``8 - 3``,
+    past the end of the period: checked below where that torch is installed."""
+    build, k = RESUME_CASES[name], 7
+    results = {}
+    for module in (tls, fls):
+        optimizer = make_optimizer()
+        build(module, optimizer)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * 0.5  # as if loaded from a checkpoint
+        loaded = [group["lr"] for group in optimizer.param_groups]
+        scheduler = _rebuild_with_last_epoch(build, module, optimizer, k)
+        results[module] = (loaded, snapshot(optimizer)[0::2], scheduler)  # lrs (momentum every 2nd)
+    loaded, lrs, scheduler = results[fls]
+    assert scheduler.last_epoch == k + 1
+    if name == "CosineAnnealingWarmRestarts":
+        straight_opt = make_optimizer()
+        straight = build(fls, straight_opt)
+        for _ in range(k + 1):
+            straight.step()
+        assert scheduler.T_cur == straight.T_cur == (k + 1) % 3 and scheduler.T_i == 3
+        assert lrs == snapshot(straight_opt)[0::2]
+    else:
+        assert lrs == loaded
+    _, torch_lrs, _ = results[tls]
+    if TORCH_RESUME_FIXED:
+        assert_close(lrs, torch_lrs, "after the constructor")
+    else:  # the difference the version condition is about
+        assert all(not math.isclose(a, b, rel_tol=1e-6) for a, b in zip(lrs, torch_lrs)), (lrs, torch_lrs)
 
 
 def _rebuild_with_last_epoch(build, module, optimizer, last_epoch):
@@ -415,6 +511,19 @@ def test_warm_restarts_fractional_epochs_match_torch():
             for scheduler, _ in pair:
                 scheduler.step(epoch + i / iters)
             assert_close(snapshot(pair[1][1]), snapshot(pair[0][1]), f"epoch {epoch} + {i}/{iters}")
+
+
+def test_sequential_lr_with_a_milestone_at_zero_starts_with_the_scheduler_that_owns_epoch_0():
+    """Milestone 0: the second scheduler owns epoch 0 and takes the initial step (torch >= 2.13;
+    older torch let the first scheduler set epoch 0's lr and the second continue from it)."""
+    def build(m, o):
+        return m.SequentialLR(o, [m.ConstantLR(o, factor=0.1, total_iters=2), m.ExponentialLR(o, gamma=0.5)],
+                              milestones=[0])
+    optimizer = make_optimizer(lrs=(1.0,))
+    trace = run(build(fls, optimizer), optimizer, 4)
+    assert [row[0] for row in trace] == [1.0, 0.5, 0.25, 0.125, 0.0625]
+    if TORCH_VERSION >= (2, 13):
+        compare_runs(build, 4, lrs=(1.0,))
 
 
 def test_warm_restarts_closed_form_at_exact_restart_points():
@@ -555,7 +664,11 @@ def test_tensor_lr_is_updated_in_place_with_torch_values(name):
         seen.add(float(lr_tensors[0]))
         assert all(isinstance(lr, torch.Tensor) and lr is not t for lr, t in zip(scheduler.get_last_lr(), lr_tensors))
     assert len(seen) > 1  # the values did change
-    compare_runs(build, 110, tensor_lr=True)  # and they are torch's (torch also fills tensor lrs)
+    # and they are torch's (torch also fills tensor lrs). torch < 2.10's SequentialLR does not give
+    # its own float values with tensor lrs (it aliases them with initial_lr / base_lrs, see
+    # TORCH_TENSOR_LR_ALIASING_FIXED): there ours are compared with torch's float-lr run.
+    aliased = name == "SequentialLR" and not TORCH_TENSOR_LR_ALIASING_FIXED
+    compare_runs(build, 110, tensor_lr=True, torch_tensor_lr=not aliased)
 
 
 OUR_TENSOR_CASES = {

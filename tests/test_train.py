@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ from fusedopt.train.loop import Trainer, train
 from fusedopt.train.metrics import read_jsonl
 from fusedopt.train.model import CharTransformer, build_model, param_groups
 from fusedopt.train.optimizers import build_scheduler
+from torch_oracles import TORCH_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_BACKEND_MISSING = backends.available()["cpu"]
@@ -133,7 +135,51 @@ def _train_worker(rank, world_size, port, cfg_dicts):
     cleanup(ctx)
 
 
+#: FSDP2 trains correctly on CPU (gloo) from torch 2.9 (fusedopt/train/sharding.py): 2.5 needs CUDA
+#: streams, 2.6's CPU streams lack record_event, 2.7 and 2.8 sum the gradients over the ranks
+#: instead of averaging them (pytorch/pytorch#162338). There the harness refuses --parallel fsdp2
+#: on CPU: test_fsdp2_on_cpu_is_refused_before_joining_where_torch_cannot_train_it.
+FSDP2_TRAINS_ON_CPU = TORCH_VERSION >= (2, 9)
+needs_fsdp2_on_cpu = pytest.mark.skipif(
+    not FSDP2_TRAINS_ON_CPU,
+    reason=f"FSDP2 trains correctly on CPU from torch 2.9, this is {torch.__version__} (the harness "
+           "refuses it here: test_fsdp2_on_cpu_is_refused_before_joining_where_torch_cannot_train_it)")
+
+
+def test_fsdp2_on_cpu_is_refused_before_joining_where_torch_cannot_train_it(tmp_path, monkeypatch):
+    from fusedopt.train import sharding
+    from fusedopt.train.__main__ import main
+
+    cpu = torch.device("cpu")
+    for parallel, world_size, device in (("ddp", 2, cpu), ("fsdp2", 1, cpu),
+                                         ("fsdp2", 2, torch.device("cuda", 0))):
+        sharding.check_supported(parallel, world_size, device)  # never refused: no FSDP2 on CPU
+    cfg = tiny_cfg(tmp_path, parallel="fsdp2", max_steps=2)
+    two_ranks = DistContext(rank=0, world_size=2, local_rank=0, device=cpu, backend="gloo")
+    if FSDP2_TRAINS_ON_CPU:
+        sharding.check_supported("fsdp2", 2, cpu)  # (the runs themselves: the tests below)
+        return
+    message = (r"--parallel fsdp2 on CPU needs torch >= 2\.9 \(this is torch 2\.\d"
+               r".*pytorch/pytorch#162338.*--parallel ddp")
+    with pytest.raises(ConfigError, match=message):
+        Trainer(cfg, two_ranks)
+    # the command line refuses before joining the process group: with no MASTER_ADDR, joining
+    # would fail with another error
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(SystemExit, match=message):
+        main(cli_args(cfg))
+    assert not torch.distributed.is_initialized()
+    # one process trains the plain model: fsdp2 is not refused there
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    train(cfg)
+    assert [r["step"] for r in curve(tmp_path) if "loss" in r] == [1, 2]
+
+
 # --------------------------------------------------------------- distributed equivalence
+@needs_fsdp2_on_cpu
 def test_fsdp2_matches_ddp_resumes_exactly_and_checkpoints_cross_modes(tmp_path):
     """--parallel fsdp2 on 2 ranks: the same run as ddp (rounding aside), with grad_accum; a run
     resumed from its own checkpoint equals the uninterrupted one bit for bit; its checkpoints
@@ -174,6 +220,7 @@ def test_fsdp2_matches_ddp_resumes_exactly_and_checkpoints_cross_modes(tmp_path)
     reference.load_state_dict(state)
 
 
+@needs_fsdp2_on_cpu
 def test_sharded_checkpoints_are_written_by_every_rank_and_resume_under_any_world_size(tmp_path):
     """--checkpoint-format sharded with fsdp2 on 2 ranks: each rank writes its own half; a run
     resumed from one equals the uninterrupted one bit for bit (AdamW state in DTensors); the
@@ -467,18 +514,63 @@ def test_embedded_corpus_falls_back_to_generated_text(monkeypatch):
     assert "fallback" in desc and data == load_corpus("synthetic", 10**7)[0]
 
 
-def test_fused_clip_grad_norm_is_used_when_fusedopt_provides_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("clip", [0.5, 0.0])
+def test_grad_norm_is_computed_by_fusedopt_with_the_runs_backend(tmp_path, monkeypatch, capsys, clip):
+    """The norm (and clip coefficient) is part of the run's numbers: it is computed with the
+    run's --backend, like the optimizer step, and the start line says by what."""
     import fusedopt
 
-    calls = []
+    name = "clip_grad_norm_" if clip else "get_total_norm"
+    real, calls = getattr(fusedopt, name), []
 
-    def clip_spy(params, max_norm, *args, **kwargs):
-        calls.append(max_norm)
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, *args, **kwargs)
+    def spy(*args, **kwargs):
+        calls.append((args[1] if clip else None, kwargs.get("backend")))
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(fusedopt, "clip_grad_norm_", clip_spy, raising=False)
-    train(tiny_cfg(tmp_path, max_steps=3, clip_grad_norm=0.5))
-    assert calls == [0.5, 0.5, 0.5]
+    monkeypatch.setattr(fusedopt, name, spy)
+    train(tiny_cfg(tmp_path, max_steps=3, clip_grad_norm=clip))
+    assert calls == [(clip or None, "reference")] * 3
+    start = capsys.readouterr().out.splitlines()[0]
+    assert f"fusedopt.{name}(backend=reference -> reference)" in start
+    assert ("clipping fusedopt" if clip else "clipping off, grad norm fusedopt") in start
+
+
+def test_killed_run_resumed_in_processes_without_the_native_extension_is_bit_for_bit(tmp_path):
+    """The processes of one run differ in what they have: here the killed one and its restart
+    cannot load fusedopt._C (as when the extension fails to load). With --backend reference
+    their norms are the reference's, as in the uninterrupted run that has the extension. (Until
+    the norm followed --backend, it was 'auto' there: the native kernel in the straight run and
+    the reference in the others, which differ in the last bits; torch 2.5.1: grad_norm
+    1.591905117034912 vs 1.5919049978256226 at step 1.)"""
+    common = dict(max_steps=9, save_every=3, eval_every=4, grad_accum=2, dropout=0.1,
+                  optimizer="adamw", resume="auto")
+    train(tiny_cfg(tmp_path / "straight", **common))
+    killed = tiny_cfg(tmp_path / "killed", fail_at_step=6, **common)
+    without_extension = ("import runpy, sys; sys.modules['fusedopt._C'] = None; "
+                         "runpy.run_module('fusedopt.train', run_name='__main__', alter_sys=True)")
+    cmd = [sys.executable, "-c", without_extension, *cli_args(killed)]
+    first = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    second = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert "resumed from" in second.stdout and "not bit for bit" not in second.stderr
+    assert curve(tmp_path / "killed") == curve(tmp_path / "straight")
+    a, b = final_model(tmp_path / "killed"), final_model(tmp_path / "straight")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.skipif(CPU_BACKEND_MISSING is not None, reason=f"cpu backend unavailable: {CPU_BACKEND_MISSING}")
+def test_resuming_with_another_backend_warns_that_it_is_not_bit_for_bit(tmp_path):
+    cfg = tiny_cfg(tmp_path, max_steps=2, save_every=2, resume="auto")
+    train(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(cfg.replace(max_steps=3, save_every=3))  # the same backend: no such warning
+    assert not [w for w in caught if "not bit for bit" in str(w.message)]
+    with pytest.warns(UserWarning, match="computed with .*backend=reference -> reference.*"
+                                         "backend=cpu -> cpu.*not bit for bit"):
+        train(cfg.replace(max_steps=4, backend="cpu"))
 
 
 @pytest.mark.parametrize("overrides", [

@@ -31,17 +31,23 @@ from . import sharding
 from .config import TrainConfig
 from .data import VOCAB_SIZE, ShardedBatchSampler, load_corpus, make_splits
 from .distributed import (DistContext, all_reduce_sum, barrier, broadcast_object, cleanup,
-                          gather_objects, init_distributed)
+                          gather_objects, init_distributed, resolve_device)
 from .metrics import (MetricsLogger, MetricsWindow, RunStats, format_summary, peak_memory_mb,
                       truncate_log)
 from .model import build_model, count_parameters, param_groups
-from .optimizers import (build_optimizer, build_scheduler, describe_fn, describe_optimizer,
-                         resolve_clip_fn, total_grad_norm)
+from .optimizers import GradNorm, build_optimizer, build_scheduler, describe_optimizer
 
 # Config fields that must match when resuming (they fix the shapes of the model
 # and optimizer state, or the meaning of the stored data position).
 RESUME_MUST_MATCH = ("seq_len", "d_model", "n_layer", "n_head", "optimizer", "amp",
                      "batch_size", "grad_accum", "seed", "data")
+
+
+def _check_before_joining(cfg: TrainConfig) -> None:
+    """What can be refused before joining torchrun's process group (every rank refuses alike)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    sharding.check_supported(cfg.parallel, world_size, device)
 
 
 def seed_everything(seed: int) -> None:
@@ -56,8 +62,11 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, ctx: Optional[DistContext] = None):
         cfg.validate()
         self.cfg = cfg
+        if ctx is None:
+            _check_before_joining(cfg)
         self.ctx = ctx or init_distributed(cfg.device)
         cfg.check_world_size(self.ctx.world_size)
+        sharding.check_supported(cfg.parallel, self.ctx.world_size, self.ctx.device)
         self.device = self.ctx.device
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
@@ -84,7 +93,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, param_groups(self.raw_model, cfg.weight_decay))
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
-        self.clip_fn = resolve_clip_fn()
+        self.grad_norm = GradNorm(cfg)
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
         # Per-rank streams (dropout) differ between ranks.
         seed_everything(cfg.seed + 1 + self.ctx.rank)
@@ -119,6 +128,12 @@ class Trainer:
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def implementations(self) -> Dict[str, str]:
+        """What computes this process's optimizer steps and gradient norms (saved with each
+        checkpoint: a resumed run that computes differently is warned about)."""
+        return {"optimizer": describe_optimizer(self.cfg, self.optimizer),
+                "grad_norm": self.grad_norm.describe(self.device)}
+
     # ------------------------------------------------------------ one step
     def train_step(self) -> Dict[str, Any]:
         """Run one optimizer step over ``grad_accum`` micro-batches; return its raw metrics."""
@@ -148,10 +163,7 @@ class Trainer:
             loss_sum += loss.detach().float()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        if cfg.clip_grad_norm > 0:
-            grad_norm = self.clip_fn(self.params, cfg.clip_grad_norm)
-        else:
-            grad_norm = total_grad_norm(self.params)
+        grad_norm = self.grad_norm(self.params)  # clipped to cfg.clip_grad_norm when > 0
         lr = self.current_lr()
         self._sync()
         t_opt = time.perf_counter()
@@ -219,6 +231,7 @@ class Trainer:
             "last_eval_loss": self.last_eval_loss,
             "last_train_loss": self.last_train_loss,
             "skipped_steps": self.skipped_steps,
+            "implementations": self.implementations(),
         }
         path = None
         if self.cfg.checkpoint_format == "sharded":
@@ -298,6 +311,13 @@ class Trainer:
             raise ckpt.CheckpointError(f"checkpoint {str(path)!r} could not be restored: {exc}") from exc
         self.step = int(state["step"])
         self.last_eval_loss = float(state.get("last_eval_loss", float("nan")))
+        saved = state.get("implementations")
+        if saved is not None and saved != self.implementations():
+            warnings.warn(
+                f"checkpoint {str(path)!r} was written by a run that computed with {saved}; this "
+                f"process computes with {self.implementations()}: the resumed run continues, but "
+                "not bit for bit as an uninterrupted run would (pass the same --backend)",
+                UserWarning, stacklevel=2)
         self.last_train_loss = float(state.get("last_train_loss", float("nan")))
         self.skipped_steps = int(state.get("skipped_steps", 0))
         rank_states = state["rank_states"]
@@ -363,8 +383,9 @@ class Trainer:
             log.print(
                 f"fusedopt.train: {self.corpus_desc}; {len(self.train_set):,} train sequences; "
                 f"model {count_parameters(self.raw_model):,} params; "
-                f"optimizer {describe_optimizer(cfg, self.optimizer)}; clipping "
-                f"{describe_fn(self.clip_fn) if cfg.clip_grad_norm > 0 else 'off'}; world size {self.ctx.world_size} "
+                f"optimizer {describe_optimizer(cfg, self.optimizer)}; "
+                f"{'clipping' if cfg.clip_grad_norm > 0 else 'clipping off, grad norm'} "
+                f"{self.grad_norm.describe(self.device)}; world size {self.ctx.world_size} "
                 f"({self.ctx.backend}{', ' + cfg.parallel if self.ctx.distributed else ''}) on {self.device}"
                 + (f"; resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else "")
             )
@@ -417,6 +438,8 @@ def train(cfg: TrainConfig, ctx: Optional[DistContext] = None) -> Dict[str, Any]
     Joins (and afterwards leaves) the torchrun process group unless ``ctx`` is given.
     """
     own_ctx = ctx is None
+    if own_ctx:
+        _check_before_joining(cfg)
     ctx = ctx or init_distributed(cfg.device)
     try:
         trainer = Trainer(cfg, ctx)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Dict, Iterable, List
+from typing import Dict, Iterable, List
 
 import torch
 
@@ -94,27 +94,44 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
     return sched.LinearLR(optimizer, start_factor=start, end_factor=1.0, total_iters=warmup)
 
 
-def resolve_clip_fn() -> Callable:
-    """``fusedopt.clip_grad_norm_`` when the package provides it, else torch's (same signature)."""
-    import fusedopt
+class GradNorm:
+    """The global L2 norm of a step's gradients, clipped to ``--clip-grad-norm`` when that is
+    > 0 (``fusedopt.clip_grad_norm_``; else only measured, ``fusedopt.get_total_norm``).
 
-    return getattr(fusedopt, "clip_grad_norm_", torch.nn.utils.clip_grad_norm_)
-
-
-def describe_fn(fn: Callable) -> str:
-    module = getattr(fn, "__module__", "") or ""
-    return ("fusedopt." if module.startswith("fusedopt") else "torch.nn.utils.") + fn.__name__
-
-
-def total_grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Global L2 norm of the gradients without modifying them (clipping disabled).
-
-    ``fusedopt.get_total_norm`` when available, else torch's.
+    The norm is computed with the run's ``--backend`` request, as the optimizer step is (with
+    ``--optimizer-lib torch`` that is ``auto``; ``FUSEDOPT_BACKEND`` overrides both, as
+    everywhere in fusedopt). The implementations round differently in the last bits (the native
+    kernels sum in float64 and round once; the reference takes torch's norm of per-tensor
+    norms), and the norm sets the clip coefficient, so it is part of the run's numbers: a run
+    must compute it the same way in every process, e.g. after a restart. (Before, it was always
+    ``auto``: a process in which ``fusedopt._C`` did not load took the reference silently, and
+    a killed and resumed ``--backend reference`` run differed from an uninterrupted one.)
     """
-    import fusedopt
 
-    grads = [p.grad for p in params if p.grad is not None]
-    fn = getattr(fusedopt, "get_total_norm", None) or getattr(torch.nn.utils, "get_total_norm", None)
-    if fn is not None:
-        return fn(grads, 2.0)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    def __init__(self, cfg: TrainConfig):
+        self.max_norm = cfg.clip_grad_norm
+        self.backend = cfg.backend
+
+    def __call__(self, params: Iterable[torch.Tensor]) -> torch.Tensor:
+        import fusedopt
+
+        if self.max_norm > 0:
+            return fusedopt.clip_grad_norm_(params, self.max_norm, backend=self.backend)
+        grads = [p.grad for p in params if p.grad is not None]
+        return fusedopt.get_total_norm(grads, 2.0, backend=self.backend)
+
+    def implementation(self, device: torch.device) -> str:
+        """What computes the norm of float32 gradients on ``device``: ``cpu`` / ``cuda`` (the
+        native kernels), ``triton`` or ``reference``."""
+        from fusedopt.clip import _norm
+
+        try:
+            how = _norm.choose(self.backend, device, [torch.empty(0, device=device)], 2.0)
+        except ValueError as exc:  # a bad FUSEDOPT_BACKEND
+            raise ConfigError(str(exc)) from exc
+        return device.type if how == "native" else how
+
+    def describe(self, device: torch.device) -> str:
+        """E.g. ``fusedopt.clip_grad_norm_(backend=auto -> cpu)``."""
+        fn = "clip_grad_norm_" if self.max_norm > 0 else "get_total_norm"
+        return f"fusedopt.{fn}(backend={self.backend} -> {self.implementation(device)})"

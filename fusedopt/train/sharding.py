@@ -41,6 +41,39 @@ def fully_shard_fn():
     return fully_shard
 
 
+#: The first torch whose FSDP2 trains correctly on CPU (gloo). Measured on 2 gloo ranks against
+#: DDP (a small model on torch 2.5 to 2.10 and 2.14; the FSDP2 tests of tests/test_train.py fail
+#: on 2.8 and pass on 2.9 and 2.14): torch 2.5 raises "FSDP
+#: requires CUDA for streams"; 2.6 fails on its CPU streams, which lack ``record_event`` (added
+#: in 2.7, pytorch/pytorch#145935); 2.7 and 2.8 run but sum the gradients over the ranks instead
+#: of averaging them (gloo's reduce-scatter did not apply ``ReduceOp.AVG``, pytorch/pytorch#162338):
+#: a silently different training run. 2.9 and later equal DDP.
+FSDP2_CPU_MIN_TORCH = (2, 9)
+
+
+def _torch_release() -> tuple:
+    return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def check_supported(parallel: str, world_size: int, device: torch.device) -> None:
+    """Raise ConfigError when ``--parallel fsdp2`` cannot train correctly here: sharding (more
+    than one rank) on CPU needs torch >= 2.9 (:data:`FSDP2_CPU_MIN_TORCH`). One process trains
+    the plain model, so it is never refused."""
+    if parallel != "fsdp2" or world_size < 2 or device.type != "cpu":
+        return
+    if _torch_release() >= FSDP2_CPU_MIN_TORCH:
+        return
+    from .config import ConfigError
+
+    need = ".".join(map(str, FSDP2_CPU_MIN_TORCH))
+    raise ConfigError(
+        f"--parallel fsdp2 on CPU needs torch >= {need} (this is torch {torch.__version__}): "
+        "FSDP2 cannot run on CPU before torch 2.7, and in torch 2.7 and 2.8 it sums the gradients "
+        "over the gloo ranks instead of averaging them (pytorch/pytorch#162338). Use --parallel "
+        f"ddp, a CUDA device, or torch >= {need}."
+    )
+
+
 def shard(model: nn.Module) -> nn.Module:
     """Apply ``fully_shard`` to every block of ``model``, then to ``model`` itself (in place)."""
     fully_shard = fully_shard_fn()
