@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import textwrap
 
 import pytest
 import torch
@@ -521,6 +522,27 @@ def test_compiled_percentile_clipper_matches_eager():
 
 
 # ---- adaptive clipping --------------------------------------------------------------------------
+
+def test_nanquantile_probe_ignores_the_default_dtype_and_device_at_import():
+    """The rank-precision probe runs at import: a float64 default dtype must not change its
+    answer (it did: every rank became float64 and the probe said float32 on torch 2.14), and a
+    meta default device must not break the import."""
+    import subprocess
+    import sys
+
+    code = textwrap.dedent("""
+        import torch
+        torch.set_default_dtype(torch.float64)
+        with torch.device("meta"):
+            from fusedopt.clip import _adaptive
+        torch.set_default_dtype(torch.float32)
+        x = torch.tensor([0.0, 0.0, 0.0, 1.0])
+        assert torch.equal(_adaptive.nanquantile(x, 0.9), torch.nanquantile(x, 0.9))
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_clipper_nanquantile_is_torchs_bit_for_bit(dtype):

@@ -31,9 +31,12 @@ def _probe_rank_dtype() -> Optional[torch.dtype]:
     """float64 if the installed torch's quantile ranks float32 data in float64, else None (in the
     data's dtype). Probe: the 0.9-quantile of [0, 0, 0, 1] is the rank's fraction, 0.9f * 3 - 2,
     which is 0.6999998f in float32 and 0.69999993f from float64."""
-    got = torch.nanquantile(torch.tensor([0.0, 0.0, 0.0, 1.0]), 0.9)
-    in_float64 = float(torch.tensor(0.9, dtype=torch.float32).double() * 3 - 2)
-    return torch.float64 if float(got) == float(torch.tensor(in_float64, dtype=torch.float32)) else None
+    # dtype and device pinned: the probe runs at import, whatever default dtype (float64 would
+    # make every rank float64 and the answer wrong) or default device (meta cannot be read) is set
+    cpu32 = dict(dtype=torch.float32, device="cpu")
+    got = torch.nanquantile(torch.tensor([0.0, 0.0, 0.0, 1.0], **cpu32), 0.9)
+    in_float64 = float(torch.tensor(0.9, **cpu32).double() * 3 - 2)
+    return torch.float64 if float(got) == float(torch.tensor(in_float64, **cpu32)) else None
 
 
 _RANK_DTYPE: Optional[torch.dtype] = _probe_rank_dtype()
