@@ -23,6 +23,8 @@ import torch
 #: ``tests/test_optim.py -k compiled`` passes on 2.10 and 2.14 and fails on 2.5, 2.6, 2.7 and 2.8
 #: (2.9 was not measured, so it counts as unable).
 STEP_TRACEABLE_FROM = (2, 10)
+#: The installed torch's release, (major, minor); the one parse of it (the harness's FSDP2 check
+#: and the tests' version conditions use it too).
 TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
 STEP_TRACEABLE = TORCH_VERSION >= STEP_TRACEABLE_FROM
 

@@ -27,8 +27,7 @@ from torch_baselines import (TORCH_HAS_SPLIT_CLIPPING, clip_grad_norm_, clip_gra
 __all__ = ["get_total_norm", "clip_grads_with_norm_", "clip_grad_norm_", "torch_adam", "TORCH_HAS_SPLIT_CLIPPING",
            "ADAM_HAS_DECOUPLED_WEIGHT_DECAY", "TORCH_VERSION"]
 
-#: The installed torch's release as a (major, minor) tuple.
-TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+from fusedopt._compiling import TORCH_VERSION  # noqa: E402  (the installed release, (major, minor))
 
 #: True where ``torch.optim.Adam`` takes ``decoupled_weight_decay`` (torch >= 2.7).
 ADAM_HAS_DECOUPLED_WEIGHT_DECAY = "decoupled_weight_decay" in inspect.signature(torch.optim.Adam).parameters

@@ -311,11 +311,11 @@ class Trainer:
             raise ckpt.CheckpointError(f"checkpoint {str(path)!r} could not be restored: {exc}") from exc
         self.step = int(state["step"])
         self.last_eval_loss = float(state.get("last_eval_loss", float("nan")))
-        saved = state.get("implementations")
-        if saved is not None and saved != self.implementations():
+        saved, current = state.get("implementations"), self.implementations()
+        if saved is not None and saved != current:
             warnings.warn(
                 f"checkpoint {str(path)!r} was written by a run that computed with {saved}; this "
-                f"process computes with {self.implementations()}: the resumed run continues, but "
+                f"process computes with {current}: the resumed run continues, but "
                 "not bit for bit as an uninterrupted run would (pass the same --backend)",
                 UserWarning, stacklevel=2)
         self.last_train_loss = float(state.get("last_train_loss", float("nan")))

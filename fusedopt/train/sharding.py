@@ -31,6 +31,8 @@ from typing import Any, Dict, List
 import torch
 import torch.nn as nn
 
+from .._compiling import TORCH_VERSION
+
 
 def fully_shard_fn():
     """FSDP2's ``fully_shard`` (public in torch.distributed.fsdp since torch 2.6)."""
@@ -51,17 +53,13 @@ def fully_shard_fn():
 FSDP2_CPU_MIN_TORCH = (2, 9)
 
 
-def _torch_release() -> tuple:
-    return tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
-
-
 def check_supported(parallel: str, world_size: int, device: torch.device) -> None:
     """Raise ConfigError when ``--parallel fsdp2`` cannot train correctly here: sharding (more
     than one rank) on CPU needs torch >= 2.9 (:data:`FSDP2_CPU_MIN_TORCH`). One process trains
     the plain model, so it is never refused."""
     if parallel != "fsdp2" or world_size < 2 or device.type != "cpu":
         return
-    if _torch_release() >= FSDP2_CPU_MIN_TORCH:
+    if TORCH_VERSION >= FSDP2_CPU_MIN_TORCH:
         return
     from .config import ConfigError
 
