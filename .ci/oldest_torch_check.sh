@@ -11,8 +11,9 @@
 # numpy < 2 is installed after the block, so that the Triton kernels run in triton 3.1's
 # interpreter (with numpy 2 the backend refuses that interpreter and its tests skip).
 #
-# Runtime on the 2-core CI box: torch 2.5.1 and its CUDA 12.4 libraries from PyPI (~3.3 GB,
-# ~1-2 min), the CPU build (~2-3 min), the suite (~4-6 min). KEEP_BUILD=1 keeps the temp dir.
+# Runtime on the 2-core CI box: torch 2.5.1 and its CUDA 12.4 libraries from PyPI (~3.6 GB of
+# wheels, ~5.5 GB installed; ~1-2 min), the CPU build (~2-3 min), the suite (~4-6 min).
+# KEEP_BUILD=1 keeps the temp dir.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$repo"
@@ -28,6 +29,8 @@ if [ "${KEEP_BUILD:-0}" != 1 ]; then trap 'rm -rf "$work"' EXIT; fi
 git ls-files -co --exclude-standard -z | grep -zv '^benchmarks/results/' | \
     tar -cf - --null -T - | tar -xf - -C "$work"
 cd "$work"
+# No pip cache: the ~3.6 GB of wheels would sit there beside their ~5.5 GB installed copy.
+export PIP_NO_CACHE_DIR=1
 echo "=== README block (TORCH=2.5.1, FUSEDOPT_BUILD_CUDA=0) ==="
 echo "$block"
 echo "========================================================="
