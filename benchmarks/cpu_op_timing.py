@@ -9,6 +9,10 @@ For each workload it times, interleaved (A, B, C, D, A, B, ...) and taking the m
   * torch.optim.AdamW/SGD(fused=True).step  (the baseline)
   * x.mul_(c) on a 256 MiB buffer           (bandwidth probe: 8 bytes per element)
 and prints ratios from the same run. The full benchmark suite is bench_adam.py / bench_sgd.py.
+
+``--streams 1,2`` times the direct path once per stream count of the kernels (``direct s1``,
+``direct s2``: csrc/cpu/kernels_impl.h, for_each_index; ``_C._set_cpu_streams`` before each
+call), interleaved like the rest, to see which count suits this machine.
 """
 from __future__ import annotations
 
@@ -69,11 +73,19 @@ def main():
     parser.add_argument("algo", choices=sorted(BYTES_PER_ELEMENT))
     parser.add_argument("workloads", nargs="?", default="gpt2,10x4M,1000x4096")
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--streams", default=None,
+                        help="comma-separated stream counts (1, 2) to time the direct path with")
     args = parser.parse_args()
+    stream_counts = [int(n) for n in args.streams.split(",")] if args.streams else []
+    default_streams = _C.cpu_streams()
     probe_buffer = torch.ones(64 * 1024 * 1024)
     probe = lambda: probe_buffer.mul_(1.0000001)  # noqa: E731
     for workload in args.workloads.split(","):
         fns, numel = providers(args.algo, WORKLOADS[workload])
+        if stream_counts:
+            direct = fns.pop("direct")
+            for n in stream_counts:
+                fns[f"direct s{n}"] = (lambda n: lambda: (_C._set_cpu_streams(n), direct()))(n)
         fns["probe"] = probe
         best = dict.fromkeys(fns, float("inf"))
         for fn in fns.values():  # warm-up
@@ -86,10 +98,12 @@ def main():
         bandwidth = probe_buffer.numel() * 8 / best["probe"]
         nbytes = numel * BYTES_PER_ELEMENT[args.algo]
         cols = [f"{name} {best[name] * 1e3:8.3f} ms ({best['torch fused'] / best[name]:4.2f}x, "
-                f"{nbytes / best[name] / bandwidth:4.2f} of bw)" for name in ("torch.ops", "direct")]
+                f"{nbytes / best[name] / bandwidth:4.2f} of bw)"
+                for name in fns if name not in ("torch fused", "probe")]
         print(f"{args.algo:8s} {workload:10s} n={len(WORKLOADS[workload]):4d} | " + " | ".join(cols)
               + f" | torch fused {best['torch fused'] * 1e3:8.3f} ms | probe "
               f"{bandwidth / 1e9:5.1f} GB/s", flush=True)
+    _C._set_cpu_streams(default_streams)
 
 
 if __name__ == "__main__":

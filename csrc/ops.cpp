@@ -74,6 +74,7 @@ pybind11::dict build_info() {
   }
   info["cpu_isa_variants"] = variants;
   info["cpu_isa_best"] = std::string(cpu::isa_name(cpu::best_supported_isa()));
+  info["cpu_streams_default"] = cpu::default_streams();
 #if defined(FUSEDOPT_WITH_CUDA)
   info["with_cuda"] = true;
 #else
@@ -104,4 +105,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return std::string(cpu::isa_name(cpu::set_active_isa(cpu::parse_isa(name))));
       },
       "Testing hook: force the CPU kernel variant; returns the previous one");
+  m.def(
+      "cpu_streams", [] { return fusedopt::cpu::active_streams(); },
+      "Sub-ranges the CPU optimizer kernels walk side by side (1 or 2): 1 on AMD CPUs, 2 "
+      "elsewhere, FUSEDOPT_CPU_STREAMS=1|2 at load time overrides");
+  m.def(
+      "_set_cpu_streams", [](int streams) { return fusedopt::cpu::set_active_streams(streams); },
+      "Testing/benchmark hook: set the CPU kernels' stream count (1 or 2); returns the previous "
+      "one");
 }

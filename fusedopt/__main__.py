@@ -48,9 +48,11 @@ def collect() -> Dict[str, Any]:
         from . import _C
         info["build"] = dict(_C.build_info())
         info["cpu_isa"] = _C.cpu_isa()
+        info["cpu_streams"] = _C.cpu_streams()
     except Exception as exc:
         info["build"] = f"fusedopt._C not importable ({type(exc).__name__}: {exc})"
         info["cpu_isa"] = None
+        info["cpu_streams"] = None
     info["backends"] = {name: ("available" if reason is None else f"unavailable: {reason}")
                         for name, reason in backends.available().items()}
     return info

@@ -47,6 +47,15 @@ def isa(request):
     _C._set_cpu_isa(previous)
 
 
+@pytest.fixture(params=[1, 2], ids=lambda n: f"streams{n}")
+def streams(request):
+    """Runs a test with each stream count of the CPU kernels (csrc/cpu/kernels_impl.h,
+    for_each_index: 1 or 2 sub-ranges walked side by side; the default is the machine's)."""
+    previous = _C._set_cpu_streams(request.param)
+    yield request.param
+    _C._set_cpu_streams(previous)
+
+
 def assert_close(actual, expected, dtype, what, scale=1.0):
     """``scale``: the magnitude of the quantity (gradient size for exp_avg, its square for
     exp_avg_sq), so that atol covers the rounding of an element that cancels to near zero."""
@@ -175,8 +184,9 @@ def test_adam_betas_and_float64_steps(beta1):
     assert all(s.dtype == torch.float64 and s.item() == 25 for s in ours.steps)
 
 
-def test_adam_every_isa(isa):
-    """Each kernel variant (AVX-512 / AVX2 / scalar) against torch, incl. odd tails."""
+def test_adam_every_isa(isa, streams):
+    """Each kernel variant (AVX-512 / AVX2 / scalar) against torch, incl. odd tails, walking
+    the tensors as one stream or as two sub-ranges."""
     for dtype in (torch.float32, torch.float64):
         shapes = [(1,), (15,), (17,), (4097,), (100, 3)]
         params = make_params(shapes, dtype)
@@ -189,6 +199,38 @@ def test_adam_every_isa(isa):
                 r.grad = g.clone()
             opt.step()
         check_adam_against_torch(ours, ref_params, opt, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=str)
+def test_stream_counts_give_the_same_bits(dtype):
+    """Walking a range as one stream or two sub-ranges visits every element once with the
+    same arithmetic: params and state agree bit for bit, on sizes around the block (16) and
+    sub-range boundaries and on one big enough to split across threads."""
+    import fusedopt
+    shapes = [(1,), (15,), (16,), (17,), (31,), (32,), (33,), (63,), (65,), (4097,), (70_001,)]
+
+    def run(n_streams, cls, **flags):
+        previous = _C._set_cpu_streams(n_streams)
+        try:
+            gen = torch.Generator().manual_seed(3)
+            params = [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shapes]
+            opt = cls(params, backend="cpu", **flags)
+            for _ in range(3):
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+                opt.step()
+            return [p.detach() for p in params] + [
+                t for st in opt.state.values() for t in st.values() if t.numel() > 1]
+        finally:
+            _C._set_cpu_streams(previous)
+
+    for cls, flags in [(fusedopt.optim.AdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
+                       (fusedopt.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True))]:
+        one, two = run(1, cls, **flags), run(2, cls, **flags)
+        assert len(one) == len(two) > len(shapes)
+        for a, b in zip(one, two):
+            assert torch.equal(a, b), (cls.__name__, a.shape)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -250,7 +292,7 @@ ADAM_ROUNDING_FLAGS = [("AdamW", dict(lr=1e-3, weight_decay=0.01)),
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-def test_fp32_and_fp64_steps_round_as_torchs_for_loop(isa, dtype):
+def test_fp32_and_fp64_steps_round_as_torchs_for_loop(isa, streams, dtype):
     """rules.h does torch's roundings in torch's order, with an FMA exactly where ATen's
     vectorised op has one, and the kernels are built with -ffp-contract=off: SGD then equals
     torch.optim.SGD(foreach=False) bit for bit, and Adam/AdamW differ from torch's for-loop in
@@ -273,7 +315,7 @@ def test_fp32_and_fp64_steps_round_as_torchs_for_loop(isa, dtype):
         torch.testing.assert_close(ours, loop, rtol=0, atol=4 * ulp)  # (one ulp a step at most)
 
 
-def test_sgd_every_isa(isa):
+def test_sgd_every_isa(isa, streams):
     shapes = [(1,), (15,), (17,), (4097,)]
     for dtype in (torch.float32, torch.float64):
         params = make_params(shapes, dtype)

@@ -33,7 +33,8 @@ def cpu_flags():
 @needs_ext
 def test_build_info_content():
     info = _ops.build_info()
-    for key in ("compiler", "cxx_flags", "openmp", "cpu_isa_variants", "cpu_isa_best", "with_cuda",
+    for key in ("compiler", "cxx_flags", "openmp", "cpu_isa_variants", "cpu_isa_best",
+                "cpu_streams_default", "with_cuda",
                 "cuda_reason", "cuda_arch_list", "torch_version"):
         assert key in info, key
     assert info["compiler"].split()[0] in ("gcc", "clang")
@@ -88,6 +89,60 @@ def test_isa_env_override():
     out = subprocess.run([sys.executable, "-c", "import fusedopt._C as C; print(C.cpu_isa())"],
                          env=env, capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "scalar"
+
+
+def cpu_vendor():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+@needs_ext
+def test_cpu_streams_default_follows_the_vendor():
+    """1 sub-range on AMD CPUs, 2 elsewhere (isa.h, active_streams)."""
+    from fusedopt import _C
+    default = _ops.build_info()["cpu_streams_default"]
+    vendor = cpu_vendor()
+    if X86 and vendor is not None:
+        assert default == (1 if vendor == "AuthenticAMD" else 2), vendor
+    else:
+        assert default == 2
+    if not os.environ.get("FUSEDOPT_CPU_STREAMS"):
+        assert _C.cpu_streams() == default
+
+
+@needs_ext
+def test_set_cpu_streams():
+    from fusedopt import _C
+    current = _C.cpu_streams()
+    other = 3 - current
+    assert _C._set_cpu_streams(other) == current
+    try:
+        assert _C.cpu_streams() == other
+        for bad in (0, 3, -1):
+            with pytest.raises(ValueError, match=f"streams must be 1 or 2, got {bad}"):
+                _C._set_cpu_streams(bad)
+        assert _C.cpu_streams() == other
+    finally:
+        _C._set_cpu_streams(current)
+
+
+@needs_ext
+@pytest.mark.parametrize("value,expected", [("1", 1), ("2", 2), ("4", None), ("x", None)])
+def test_cpu_streams_env_override(value, expected):
+    """FUSEDOPT_CPU_STREAMS=1|2 at load time; anything else is ignored (the default stays)."""
+    env = dict(os.environ, FUSEDOPT_CPU_STREAMS=value, PYTHONPATH=ROOT)
+    code = ("import fusedopt._C as C; "
+            "print(C.cpu_streams(), C.build_info()['cpu_streams_default'])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, cwd=ROOT)
+    active, default = map(int, out.stdout.split())
+    assert active == (default if expected is None else expected)
 
 
 @needs_ext

@@ -57,7 +57,7 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
 
   const AdamVariant variant{rules::weight_decay_mode(weight_decay, decoupled_weight_decay),
                             amsgrad, maximize, scale.has_value()};
-  const AdamCall call{scale.value_or(1.0)};
+  const AdamCall call{scale.value_or(1.0), active_streams()};
 
   const size_t n = params.size();
   std::vector<AdamItem> items;

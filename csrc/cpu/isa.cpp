@@ -3,6 +3,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <stdexcept>
+#include <string>
 
 namespace fusedopt {
 namespace cpu {
@@ -48,7 +49,38 @@ std::atomic<int>& active_slot() {
   return slot;
 }
 
+int initial_streams() {
+  if (const char* env = std::getenv("FUSEDOPT_CPU_STREAMS")) {
+    const std::string value(env);
+    if (value == "1" || value == "2") return value[0] - '0';
+  }
+  return default_streams();
+}
+
+std::atomic<int>& streams_slot() {
+  static std::atomic<int> slot{initial_streams()};
+  return slot;
+}
+
 }  // namespace
+
+int default_streams() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();  // idempotent; needed if this runs before the constructors
+  if (__builtin_cpu_is("amd")) return 1;
+#endif
+  return 2;
+}
+
+int active_streams() { return streams_slot().load(std::memory_order_relaxed); }
+
+int set_active_streams(int streams) {
+  if (streams != 1 && streams != 2) {
+    throw std::invalid_argument("CPU kernel streams must be 1 or 2, got " +
+                                std::to_string(streams));
+  }
+  return streams_slot().exchange(streams);
+}
 
 bool isa_compiled(Isa isa) {
   switch (isa) {

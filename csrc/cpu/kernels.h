@@ -28,10 +28,12 @@ struct SgdItem;
 // Values shared by all items of one op call.
 struct AdamCall {
   double grad_scale;  // used only by the kernels of the grad-scale variant
+  int streams;        // sub-ranges walked side by side (active_streams(), isa.h)
 };
 struct SgdCall {
   rules::SgdScalars<double> scalars;
   double grad_scale;
+  int streams;
 };
 
 using AdamKernel = void (*)(const AdamItem& item, const AdamCall& call, int64_t begin,

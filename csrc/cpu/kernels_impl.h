@@ -17,29 +17,48 @@ namespace FUSEDOPT_ISA_NS {
 
 bool compiled() { return true; }
 
-// A kernel walks its range [begin, end) as kStreams equal sub-ranges side by side, kBlock
+// A kernel walks its range [begin, end) as STREAMS equal sub-ranges side by side, kBlock
 // elements of each in turn, then the tail. The hardware prefetcher follows each sequential
-// stream separately; two sub-ranges (8 streams for Adam, 6 for SGD with momentum) keep more
-// cache lines in flight than one. On the 2-core Xeon VM, GPT-2-sized AdamW / Nesterov steps
-// took 110-121 / 86-92 ms with 2 sub-ranges against 130-137 / 95-105 ms with 1 (same session,
-// builds swapped in turn); 4 were no better than 2 (see also benchmarks/stream_count.cpp).
-constexpr int kStreams = 2;
+// stream separately, and how many streams per core it serves best is the machine's:
+// - 2-core Intel Xeon VM: two sub-ranges (8 streams for Adam, 6 for SGD with momentum) keep
+//   more cache lines in flight than one; GPT-2-sized AdamW / Nesterov steps took 110-121 /
+//   86-92 ms with 2 against 130-137 / 95-105 ms with 1 (same session, builds swapped in turn),
+//   and 4 were no better than 2.
+// - 2-core AMD EPYC (Zen 4) VM: one is as good or a little better. stream_count.cpp's
+//   Adam-like loop: 42-47 GB/s with 1, 40-42 with 2, 30-32 with 4 (three runs). The AdamW
+//   step on GPT-2 shapes, both counts interleaved in one process (cpu_op_timing.py --streams
+//   1,2): 1 faster in 6 runs of 6, by ~1% (56.5-57.7 against 57.1-58.5 ms); on 1000 x 4096
+//   2 was ~5% faster, SGD either way by run. A build with 4 ran AdamW GPT-2 at 0.48-0.71x torch.
+// So the count is chosen at run time (isa.h, active_streams(): 1 on AMD, 2 elsewhere,
+// FUSEDOPT_CPU_STREAMS overrides) and carried in the call; results/stream-count-*.txt hold
+// both machines' profiles.
 constexpr int64_t kBlock = 16;  // elements per turn: one 64-byte line of fp32
 
-// Calls body(i) for every i in [begin, end), in the order above. Every index is visited
-// exactly once, so the result does not depend on the order.
-template <class Body>
-__attribute__((always_inline)) inline void for_each_index(int64_t begin, int64_t end, Body&& body) {
-  const int64_t per = (end - begin) / kStreams / kBlock * kBlock;
+template <int STREAMS, class Body>
+__attribute__((always_inline)) inline void for_each_index_in(int64_t begin, int64_t end,
+                                                             Body& body) {
+  const int64_t per = (end - begin) / STREAMS / kBlock * kBlock;
   for (int64_t b = 0; b < per; b += kBlock) {
-    for (int s = 0; s < kStreams; ++s) {
+    for (int s = 0; s < STREAMS; ++s) {
       const int64_t base = begin + s * per + b;
 #pragma GCC ivdep
       for (int64_t j = 0; j < kBlock; ++j) body(base + j);
     }
   }
 #pragma GCC ivdep
-  for (int64_t i = begin + kStreams * per; i < end; ++i) body(i);
+  for (int64_t i = begin + STREAMS * per; i < end; ++i) body(i);
+}
+
+// Calls body(i) for every i in [begin, end), in the order above with `streams` (1 or 2)
+// sub-ranges. Every index is visited exactly once, so the result does not depend on the order.
+template <class Body>
+__attribute__((always_inline)) inline void for_each_index(int64_t begin, int64_t end, int streams,
+                                                          Body&& body) {
+  if (streams == 1) {
+    for_each_index_in<1>(begin, end, body);
+  } else {
+    for_each_index_in<2>(begin, end, body);
+  }
 }
 
 // ---- 16-bit storage through the hardware conversions -----------------------------------------
@@ -185,7 +204,7 @@ void adam_kernel_impl(const AdamItem& item, const AdamCall& call, int64_t begin,
                 : for_each_block16<S, SCALED, false>(begin, end, grad, Divisor(grad_scale),
                                                      grad_post, written, update);
   }
-  for_each_index(first, end, [&](int64_t i) __attribute__((always_inline)) {
+  for_each_index(first, end, call.streams, [&](int64_t i) __attribute__((always_inline)) {
     T p = S::load(param[i]);
     T m = S::load(exp_avg[i]);
     T v = S::load(exp_avg_sq[i]);
@@ -230,7 +249,7 @@ void sgd_kernel_impl(const SgdItem& item, const SgdCall& call, int64_t begin, in
                 : for_each_block16<S, SCALED, false>(begin, end, grad, Divisor(grad_scale),
                                                      grad_post, written, update);
   }
-  for_each_index(first, end, [&](int64_t i) __attribute__((always_inline)) {
+  for_each_index(first, end, call.streams, [&](int64_t i) __attribute__((always_inline)) {
     T p = S::load(param[i]);
     // The first step overwrites the buffer without reading it (it may hold garbage).
     T buf = (MOM == rules::Momentum::kRun) ? S::load(buffer[i]) : T(0);

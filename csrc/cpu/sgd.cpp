@@ -48,7 +48,7 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
   const SgdVariant variant{weight_decay != 0.0, rules::momentum_mode(momentum, is_first_step),
                            nesterov, maximize, scale.has_value()};
   const SgdCall call{rules::make_sgd_scalars(lr, momentum, dampening, weight_decay),
-                     scale.value_or(1.0)};
+                     scale.value_or(1.0), active_streams()};
 
   const size_t n = params.size();
   std::vector<SgdItem> items;
