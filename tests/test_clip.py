@@ -1336,3 +1336,91 @@ def test_step_with_clipping_refuses_a_sparse_grad_given_after_the_first_step(bac
         opt.step()
     assert all(torch.equal(p, b) for p, b in zip(params, before))
     assert all(float(opt.state[p]["step"]) == 1.0 for p in params)
+
+
+# ---- property-based: any shapes, magnitudes, norm types and thresholds ------------------------
+
+from hypothesis import HealthCheck, assume, given, settings, strategies as st  # noqa: E402
+
+_property_settings = settings(max_examples=60, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+_shapes = st.lists(st.lists(st.integers(0, 40), max_size=3).map(tuple), min_size=1, max_size=10)
+_cpu_impls = ["reference"] + (["cpu"] if _norm_ops.has_kernel("total_norm", "cpu") else [])
+
+
+def _grads_at(shapes, dtype, seed, log_scale):
+    """randn x 10^log_scale, a tensor a shape; drawn in float64, rounded once to ``dtype``."""
+    return [t * 10.0 ** log_scale for t in grads_for(shapes, torch.float64, seed)]
+
+
+@_property_settings
+@given(shapes=_shapes, dtype=st.sampled_from(DTYPES), norm_type=st.sampled_from([2.0, INF, 1.0, 3.5, 0.5]),
+       log_scale=st.floats(-5, 4), max_norm=st.floats(1e-3, 1e4), seed=st.integers(0, 2 ** 16),
+       impl=st.sampled_from(_cpu_impls))
+def test_clip_grad_norm_matches_torch_on_any_input(shapes, dtype, norm_type, log_scale, max_norm,
+                                                   seed, impl):
+    """clip_grad_norm_ against torch's on drawn inputs: the returned norm within a few roundings
+    of the dtype, the clipped gradients within that of torch's, and not one bit changed when the
+    norm is clearly under the threshold."""
+    if math.isinf(norm_type):  # torch cannot take the inf-norm of an empty tensor
+        assume(all(math.prod(s) > 0 for s in shapes))
+    grads = [g.to(dtype) for g in _grads_at(shapes, dtype, seed, log_scale)]
+    exact = float(get_total_norm([g.double() for g in grads], norm_type))
+    finfo = torch.finfo(dtype)
+    # (torch rounds each tensor's norm to the dtype: past its range, torch's clip zeroes the
+    # gradients where ours clips them, a difference of design, test_clip_fp16_norm_beyond_...)
+    assume(exact < finfo.max / 4)
+    ours = [torch.zeros_like(g, requires_grad=True) for g in grads]
+    theirs = [torch.zeros_like(g, requires_grad=True) for g in grads]
+    for o, t, g in zip(ours, theirs, grads):
+        o.grad, t.grad = g.clone(), g.clone()
+    got = fusedopt.clip_grad_norm_(ours, max_norm, norm_type, backend=impl)
+    want = torch.nn.utils.clip_grad_norm_(theirs, max_norm, norm_type, foreach=False)
+    assert got.dtype == want.dtype and got.shape == want.shape == ()
+    tol = rtol_of(dtype) * 4 + (1e-5 if dtype == torch.float32 else 0)
+    torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=finfo.tiny)
+    for o, t in zip(ours, theirs):
+        peak = float(t.grad.double().abs().max()) if t.grad.numel() else 0.0
+        torch.testing.assert_close(o.grad.double(), t.grad.double(), rtol=tol,
+                                   atol=tol * peak + finfo.tiny)
+    if exact < max_norm * (1 - 1e-2):  # no clipping: a coefficient of one changes no bit
+        for o, g in zip(ours, grads):
+            assert torch.equal(o.grad, g)
+
+
+@_property_settings
+@given(shapes=_shapes, name=st.sampled_from(list(PAIRS)), log_scale=st.floats(-3, 3),
+       max_norm=st.floats(1e-2, 1e3), seed=st.integers(0, 2 ** 16),
+       backend=st.sampled_from(["reference"] + (["cpu"] if backends.available()["cpu"] is None
+                                                and _norm_ops.has_kernel("total_norm", "cpu")
+                                                else [])))
+def test_max_grad_norm_equals_torch_clip_then_step_on_any_input(shapes, name, log_scale, max_norm,
+                                                                seed, backend):
+    """``max_grad_norm=`` folded into the step against torch's clip_grad_norm_ then step, fp32,
+    three steps on drawn shapes and gradient magnitudes (clipping or not, by the draw)."""
+    ours_cls, torch_cls, flags = PAIRS[name]
+    params = make_params(shapes, torch.float32, seed=seed)
+    theirs = clone_params(params)
+    ours = ours_cls(params, lr=1e-2, max_grad_norm=max_norm, backend=backend, **flags)
+    ref = torch_cls(theirs, lr=1e-2, foreach=False, **flags)
+    for step in range(3):
+        for p, t, g in zip(params, theirs, _grads_at(shapes, torch.float32, seed + step, log_scale)):
+            p.grad, t.grad = g.float(), g.float()
+        ours.step()
+        norm = torch.nn.utils.clip_grad_norm_(theirs, max_norm, foreach=False)
+        ref.step()
+        torch.testing.assert_close(ours.last_grad_norm.to(norm.dtype), norm, rtol=1e-5,
+                                   atol=1e-30)
+    # The two coefficients (ours from the norm accumulated in fp32, applied as a division by
+    # its inverse; torch's from its own sum, multiplied) agree to ~1e-6 relative, so the
+    # updates do: atol in units of each tensor's magnitude (an element that cancels to near
+    # zero keeps the absolute error of the update, not a relative one).
+    for pa, pb in zip(params, theirs):
+        pairs = [(pa, pb)] + [(ours.state[pa][k], ref.state[pb][k]) for k in ref.state[pb]
+                              if k != "step"]
+        assert set(ours.state[pa]) == set(ref.state[pb])
+        if "step" in ref.state[pb]:  # (SGD keeps none)
+            assert float(ours.state[pa]["step"]) == float(ref.state[pb]["step"]) == 3
+        for a, b in pairs:
+            peak = float(b.detach().abs().max()) if b.numel() else 0.0
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=2e-5, atol=2e-6 * peak + 1e-7)
