@@ -48,7 +48,8 @@ def collect() -> Dict[str, Any]:
         from . import _C
         info["build"] = dict(_C.build_info())
         info["cpu_isa"] = _C.cpu_isa()
-        info["cpu_streams"] = _C.cpu_streams()
+        # (an extension built before the stream choice existed has no cpu_streams)
+        info["cpu_streams"] = _C.cpu_streams() if hasattr(_C, "cpu_streams") else None
     except Exception as exc:
         info["build"] = f"fusedopt._C not importable ({type(exc).__name__}: {exc})"
         info["cpu_isa"] = None
