@@ -24,9 +24,10 @@ Isa set_active_isa(Isa isa);
 
 // How many sub-ranges the optimizer kernels walk side by side (1 or 2; kernels_impl.h,
 // for_each_index). The better count depends on the machine's prefetchers
-// (benchmarks/stream_count.cpp): 2 on the Intel Xeon VM measured (~15% faster than 1 there), 1
-// on the AMD EPYC (Zen 4) VM (~1% there), so the default is 1 on AMD CPUs and 2 elsewhere. FUSEDOPT_CPU_STREAMS=1|2 at load time
-// overrides it (other values are ignored, like FUSEDOPT_CPU_ISA's).
+// (benchmarks/stream_count.cpp): 2 on the Intel Xeon VM measured (~15% faster than 1 on
+// GPT-2-sized AdamW there), 1 on the AMD EPYC (Zen 4) VM (1-10% faster there), so the default
+// is 1 on AMD CPUs and 2 elsewhere. FUSEDOPT_CPU_STREAMS=1|2 at load time overrides it (other
+// values are ignored, like FUSEDOPT_CPU_ISA's).
 int active_streams();
 int default_streams();
 // Sets the count (tests and benchmarks compare both in one process); throws unless 1 or 2.

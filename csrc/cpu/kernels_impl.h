@@ -24,11 +24,12 @@ bool compiled() { return true; }
 //   more cache lines in flight than one; GPT-2-sized AdamW / Nesterov steps took 110-121 /
 //   86-92 ms with 2 against 130-137 / 95-105 ms with 1 (same session, builds swapped in turn),
 //   and 4 were no better than 2.
-// - 2-core AMD EPYC (Zen 4) VM: one is as good or a little better. stream_count.cpp's
-//   Adam-like loop: 42-47 GB/s with 1, 40-42 with 2, 30-32 with 4 (three runs). The AdamW
-//   step on GPT-2 shapes, both counts interleaved in one process (cpu_op_timing.py --streams
-//   1,2): 1 faster in 6 runs of 6, by ~1% (56.5-57.7 against 57.1-58.5 ms); on 1000 x 4096
-//   2 was ~5% faster, SGD either way by run. A build with 4 ran AdamW GPT-2 at 0.48-0.71x torch.
+// - 2-core AMD EPYC (Zen 4) VM: one is better on big tensors. stream_count.cpp's Adam-like
+//   loop: 42-47 GB/s with 1, 40-42 with 2, 30-32 with 4 (three runs). The AdamW step, both
+//   counts interleaved in one process (cpu_op_timing.py --streams 1,2), 9 runs: GPT-2 shapes
+//   faster with 1 in all, by 1-2.5% when the VM's memory was slow (56-59 ms) and 7-10% when
+//   it was fast (34.2 / 37.1 against 37.6 / 39.9 ms); 10 x 4M 2-4% faster with 1; 1000 x
+//   4096 (L3-sized) either way, 2 ahead in 4 runs of 6. A build with 4 ran GPT-2 at half speed.
 // So the count is chosen at run time (isa.h, active_streams(): 1 on AMD, 2 elsewhere,
 // FUSEDOPT_CPU_STREAMS overrides) and carried in the call; results/stream-count-*.txt hold
 // both machines' profiles.
