@@ -18,7 +18,9 @@ The CPU kernels are compiled once per ISA (AVX-512 with and without AVX512_BF16,
 csrc/cpu/kernels_*.cpp) and the variant is chosen when the extension loads, so the build never
 uses -march=native and the result runs on any x86-64 machine. At run time,
 FUSEDOPT_CPU_ISA=avx512|avx2|scalar caps that choice
-(fusedopt._C.cpu_isa() reports it; fusedopt._C.build_info() reports how the build went).
+(fusedopt._C.cpu_isa() reports it; fusedopt._C.build_info() reports how the build went), and
+FUSEDOPT_CPU_STREAMS=1|2 sets how many sub-ranges the optimizer kernels walk side by side
+(default 1 on AMD CPUs, 2 elsewhere; fusedopt._C.cpu_streams()).
 """
 
 import glob
