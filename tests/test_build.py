@@ -19,15 +19,21 @@ needs_ext = pytest.mark.skipif(not _ops.available(), reason=f"fusedopt._C not bu
 X86 = platform.machine() in ("x86_64", "AMD64")
 
 
-def cpu_flags():
+def cpuinfo_field(name):
+    """The value of the first ``name`` line of /proc/cpuinfo, or None."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith(name):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return None
+
+
+def cpu_flags():
+    flags = cpuinfo_field("flags")
+    return None if flags is None else set(flags.split())
 
 
 @needs_ext
@@ -91,23 +97,12 @@ def test_isa_env_override():
     assert out.stdout.strip() == "scalar"
 
 
-def cpu_vendor():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
 @needs_ext
 def test_cpu_streams_default_follows_the_vendor():
     """1 sub-range on AMD CPUs, 2 elsewhere (isa.h, active_streams)."""
     from fusedopt import _C
     default = _ops.build_info()["cpu_streams_default"]
-    vendor = cpu_vendor()
+    vendor = cpuinfo_field("vendor_id")
     if X86 and vendor is not None:
         assert default == (1 if vendor == "AuthenticAMD" else 2), vendor
     else:
