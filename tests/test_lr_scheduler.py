@@ -1074,19 +1074,79 @@ def test_skip_aware_scheduler_follows_grad_scaler_skips():
     assert scheduler.get_last_lr() == [optimizer.param_groups[0]["lr"]]
 
 
-def test_skip_aware_scheduler_catches_skips_inside_optimizer_step():
-    """An optimizer that handles found_inf itself is stepped even on a skipped update: only the
-    loss scale tells (it shrinks exactly when inf/NaN were found)."""
+def _amp_aware_optimizers(param):
+    """Optimizers that take GradScaler's found_inf and skip inside their step, which GradScaler
+    therefore calls even on an overflowing iteration."""
+    import fusedopt.optim as fopt
+    yield "fusedopt-cpu", fopt.SGD([param], lr=0.1, backend="cpu")
+    yield "fusedopt-reference", fopt.SGD([param], lr=0.1, backend="reference")
+    yield "torch-fused", torch.optim.SGD([param], lr=0.1, fused=True)
+
+
+@pytest.mark.parametrize("use_scaler", [False, True])
+def test_skip_aware_scheduler_catches_skips_inside_optimizer_step(use_scaler):
+    """The step of an amp-aware optimizer runs on a skipped update too: the found_inf that
+    GradScaler hands it tells (with or without scaler=, which is no longer needed)."""
+    pattern = [True, False, False, True, True, False]  # True: inf gradients, update skipped
+    for name, optimizer in _amp_aware_optimizers(torch.nn.Parameter(torch.ones(2))):
+        param = optimizer.param_groups[0]["params"][0]
+        assert optimizer._step_supports_amp_scaling, name
+        calls = []
+        optimizer.register_step_post_hook(lambda *_: calls.append(1))
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        scheduler = fls.SkipAwareScheduler(fls.ExponentialLR(optimizer, gamma=0.5),
+                                           scaler=scaler if use_scaler else None)
+        for inject in pattern:
+            before = param.detach().clone()
+            _amp_iteration(param, optimizer, scaler, inject)
+            assert torch.equal(before, param.detach()) == inject, name
+            assert scheduler.optimizer_stepped() is (not inject), name
+            assert scheduler.step() is (not inject), name
+        assert len(calls) == len(pattern), name  # step was called on every iteration
+        assert scheduler.last_epoch == pattern.count(False), name
+        assert scheduler.skipped_steps == pattern.count(True), name
+
+
+@pytest.mark.parametrize("amp_aware", [False, True])
+def test_skip_aware_scheduler_stepped_per_epoch_counts_any_real_step(amp_aware):
+    """A scheduler stepped once per epoch (ReduceLROnPlateau with the metric) advances when the
+    optimizer took a real step in the epoch, however many updates of the epoch were skipped
+    (an earlier version compared the loss scale across the whole epoch and dropped the step)."""
+    import fusedopt.optim as fopt
     param = torch.nn.Parameter(torch.ones(2))
-    optimizer = torch.optim.SGD([param], lr=0.1)
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    hooks_only = fls.SkipAwareScheduler(fls.ExponentialLR(optimizer, gamma=0.5))
-    with_scaler = fls.SkipAwareScheduler(fls.ExponentialLR(make_optimizer(), gamma=0.5),
-                                         scaler=scaler, optimizer=optimizer)
-    _amp_iteration(param, optimizer, scaler, inject_inf=True)
-    optimizer.step()  # what an amp-aware optimizer's step looks like from outside
-    assert hooks_only.optimizer_stepped() and not with_scaler.optimizer_stepped()
-    assert with_scaler.step() is False and hooks_only.step() is True
+    optimizer = (fopt.SGD([param], lr=1.0, backend="cpu") if amp_aware
+                 else torch.optim.SGD([param], lr=1.0))
+    scaler = torch.amp.GradScaler("cpu")  # growth_interval 2000: the scale stays lower all epoch
+    scheduler = fls.SkipAwareScheduler(fls.ReduceLROnPlateau(optimizer, patience=0, factor=0.5),
+                                       scaler=scaler)
+    for metric in (1.0, 2.0, 3.0):  # worse every epoch: the lr halves from the second on
+        for iteration in range(5):
+            _amp_iteration(param, optimizer, scaler, inject_inf=iteration == 2)
+        assert scheduler.step(metric) is True
+    assert scheduler.last_epoch == 3
+    assert optimizer.param_groups[0]["lr"] == 0.25
+    # An epoch whose every update overflowed does not step the scheduler.
+    for _ in range(3):
+        _amp_iteration(param, optimizer, scaler, inject_inf=True)
+    assert scheduler.step(4.0) is False and scheduler.last_epoch == 3
+
+
+def test_skip_aware_scheduler_catches_skip_nonfinite_steps():
+    """fusedopt's skip_nonfinite=True skips on the device without GradScaler; the wrapper reads
+    the optimizer's skipped_steps counter."""
+    import fusedopt.optim as fopt
+    param = torch.nn.Parameter(torch.ones(2))
+    optimizer = fopt.AdamW([param], lr=0.1, skip_nonfinite=True, backend="cpu")
+    scheduler = fls.SkipAwareScheduler(fls.StepLR(optimizer, step_size=1, gamma=0.5))
+    pattern = [True, False, True, True, False]  # True: a NaN in the gradient
+    for bad in pattern:
+        param.grad = torch.tensor([float("nan") if bad else 1.0, 1.0])
+        before = param.detach().clone()
+        optimizer.step()
+        assert torch.equal(before, param.detach()) == bad
+        assert scheduler.step() is (not bad)
+    assert int(optimizer.skipped_steps) == pattern.count(True)
+    assert scheduler.last_epoch == pattern.count(False)
 
 
 def test_skip_aware_scheduler_wraps_step_of_optimizers_without_hooks():

@@ -11,21 +11,29 @@ scheduler stepped unconditionally then runs ahead of the optimizer: the schedule
     if optimizer_stepped:          # <- only then
         scheduler.step()
 
-:class:`SkipAwareScheduler` works out ``optimizer_stepped``:
+:class:`SkipAwareScheduler` works out ``optimizer_stepped`` by counting the optimizer's real
+steps, one by one, with a step pre-hook and post-hook (``register_step_pre_hook`` /
+``register_step_post_hook``; an optimizer without them gets its ``step`` method wrapped):
 
-* it registers a step post-hook on the optimizer (``register_step_post_hook``; an optimizer
-  without it gets its ``step`` method wrapped) and counts the optimizer's steps, which catches
-  GradScaler's usual skip (it does not call ``optimizer.step``);
-* given the ``scaler``, it also compares the loss scale before and after ``scaler.update()``:
-  the scale shrinks exactly when inf/NaN were found. This catches optimizers that take the
-  GradScaler's ``found_inf`` and skip inside their own ``step`` (fused optimizers with
-  ``_step_supports_amp_scaling``), for which ``optimizer.step`` is called even on a skipped
-  update.
+* GradScaler's usual skip does not call ``optimizer.step`` at all, so it is never counted;
+* optimizers that skip *inside* their ``step`` (fused ones, with ``_step_supports_amp_scaling``)
+  are called with the ``found_inf`` tensor GradScaler hands them as ``optimizer.found_inf``: a
+  step with ``found_inf != 0`` is not counted;
+* fusedopt's ``skip_nonfinite=True`` skips on the device and counts in
+  ``optimizer.skipped_steps``: a step that raised that counter is not counted.
+
+The two device-side verdicts are summed on the device; the count is read (one host sync, none
+when neither applies) only in :meth:`SkipAwareScheduler.step`. So a scheduler stepped once per
+epoch advances when the optimizer took at least one real step in the epoch, however many
+updates were skipped in it.
 """
 from __future__ import annotations
 
 import functools
 from typing import Any, Optional
+
+import torch
+from torch import Tensor
 
 
 class SkipAwareScheduler:
@@ -35,7 +43,7 @@ class SkipAwareScheduler:
 
     Example::
 
-        scheduler = SkipAwareScheduler(CosineAnnealingLR(optimizer, T_max=10_000), scaler=scaler)
+        scheduler = SkipAwareScheduler(CosineAnnealingLR(optimizer, T_max=10_000))
         for batch in loader:
             with torch.autocast("cuda", dtype=torch.float16):
                 loss = model(batch)
@@ -47,8 +55,11 @@ class SkipAwareScheduler:
 
     Args:
         scheduler: any scheduler with ``optimizer`` and ``step`` (ours or torch's).
-        scaler: optional ``torch.amp.GradScaler`` whose loss scale is checked as described in the
-            module docstring. Without it, only calls to ``optimizer.step`` are counted.
+        scaler: the ``torch.amp.GradScaler``, optional. Not needed to find the skipped steps
+            (see the module docstring): kept so that code written for earlier releases, which
+            compared the loss scale before and after ``scaler.update()``, still runs. That
+            comparison is gone: it dropped a whole epoch's step when one batch of the epoch
+            overflowed.
         optimizer: the optimizer to watch (default: ``scheduler.optimizer``).
 
     Attributes:
@@ -63,27 +74,62 @@ class SkipAwareScheduler:
         self.optimizer = optimizer
         self.scaler = scaler
         self.skipped_steps = 0
-        self._optimizer_steps = 0
-        self._steps_at_last_call = 0
-        self._scale_at_last_call = self._loss_scale()
+        self._real_steps = 0                          # steps known real on the host
+        self._real_steps_on_device: Optional[Tensor] = None  # plus those judged on the device
+        self._real_at_last_call = 0
+        self._skip_counter_before: Any = None
         self._remove_hook = self._watch(optimizer)
 
     # -- watching the optimizer ----------------------------------------------------------------
 
-    def _count_step(self, *_: Any) -> None:
-        self._optimizer_steps += 1
+    def _before_step(self, *_: Any) -> None:
+        counter = getattr(self.optimizer, "skipped_steps", None)
+        self._skip_counter_before = counter.clone() if isinstance(counter, Tensor) else counter
+
+    def _after_step(self, *_: Any) -> None:
+        skipped = self._skipped_inside_step()
+        if skipped is None:
+            self._real_steps += 1
+            return
+        real = torch.logical_not(skipped).to(torch.int64)
+        tally = self._real_steps_on_device
+        self._real_steps_on_device = real if tally is None else tally + real.to(tally.device)
+
+    def _skipped_inside_step(self) -> Optional[Tensor]:
+        """A bool tensor saying whether the step that just ran skipped its update on the device
+        (GradScaler's ``found_inf``, fusedopt's ``skip_nonfinite``), or None if it could not."""
+        verdicts = []
+        found_inf = getattr(self.optimizer, "found_inf", None)
+        if isinstance(found_inf, Tensor):
+            verdicts.append(found_inf.detach().reshape(-1).ne(0).any())
+        counter = getattr(self.optimizer, "skipped_steps", None)
+        if isinstance(counter, Tensor):
+            before = self._skip_counter_before
+            if before is None:
+                before = 0
+            elif isinstance(before, Tensor):
+                before = before.to(counter.device)
+            verdicts.append((counter.detach() - before).reshape(-1).ne(0).any())
+        if not verdicts:
+            return None
+        skipped = verdicts[0]
+        for verdict in verdicts[1:]:
+            skipped = skipped | verdict.to(skipped.device)
+        return skipped
 
     def _watch(self, optimizer: Any):
-        register = getattr(optimizer, "register_step_post_hook", None)
-        if callable(register):
-            handle = register(self._count_step)
-            return handle.remove
+        register_pre = getattr(optimizer, "register_step_pre_hook", None)
+        register_post = getattr(optimizer, "register_step_post_hook", None)
+        if callable(register_pre) and callable(register_post):
+            handles = [register_pre(self._before_step), register_post(self._after_step)]
+            return lambda: [handle.remove() for handle in handles]
         original_step = optimizer.step
 
         @functools.wraps(original_step)
         def counted_step(*args: Any, **kwargs: Any) -> Any:
+            self._before_step()
             result = original_step(*args, **kwargs)
-            self._count_step()
+            self._after_step()
             return result
 
         optimizer.step = counted_step
@@ -94,31 +140,26 @@ class SkipAwareScheduler:
 
         return unwrap
 
-    def _loss_scale(self) -> Optional[float]:
-        if self.scaler is None or not getattr(self.scaler, "is_enabled", lambda: True)():
-            return None
-        return float(self.scaler.get_scale())
-
     # -- the guarded step ----------------------------------------------------------------------
 
-    def optimizer_stepped(self) -> bool:
-        """Whether the optimizer took a real step since the last :meth:`step` of this wrapper.
+    def _count_real_steps(self) -> int:
+        on_device = self._real_steps_on_device
+        return self._real_steps + (int(on_device) if on_device is not None else 0)
 
-        Call it after ``scaler.update()``; it does not reset anything.
-        """
-        called = self._optimizer_steps > self._steps_at_last_call
-        scale = self._loss_scale()
-        found_inf = scale is not None and self._scale_at_last_call is not None and scale < self._scale_at_last_call
-        return called and not found_inf
+    def optimizer_stepped(self) -> bool:
+        """Whether the optimizer took at least one real step (an update it did not skip) since
+        the last :meth:`step` of this wrapper. Call it after ``scaler.update()``; it does not
+        reset anything."""
+        return self._count_real_steps() > self._real_at_last_call
 
     def step(self, *args: Any, **kwargs: Any) -> bool:
         """Step the wrapped scheduler if the optimizer stepped; return whether it did.
 
         Arguments are passed on (``ReduceLROnPlateau`` needs the metric).
         """
-        stepped = self.optimizer_stepped()
-        self._steps_at_last_call = self._optimizer_steps
-        self._scale_at_last_call = self._loss_scale()
+        real = self._count_real_steps()
+        stepped = real > self._real_at_last_call
+        self._real_at_last_call = real
         if stepped:
             self.scheduler.step(*args, **kwargs)
         else:
@@ -126,7 +167,7 @@ class SkipAwareScheduler:
         return stepped
 
     def remove(self) -> None:
-        """Stop watching the optimizer (remove the hook)."""
+        """Stop watching the optimizer (remove the hooks)."""
         self._remove_hook()
 
     def __getattr__(self, name: str) -> Any:
@@ -134,4 +175,3 @@ class SkipAwareScheduler:
         if name == "scheduler":
             raise AttributeError(name)
         return getattr(self.scheduler, name)
-

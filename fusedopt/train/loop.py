@@ -110,7 +110,7 @@ class Trainer:
         self._maybe_resume()
         # With fp16 the scheduler advances only on steps GradScaler did not skip. Built
         # after resuming: it remembers the loss scale it starts from.
-        self.schedule_guard = SkipAwareScheduler(self.scheduler, scaler=self.scaler) if self.scaler else None
+        self.schedule_guard = SkipAwareScheduler(self.scheduler) if self.scaler else None
         self.logger = MetricsLogger(self.log_path, enabled=self.ctx.is_main, progress=cfg.progress,
                                     total_steps=cfg.max_steps, initial_step=self.step)
 
