@@ -754,6 +754,37 @@ def test_compiled_step_checks_changed_hyperparameters_while_tracing():
     assert torch.equal(before, p.detach())
 
 
+@needs_traceable_step
+@pytest.mark.parametrize("name", ["Adam", "SGD"])
+def test_compiled_step_follows_a_momentum_schedule(name):
+    """OneCycleLR's cycle_momentum writes new betas (Adam) or momentum (SGD) every step; the
+    compiled ``fullgraph=True`` step keeps up (the checks built their error messages, with the
+    repr of the then-symbolic betas, even when they passed: dynamo cannot trace that repr)."""
+    from fusedopt.lr_scheduler import OneCycleLR
+    torch._dynamo.reset()
+    start = torch.randn(8)
+    params = [torch.nn.Parameter(start.clone()) for _ in range(2)]
+    cls = PAIRS[name][0]
+    flags = dict(momentum=0.9) if name == "SGD" else {}
+    compiled_opt, eager_opt = (cls([p], lr=0.01, backend="cpu", **flags) for p in params)
+    schedules = [OneCycleLR(opt, max_lr=0.1, total_steps=10) for opt in (compiled_opt, eager_opt)]
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def compiled_step():
+        compiled_opt.step()
+
+    for step in range(6):
+        grad = torch.randn(8, generator=torch.Generator().manual_seed(step))
+        for p in params:
+            p.grad = grad.clone()
+        compiled_step()
+        eager_opt.step()
+        for schedule in schedules:
+            schedule.step()
+    assert torch.equal(params[0].detach(), params[1].detach())
+    assert not torch.equal(params[0].detach(), start)
+
+
 def test_watched_values_edited_in_place_or_as_tensors():
     """A betas list edited in place is seen; tensors are compared by identity (never read: a
     new tensor each step makes no Tensor.__bool__ call), and only their size is checked."""

@@ -38,8 +38,8 @@ def _validate_adam(lr, betas, eps, weight_decay, on_step: bool = False) -> None:
     if not on_step:
         if isinstance(lr, Tensor):
             check_hyperparameter(lr.numel() == 1, "Tensor lr must be 1-element")
-        check_hyperparameter(0.0 <= lr, f"Invalid learning rate: {lr}")
-    check_hyperparameter(len(betas) == 2, f"betas must be a pair, got {betas!r}")
+        check_hyperparameter(0.0 <= lr, "Invalid learning rate: {}", lr)
+    check_hyperparameter(len(betas) == 2, "betas must be a pair, got {!r}", betas)
     in_unit = lambda v: 0.0 <= v < 1.0  # noqa: E731
     non_negative = lambda v: 0.0 <= v  # noqa: E731
     for value, ok, what in ((eps, non_negative, "epsilon value"),
@@ -47,7 +47,7 @@ def _validate_adam(lr, betas, eps, weight_decay, on_step: bool = False) -> None:
                             (betas[1], in_unit, "beta parameter at index 1"),
                             (weight_decay, non_negative, "weight_decay value")):
         if on_step and isinstance(value, Tensor):  # (its value would be a read from the device)
-            check_hyperparameter(value.numel() == 1, f"Tensor {what} must be 1-element")
+            check_hyperparameter(value.numel() == 1, "Tensor {} must be 1-element", what)
         else:
             check_value(ok, value, what)
     both_tensors = isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor)
@@ -55,7 +55,7 @@ def _validate_adam(lr, betas, eps, weight_decay, on_step: bool = False) -> None:
     check_hyperparameter(both_tensors or both_numbers, "betas must be either both floats or both Tensors")
     for index, beta in enumerate(betas):
         if isinstance(beta, Tensor):
-            check_hyperparameter(beta.numel() == 1, f"Tensor betas[{index}] must be 1-element")
+            check_hyperparameter(beta.numel() == 1, "Tensor betas[{}] must be 1-element", index)
 
 
 class Adam(FusedOptimizer):

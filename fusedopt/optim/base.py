@@ -100,9 +100,12 @@ class GroupCache:
                 and self.flags == flags and _same_objects(params, self.params))
 
 
-def check_hyperparameter(ok: bool, message: str) -> None:
+def check_hyperparameter(ok: bool, message: str, *values: Any) -> None:
+    """``ValueError(message.format(*values))`` unless ``ok``. The message is built only on
+    failure: ``repr`` of a value torch.compile traces symbolically (a changed beta) cannot be
+    traced, so a message built eagerly broke ``fullgraph=True`` steps."""
     if not ok:
-        raise ValueError(message)
+        raise ValueError(message.format(*values))
 
 
 class _Same:
@@ -126,7 +129,7 @@ def check_value(ok, value, what: str) -> None:
         good = ok(value)
     except TypeError:
         raise TypeError(f"{what} must be a number, got {value!r}") from None
-    check_hyperparameter(good, f"Invalid {what}: {value}")
+    check_hyperparameter(good, "Invalid {}: {}", what, value)
 
 
 #: Clipping options every fused optimizer takes (keyword arguments, stored in the groups; torch.optim
@@ -144,9 +147,9 @@ OWN_GROUP_KEYS = ("backend", "max_grad_norm", "skip_nonfinite")
 
 def check_clip_options(max_grad_norm, skip_nonfinite) -> None:
     check_hyperparameter(max_grad_norm is None or float(max_grad_norm) > 0.0,
-                         f"Invalid max_grad_norm: {max_grad_norm} (None or > 0)")
+                         "Invalid max_grad_norm: {} (None or > 0)", max_grad_norm)
     check_hyperparameter(isinstance(skip_nonfinite, bool),
-                         f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
+                         "skip_nonfinite must be a bool, got {!r}", skip_nonfinite)
 
 
 def check_group_options(group: Dict[str, Any]) -> None:

@@ -41,10 +41,10 @@ def _validate_sgd(lr, momentum, dampening, weight_decay, nesterov, on_step: bool
     if not on_step:
         if isinstance(lr, Tensor):
             check_hyperparameter(lr.numel() == 1, "Tensor lr must be 1-element")
-        check_hyperparameter(not lr < 0.0, f"Invalid learning rate: {lr}")
+        check_hyperparameter(not lr < 0.0, "Invalid learning rate: {}", lr)
     for value, what in ((momentum, "momentum value"), (weight_decay, "weight_decay value")):
         if on_step and isinstance(value, Tensor):  # (its value would be a read from the device)
-            check_hyperparameter(value.numel() == 1, f"Tensor {what} must be 1-element")
+            check_hyperparameter(value.numel() == 1, "Tensor {} must be 1-element", what)
         else:
             check_value(lambda v: not v < 0.0, value, what)
     if not on_step:  # (torch steps such a group as written, e.g. momentum warmed up from 0)
