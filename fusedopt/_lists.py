@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import operator
-from typing import Any, Iterable, List, Optional
+from typing import Any, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -39,10 +39,11 @@ def any_none(items: List[Any]) -> bool:
     return any(map(operator.is_, items, itertools.repeat(None)))
 
 
-def same_objects(a: List[Any], b: List[Any]) -> bool:
-    """Whether lists ``a`` and ``b`` hold the same objects (identity) in the same order: one C++
-    pass (``fusedopt._C._same_objects``, ~1 ns an element) where the extension has it."""
-    if is_compiling() or _same_objects is None:
+def same_objects(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    """Whether sequences ``a`` and ``b`` hold the same objects (identity) in the same order: one
+    C++ pass (``fusedopt._C._same_objects``, ~1 ns an element) where the extension has it and
+    both are lists (a group's ``params`` is one unless the user put a tuple there)."""
+    if is_compiling() or _same_objects is None or not (type(a) is list and type(b) is list):
         return len(a) == len(b) and all(x is y for x, y in zip(a, b))
     return _same_objects(a, b)
 

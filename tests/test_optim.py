@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -539,6 +540,81 @@ def test_state_dict_has_torch_keys():
     assert set(theirs.state_dict()["param_groups"][0]) | newer_keys == set(sd["param_groups"][0])
     assert "backend" in ours.param_groups[0] and "max_grad_norm" in ours.param_groups[0]
     assert sd["state"][0]["step"].dtype == torch.float32 and sd["state"][0]["step"].dim() == 0
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_sgd_without_momentum_keeps_no_state_entries(backend):
+    """torch.optim.SGD never touches ``opt.state`` without momentum; neither do we (an empty
+    entry per param made the state_dicts differ). With momentum the buffer appears at step 1."""
+    for momentum in (0.0, 0.9):
+        params = make_params([(3,), (2, 2)])
+        ours = fusedopt.optim.SGD(params, lr=0.1, momentum=momentum, backend=backend)
+        theirs = torch.optim.SGD(clone_params(params), lr=0.1, momentum=momentum)
+        for opt in (ours, theirs):
+            for p in opt.param_groups[0]["params"]:
+                p.grad = torch.ones_like(p)
+            opt.step()
+        assert len(ours.state) == len(theirs.state) == (0 if momentum == 0 else 2)
+        assert ours.state_dict()["state"].keys() == theirs.state_dict()["state"].keys()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_group_params_may_be_a_tuple(backend):
+    """torch.optim steps a group whose ``params`` the user replaced by a tuple; so do we (the
+    cache check took lists only and raised TypeError at the second step)."""
+    params = make_params([(3,)])
+    ours = fusedopt.optim.Adam(params, lr=0.1, backend=backend)
+    theirs = torch.optim.Adam(clone_params(params), lr=0.1)
+    for opt in (ours, theirs):
+        opt.param_groups[0]["params"] = tuple(opt.param_groups[0]["params"])
+    for step in range(3):
+        for opt in (ours, theirs):
+            opt.param_groups[0]["params"][0].grad = torch.full((3,), float(step + 1))
+            opt.step()
+    torch.testing.assert_close(ours.param_groups[0]["params"][0], theirs.param_groups[0]["params"][0])
+
+
+def test_duplicate_params_in_a_group_are_refused():
+    """torch.optim warns and steps the param twice (deprecated); a fused step would update it
+    twice at once (a race between threads or blocks), so we refuse, at construction and when the
+    group is edited later."""
+    p, q = make_params([(3,), (3,)])
+    with pytest.raises(ValueError, match="lists a parameter more than once"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fusedopt.optim.SGD([p, q, p], lr=0.1, momentum=0.9)
+    opt = fusedopt.optim.SGD([p], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="lists a parameter more than once"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.add_param_group({"params": [q, q]})
+    assert len(opt.param_groups) == 1  # the refused group is not left behind
+    opt.param_groups[0]["params"].append(p)
+    p.grad = torch.ones(3)
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="lists a parameter more than once"):
+        opt.step()
+    assert torch.equal(before, p.detach())
+
+
+@pytest.mark.parametrize("name", ["SGD", "AdamW"])
+def test_param_cast_after_its_state_exists(name):
+    """``model.double()`` after a step: the fused backend names the state tensor and the dtypes
+    (its kernels take state of the param's dtype); ``load_state_dict(state_dict())`` casts the
+    state, and stepping goes on."""
+    model = torch.nn.Linear(3, 2)
+    cls = PAIRS[name][0]
+    opt = cls(model.parameters(), lr=0.1, backend="cpu", **(dict(momentum=0.9) if name == "SGD" else {}))
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    model.double()
+    model(torch.randn(4, 3, dtype=torch.float64)).sum().backward()
+    with pytest.raises(RuntimeError, match=r"(momentum_buffers|exp_avgs)\[0\] has dtype Float but params\[0\] has dtype Double"):
+        opt.step()
+    opt.load_state_dict(opt.state_dict())
+    opt.step()
+    assert all(v.dtype == torch.float64 for k, v in opt.state[model.weight].items() if k != "step")
 
 
 # ---- GradScaler ------------------------------------------------------------------------------------

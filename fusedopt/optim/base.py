@@ -100,6 +100,11 @@ class GroupCache:
                 and self.flags == flags and _same_objects(params, self.params))
 
 
+_DUPLICATE_PARAMS = (
+    "a parameter group lists a parameter more than once; a fused step would update it twice at "
+    "once (torch.optim deprecates such groups and will refuse them)")
+
+
 def check_hyperparameter(ok: bool, message: str, *values: Any) -> None:
     """``ValueError(message.format(*values))`` unless ``ok``. The message is built only on
     failure: ``repr`` of a value torch.compile traces symbolically (a changed beta) cannot be
@@ -271,6 +276,9 @@ class FusedOptimizer(Optimizer):
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if len({id(p) for p in group["params"]}) != len(group["params"]):
+            self.param_groups.pop()
+            raise ValueError(_DUPLICATE_PARAMS)
         backends.validate_choice(group.get("backend", "auto"))
         check_group_options(group)
         self._validate_group(group)
@@ -553,13 +561,23 @@ class FusedOptimizer(Optimizer):
 
     def _collect_buckets(self, group, grads, present) -> GroupCache:
         buckets: Dict[tuple, GroupBucket] = {}
+        seen = set()
         for index, (p, g) in enumerate(zip(group["params"], grads)):
+            if id(p) in seen:
+                raise ValueError(_DUPLICATE_PARAMS)
+            seen.add(id(p))
             if g is None:
                 continue
             self._check_param(p, g)
-            state = self._param_state(p)
-            if len(state) == 0:
-                self._init_state(group, p, state)
+            state = self.state[p] if p in self.state else None
+            if not state:
+                fresh: Dict[str, Any] = {}
+                self._init_state(group, p, fresh)
+                if fresh:  # (an optimizer with no state up front, SGD, adds no empty entry)
+                    self.state[p] = fresh
+                    state = self.state[p]
+                else:
+                    state = state if state is not None else fresh
             self._prepare_state(group, p, state)
             real = kernel_view(p)
             layout = _dtensor.layout_of(p)
