@@ -618,6 +618,95 @@ def test_state_dict_saves_callable_objects_not_functions():
     assert other.lr_lambdas[0].rate == 0.9
 
 
+def test_state_dict_of_callables_without_dict_loads_back():
+    """A bound built-in (``factors.__getitem__``) or a ``__slots__`` object has no state to save:
+    saved as None, so the checkpoint loads back (here and into torch), where saving ``{}`` made
+    every load raise AttributeError (torch raises already when saving)."""
+    class Slotted:
+        __slots__ = ("rate",)
+
+        def __init__(self, rate):
+            self.rate = rate
+
+        def __call__(self, epoch):
+            return self.rate ** epoch
+
+    factors = [1.0, 0.5, 0.25, 0.125] * 4
+    for fn in (factors.__getitem__, Slotted(0.5)):
+        optimizer = make_optimizer(lrs=(1.0,))
+        scheduler = fls.LambdaLR(optimizer, fn)
+        scheduler.step()
+        state = pickle.loads(pickle.dumps(scheduler.state_dict()))
+        assert state["lr_lambdas"] == [None]
+        for module in (fls, tls):
+            other = module.LambdaLR(make_optimizer(lrs=(1.0,)), fn)
+            other.load_state_dict(state)
+            assert other.last_epoch == 1
+    stateful = fls.LambdaLR(make_optimizer(lrs=(1.0,)), Slotted(0.5))
+    with pytest.raises(ValueError, match="no __dict__"):
+        stateful.load_state_dict({**stateful.state_dict(), "lr_lambdas": [{"rate": 0.1}]})
+
+
+def test_multistep_milestones_counted_from_a_mapping_like_torch():
+    """Milestones given as a Counter (another MultiStepLR's ``milestones``) keep their counts."""
+    for source in ([2, 2, 4], {2: 2, 4: 1}):
+        runs = []
+        for module in (tls, fls):
+            optimizer = make_optimizer(lrs=(1.0,))
+            first = module.MultiStepLR(optimizer, milestones=[2, 2, 4], gamma=0.5)
+            milestones = first.milestones if isinstance(source, dict) else source
+            optimizer = make_optimizer(lrs=(1.0,))
+            runs.append(trace_of(module.MultiStepLR(optimizer, milestones=milestones, gamma=0.5),
+                                 optimizer, 6))
+        assert runs[0] == runs[1] == [1.0, 1.0, 0.25, 0.25, 0.125, 0.125, 0.125]
+
+
+INTEGRAL_FLOAT_ARGUMENTS = [
+    lambda m, o: m.StepLR(o, step_size=3.0),
+    lambda m, o: m.MultiStepLR(o, milestones=[2.0, 5.0]),
+    lambda m, o: m.ConstantLR(o, total_iters=4.0),
+    lambda m, o: m.LinearLR(o, total_iters=4.0),
+    lambda m, o: m.PolynomialLR(o, total_iters=6.0),
+    lambda m, o: m.CyclicLR(o, 0.01, 0.1, step_size_up=3, scale_mode="nonsense"),  # ignored: built-in mode
+]
+
+
+@pytest.mark.parametrize("build", INTEGRAL_FLOAT_ARGUMENTS)
+def test_integral_floats_and_ignored_arguments_accepted_like_torch(build):
+    """Integral floats (configs, ``epochs * 0.5``) give torch's schedule; torch ignores
+    ``scale_mode`` with a built-in CyclicLR mode, so do we."""
+    runs = []
+    for module in (tls, fls):
+        optimizer = make_optimizer(lrs=(1.0,))
+        runs.append(trace_of(build(module, optimizer), optimizer, 8))
+    assert_close(runs[1], runs[0])
+
+
+def test_get_lr_outside_step_warns_like_torch():
+    """torch warns when ``get_lr()`` is called outside ``step()`` (it computes the next epoch's
+    values, not the lr in use); ours too, once per call, and never from step() itself."""
+    for module in (tls, fls):
+        optimizer = make_optimizer(lrs=(1.0,))
+        scheduler = module.StepLR(optimizer, 3)
+        with pytest.warns(UserWarning, match=r"please use `get_last_lr\(\)`") as record:
+            scheduler.get_lr()
+        assert len(record) == 1
+    builds = [lambda o: fls.StepLR(o, 2), lambda o: fls.CosineAnnealingWarmRestarts(o, T_0=3),
+              lambda o: fls.OneCycleLR(o, max_lr=1.0, total_steps=20),
+              lambda o: fls.CyclicLR(o, 0.1, 1.0, step_size_up=2),
+              lambda o: fls.WarmupCosineLR(o, warmup_steps=2, total_steps=20),
+              lambda o: fls.SequentialLR(o, [fls.ConstantLR(o, 0.5, total_iters=2), fls.ExponentialLR(o, 0.9)],
+                                         milestones=[3])]
+    for build in builds:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            optimizer = make_optimizer(lrs=(1.0,))
+            scheduler = build(optimizer)
+            for _ in range(6):
+                scheduler.step()
+            scheduler.get_last_lr()
+
+
 def test_cyclic_state_dict_pickles_with_builtin_and_custom_scale():
     optimizer = make_optimizer()
     scheduler = fls.CyclicLR(optimizer, 0.01, 0.1, mode="exp_range", gamma=0.99)
@@ -913,6 +1002,10 @@ BAD_ARGUMENTS = [
     (lambda o: fls.SequentialLR(o, [fls.ReduceLROnPlateau(o)], milestones=[]), "ReduceLROnPlateau"),
     (lambda o: fls.ChainedScheduler([fls.StepLR(o, 3), fls.StepLR(make_optimizer(), 3)]), "different optimizer"),
     (lambda o: fls.ChainedScheduler([]), "schedulers"),
+    (lambda o: fls.ChainedScheduler([fls.StepLR(o, 3), tls.ReduceLROnPlateau(o)]), "ReduceLROnPlateau"),
+    (lambda o: fls.StepLR(o, step_size=2.5), "step_size"),
+    (lambda o: fls.MultiStepLR(o, milestones=[3, 4.5]), "milestones"),
+    (lambda o: fls.ReduceLROnPlateau(o, patience=float("inf")), "patience"),
     (lambda o: fls.ChainedScheduler([3]), "schedulers\\[0\\] is not a scheduler"),
     (lambda o: fls.WarmupCosineLR(o, warmup_steps=100, total_steps=100), "warmup_steps"),
     (lambda o: fls.WarmupCosineLR(o, 10, 100, min_lr=0.1, min_lr_ratio=0.1), "min_lr"),
@@ -991,6 +1084,12 @@ def test_deprecated_epoch_argument_and_verbose_warn():
     with pytest.warns(UserWarning, match="epoch"):
         scheduler.step(7)
     assert scheduler.last_epoch == 7
+    # torch's wording first: the filters training code uses for torch's warning catch ours
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error")
+        warnings.filterwarnings("ignore", message="The epoch parameter")
+        scheduler.step(8)
+        fls.ReduceLROnPlateau(make_optimizer()).step(1.0, epoch=3)
 
 
 # --------------------------------------------------------------------------------------------

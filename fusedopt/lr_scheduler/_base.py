@@ -11,21 +11,43 @@ new value without re-capturing or re-compiling.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import numbers
 import types
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import torch
 
 Tensor = torch.Tensor
 
+# torch's wording first (filters such as message="The epoch parameter" catch both), then ours.
 _EPOCH_ARGUMENT_WARNING = (
-    "Passing an epoch to scheduler.step() is deprecated (as in torch.optim.lr_scheduler): it jumps "
-    "to that epoch using the closed-form schedule where one exists. Call scheduler.step() without "
-    "arguments instead."
+    "The epoch parameter in `scheduler.step()` was not necessary and is being deprecated where "
+    "possible. Please use `scheduler.step()` to step the scheduler. With an epoch, the scheduler "
+    "jumps to it using the closed-form schedule where one exists."
 )
+_GET_LR_WARNING = "To get the last learning rate computed by the scheduler, please use `get_last_lr()`."
+
+
+def _warning_get_lr(get_lr: Callable) -> Callable:
+    """``get_lr`` warning as torch's does when called from outside ``step()`` (the values it
+    computes are those of an epoch step() is moving to, not the lr in use)."""
+    @functools.wraps(get_lr)
+    def get_lr_checked(self) -> List[Any]:
+        if getattr(self, "_get_lr_called_within_step", True):
+            return get_lr(self)
+        warnings.warn(_GET_LR_WARNING, UserWarning, stacklevel=2)
+        self._get_lr_called_within_step = True  # (once, however deep the super() calls go)
+        try:
+            return get_lr(self)
+        finally:
+            self._get_lr_called_within_step = False
+
+    get_lr_checked._warns_outside_step = True
+    return get_lr_checked
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,8 +119,11 @@ def _is_real(value: Any) -> bool:
 
 
 def check_int(name: str, value: Any, minimum: Optional[int] = None) -> int:
-    """``value`` must be an ``int`` (not a bool) and at least ``minimum``."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+    """``value`` must be an integer (not a bool; an integral float such as ``30.0``, as configs
+    and ``epochs * 0.5`` give, counts, as torch takes it) and at least ``minimum``."""
+    integral_float = (isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral)
+                      and math.isfinite(value) and float(value).is_integer())
+    if not (isinstance(value, numbers.Integral) or integral_float) or isinstance(value, bool):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
@@ -188,15 +213,21 @@ def check_verbose(verbose: Any) -> None:
 # --------------------------------------------------------------------------------------------
 
 def callable_state(fn: Optional[Callable]) -> Optional[Dict[str, Any]]:
-    """Plain functions and lambdas are not saved (None); a callable object saves its ``__dict__``."""
-    if fn is None or isinstance(fn, types.FunctionType):
+    """Plain functions and lambdas are not saved (None); a callable object saves its ``__dict__``;
+    one without a ``__dict__`` (a bound built-in such as ``factors.__getitem__``, a class with
+    ``__slots__``) has no state to save: None too (torch's ``state_dict`` raises there)."""
+    if fn is None or isinstance(fn, types.FunctionType) or not hasattr(fn, "__dict__"):
         return None
-    return dict(getattr(fn, "__dict__", {}))
+    return dict(fn.__dict__)
 
 
 def restore_callable_state(fn: Optional[Callable], state: Optional[Dict[str, Any]]) -> None:
-    if fn is not None and state is not None:
-        fn.__dict__.update(state)
+    if fn is None or not state:
+        return
+    if not hasattr(fn, "__dict__"):
+        raise ValueError(f"the state dict holds attributes {sorted(state)} for a callable "
+                         f"({type(fn).__name__}) that has no __dict__ to restore them into")
+    fn.__dict__.update(state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,6 +253,12 @@ class LRScheduler:
         base_lrs: ``initial_lr`` of each group.
         last_epoch: index of the current epoch (or batch, for per-batch schedules).
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        get_lr = cls.__dict__.get("get_lr")
+        if callable(get_lr) and not getattr(get_lr, "_warns_outside_step", False):
+            cls.get_lr = _warning_get_lr(get_lr)
 
     def __init__(self, optimizer: Any, last_epoch: int = -1, verbose: Any = "deprecated") -> None:
         check_optimizer(optimizer)
@@ -281,14 +318,20 @@ class LRScheduler:
         epoch with the closed-form schedule.
         """
         self._step_count += 1
-        self._get_lr_called_within_step = True
-        try:
+        with self._within_step():
             if epoch is None:
                 self.last_epoch += 1
                 self._set_lrs(self.get_lr())
             else:
                 warnings.warn(_EPOCH_ARGUMENT_WARNING, UserWarning, stacklevel=2)
                 self._jump_to(epoch)
+
+    @contextlib.contextmanager
+    def _within_step(self) -> Iterator[None]:
+        """Marks ``get_lr`` calls as step()'s own (no "use get_last_lr()" warning)."""
+        self._get_lr_called_within_step = True
+        try:
+            yield
         finally:
             self._get_lr_called_within_step = False
 

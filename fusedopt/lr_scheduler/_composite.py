@@ -4,6 +4,8 @@ from __future__ import annotations
 from bisect import bisect_right
 from typing import Any, Dict, List, Sequence
 
+import torch
+
 from ._base import LRScheduler, check_int, check_last_epoch, check_verbose, group_values, write_group_value
 from ._plateau import ReduceLROnPlateau
 
@@ -14,7 +16,7 @@ def _check_members(owner: str, schedulers: Sequence[Any], optimizer: Any) -> Non
     for index, scheduler in enumerate(schedulers):
         if not hasattr(scheduler, "optimizer") or not hasattr(scheduler, "step"):
             raise ValueError(f"{owner}: schedulers[{index}] is not a scheduler (no optimizer / step)")
-        if isinstance(scheduler, ReduceLROnPlateau):
+        if isinstance(scheduler, (ReduceLROnPlateau, torch.optim.lr_scheduler.ReduceLROnPlateau)):
             raise ValueError(
                 f"{owner}: schedulers[{index}] is a ReduceLROnPlateau, which needs a metric in step() "
                 f"and cannot be combined"

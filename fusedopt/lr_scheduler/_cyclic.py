@@ -136,9 +136,10 @@ class CyclicLR(_MomentumCycle, LRScheduler):
         self.mode = mode
         self.gamma = check_real("gamma", gamma, low=0.0, low_inclusive=False)
         self._scale_fn_custom = scale_fn
-        self.scale_mode = check_choice("scale_mode", scale_mode, ["cycle", "iterations"])
-        if scale_fn is None:  # the built-in modes fix what the scale depends on
-            self.scale_mode = "iterations" if mode == "exp_range" else "cycle"
+        if scale_fn is None:  # the built-in modes fix what the scale depends on (torch ignores
+            self.scale_mode = "iterations" if mode == "exp_range" else "cycle"  # the argument)
+        else:
+            self.scale_mode = check_choice("scale_mode", scale_mode, ["cycle", "iterations"])
         check_int("last_epoch", last_epoch, minimum=-1)
         if last_epoch == -1:
             for group, lr in zip(optimizer.param_groups, base_lrs):
@@ -352,6 +353,10 @@ class CosineAnnealingWarmRestarts(LRScheduler):
     def step(self, epoch: Optional[float] = None) -> None:
         """Advance one epoch, or jump to ``epoch`` (may be fractional; not deprecated here)."""
         self._step_count += 1
+        with self._within_step():
+            self._advance(epoch)
+
+    def _advance(self, epoch: Optional[float]) -> None:
         if epoch is None and self.last_epoch < 0:
             epoch = 0
         if epoch is None:

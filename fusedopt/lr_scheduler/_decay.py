@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 from collections import Counter
-from typing import Any, Callable, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence, Union
 
 from ._base import LRScheduler, check_int, check_real
 
@@ -132,8 +132,9 @@ class MultiStepLR(_RatioChain):
 
     def __init__(self, optimizer: Any, milestones: Iterable[int], gamma: float = 0.1, last_epoch: int = -1,
                  verbose: Any = "deprecated") -> None:
-        try:
-            milestone_list = list(milestones)
+        try:  # a mapping (a Counter, e.g. another MultiStepLR's milestones) gives the counts
+            milestone_list = (list(Counter(milestones).elements()) if isinstance(milestones, Mapping)
+                              else list(milestones))
         except TypeError:
             raise ValueError(f"milestones must be an iterable of integers, got {milestones!r}") from None
         for m in milestone_list:
