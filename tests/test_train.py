@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import math
 import shutil
 import signal
 import socket
@@ -727,6 +728,10 @@ def test_cli_rejects_bad_values(argv, message, capsys):
     ({"lerning_rate": 1.0}, "unknown option 'lerning_rate'"),
     ({"d_model": 30, "n_head": 4}, "not divisible by n_head"),
     ({"warmup_steps": 50, "max_steps": 50}, "warmup_steps=50 must be < max_steps=50"),
+    ({"max_corpus_bytes": 0}, "max_corpus_bytes must be >= 1"),
+    ({"max_corpus_bytes": -1000}, "max_corpus_bytes must be >= 1"),
+    ({"seed": 10 ** 14}, "seed must be in"),
+    ({"num_threads": 10 ** 6}, "num_threads=1000000 is more than"),
 ])
 def test_config_file_values_are_validated(values, message):
     with pytest.raises(ConfigError, match=message):
@@ -785,6 +790,64 @@ def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):
     train(tiny_cfg(tmp_path / "c", max_steps=1, save_every=1, warmup_steps=0))
     with pytest.raises(ckpt.CheckpointError, match="d_model=32 \\(now 64\\)"):
         train(tiny_cfg(tmp_path / "c", max_steps=2, d_model=64, resume="auto"))
+    # So is one whose optimizer and schedule were built from other hyperparameters: loading their
+    # states would keep the saved values (lr, betas) or graft a cosine state onto a wsd schedule.
+    with pytest.raises(ckpt.CheckpointError, match="lr=0.01 \\(now 0.1\\).*scheduler='cosine' \\(now 'wsd'\\)"):
+        train(tiny_cfg(tmp_path / "c", max_steps=2, warmup_steps=0, lr=0.1, scheduler="wsd",
+                       resume="auto"))
+    # --max-steps and the per-step options may change.
+    train(tiny_cfg(tmp_path / "c", max_steps=2, warmup_steps=0, clip_grad_norm=0.5, resume="auto"))
+
+
+def test_unusable_corpus_and_directories_are_refused_before_training(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="the corpus is empty"):
+        train(tiny_cfg(tmp_path / "a", data=str(empty)))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="--out-dir .*a_file/out' cannot be created"):
+        train(tiny_cfg(a_file / "out"))
+    out = tmp_path / "b"
+    with pytest.raises(ValueError, match="--ckpt-dir .*a_file/ck' cannot be created"):
+        train(tiny_cfg(out, ckpt_dir=str(a_file / "ck"), save_every=3))
+    assert not (out / "metrics.jsonl").exists()  # refused before the first step, not at the save
+
+
+def test_eval_set_is_the_same_for_any_world_size():
+    """The first eval_sequences positions, each counted once over the ranks, and the same
+    number of forwards on every rank (FSDP2's collectives); 3 sequences on 2 ranks counted 4."""
+    from fusedopt.train.loop import eval_chunks
+    for eval_sequences in (1, 3, 7, 128):
+        for world in (1, 2, 3, 4):
+            counted, forwards = [], set()
+            for rank in range(world):
+                chunks = list(eval_chunks(eval_sequences, world, rank, chunk=2))
+                forwards.add(len(chunks))
+                for positions, mask in chunks:
+                    counted += positions[mask].tolist()
+            assert sorted(counted) == list(range(eval_sequences)), (eval_sequences, world)
+            assert len(forwards) == 1, (eval_sequences, world)
+
+
+def test_log_window_grad_norm_leaves_out_steps_grad_scaler_skipped(tmp_path, monkeypatch):
+    """One skipped fp16 step (inf norm) no longer makes its whole window's grad_norm null."""
+    import functools
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**24))
+    summary = train(tiny_cfg(tmp_path, amp="fp16", max_steps=12, warmup_steps=4, log_every=12))
+    assert 0 < summary["amp_skipped_steps"] < 12
+    (line,) = [r for r in curve(tmp_path) if "grad_norm" in r]
+    assert line["grad_norm"] is not None and math.isfinite(line["grad_norm"]) and line["grad_norm"] > 0
+
+
+def test_logged_epoch_is_the_epoch_of_the_last_batch():
+    from fusedopt.train.data import ShardedBatchSampler
+    sampler = ShardedBatchSampler(num_samples=16, batch_size=4, rank=0, world_size=1, seed=0)
+    assert sampler.last_epoch == 0
+    for taken in range(1, 9):
+        sampler.next_indices()
+        assert sampler.last_epoch == (taken - 1) // 4
+    assert sampler.epoch == 2 and sampler.last_epoch == 1
 
 
 def test_cli_reports_errors_as_systemexit_naming_the_problem(tmp_path):

@@ -174,7 +174,7 @@ class TrainConfig:
                     f"unknown {f.name} {value!r}; choose one of: {', '.join(choices)}"
                 )
         positive = ["seq_len", "n_layer", "n_head", "d_model", "batch_size", "grad_accum",
-                    "max_steps", "log_every", "eval_sequences", "keep_last"]
+                    "max_steps", "log_every", "eval_sequences", "keep_last", "max_corpus_bytes"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -183,6 +183,12 @@ class TrainConfig:
         for name in nonneg:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2 ** 32:
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
+        cpus = os.cpu_count() or 1
+        if self.num_threads > 4 * cpus:
+            raise ConfigError(f"num_threads={self.num_threads} is more than 4x this machine's "
+                              f"{cpus} CPUs; use 0 (torch's default) or at most {4 * cpus}")
         if self.d_model % self.n_head:
             raise ConfigError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:

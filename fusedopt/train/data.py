@@ -136,6 +136,8 @@ class TokenDataset:
 def make_splits(data: bytes, seq_len: int, val_fraction: float,
                 device: torch.device) -> Tuple[TokenDataset, TokenDataset]:
     """Split the corpus into (train head, validation tail) datasets."""
+    if len(data) == 0:
+        raise ValueError("the corpus is empty (an empty file or directory, or --max-corpus-bytes 0)")
     tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.long)
     n_val = max(int(len(tokens) * val_fraction), seq_len + 1)
     train_tokens, val_tokens = tokens[:-n_val], tokens[-n_val:]
@@ -177,7 +179,13 @@ class ShardedBatchSampler:
 
     @property
     def epoch(self) -> int:
+        """The epoch of the next micro-batch."""
         return self.position // self.batches_per_epoch
+
+    @property
+    def last_epoch(self) -> int:
+        """The epoch of the last micro-batch taken (0 before any): what a step just trained on."""
+        return max(self.position - 1, 0) // self.batches_per_epoch
 
     def set_epoch(self, epoch: int) -> None:
         """Draw the permutation of ``epoch`` (a pure function of seed and epoch)."""

@@ -39,8 +39,15 @@ from .optimizers import GradNorm, build_optimizer, build_scheduler, describe_opt
 
 # Config fields that must match when resuming (they fix the shapes of the model
 # and optimizer state, or the meaning of the stored data position).
+# Options a resumed run must keep: the model and data shapes, and everything the checkpoint's
+# optimizer and scheduler states were built from (loading them would silently keep the saved
+# hyperparameters, or graft a saved schedule's state onto another schedule). --max-steps may
+# change (the schedule keeps its own horizon); options applied afresh at every step
+# (--clip-grad-norm, --dropout, --backend) may too.
 RESUME_MUST_MATCH = ("seq_len", "d_model", "n_layer", "n_head", "optimizer", "amp",
-                     "batch_size", "grad_accum", "seed", "data")
+                     "batch_size", "grad_accum", "seed", "data",
+                     "lr", "weight_decay", "beta1", "beta2", "eps", "nesterov",
+                     "scheduler", "warmup_steps", "min_lr_ratio", "wsd_decay_fraction")
 
 
 def _check_before_joining(cfg: TrainConfig) -> None:
@@ -48,6 +55,31 @@ def _check_before_joining(cfg: TrainConfig) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     sharding.check_supported(cfg.parallel, world_size, device)
+
+
+def _check_directories(cfg: TrainConfig) -> None:
+    """The run and checkpoint directories exist (created) and are writable: refused up front,
+    not at the first log line or, for checkpoints, after training up to --save-every."""
+    for flag, path in (("--out-dir", cfg.out_dir), ("--ckpt-dir", cfg.checkpoint_dir)):
+        try:
+            Path(path).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"{flag} {path!r} cannot be created: {exc.strerror or exc}") from None
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"{flag} {path!r} is not writable")
+
+
+def eval_chunks(eval_sequences: int, world: int, rank: int, chunk: int):
+    """This rank's evaluation forwards: ``(positions, counted)`` pairs, positions being indices
+    of validation sequences (the caller wraps them around a small split) and ``counted`` whether
+    each is one of the first ``eval_sequences``. Every rank gets the same number of forwards
+    (FSDP2's collectives need it), so when ``world`` does not divide ``eval_sequences`` the last
+    ranks' surplus positions run but count for nothing: the set is the same for any world size."""
+    per_rank = -(-eval_sequences // world)
+    first = rank * per_rank
+    for start in range(first, first + per_rank, chunk):
+        positions = torch.arange(start, min(start + chunk, first + per_rank))
+        yield positions, positions < eval_sequences
 
 
 def seed_everything(seed: int) -> None:
@@ -61,6 +93,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, ctx: Optional[DistContext] = None):
         cfg.validate()
+        _check_directories(cfg)
         self.cfg = cfg
         if ctx is None:
             _check_before_joining(cfg)
@@ -175,15 +208,17 @@ class Trainer:
         self._sync()
         opt_time = time.perf_counter() - t_opt
         self.optimizer.zero_grad(set_to_none=True)
+        skipped = False
         if self.schedule_guard is not None:
-            self.skipped_steps += 0 if self.schedule_guard.step() else 1
+            skipped = not self.schedule_guard.step()
+            self.skipped_steps += int(skipped)
         else:
             self.scheduler.step()
         self.step += 1
         step_time = time.perf_counter() - t0
         grad_norm = _dtensor.plain(grad_norm)  # (a replicated DTensor for sharded gradients)
         return {"loss": loss_sum / cfg.grad_accum, "grad_norm": torch.as_tensor(grad_norm),
-                "lr": lr, "step_time": step_time, "opt_time": opt_time}
+                "lr": lr, "step_time": step_time, "opt_time": opt_time, "skipped": skipped}
 
     # ------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -196,20 +231,18 @@ class Trainer:
         """
         cfg = self.cfg
         self.raw_model.eval()
-        world = self.ctx.world_size
-        per_rank = -(-cfg.eval_sequences // world)
-        chunk = max(1, cfg.batch_size // world)
-        first = self.ctx.rank * per_rank
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for start in range(first, first + per_rank, chunk):
-            stop = min(start + chunk, first + per_rank)
-            x, y = self.val_set.batch(torch.arange(start, stop) % len(self.val_set))
+        for positions, counted in eval_chunks(cfg.eval_sequences, self.ctx.world_size,
+                                              self.ctx.rank, max(1, cfg.batch_size // self.ctx.world_size)):
+            x, y = self.val_set.batch(positions % len(self.val_set))
+            counted = counted.to(self.device)
             with self.autocast():
                 logits = self.raw_model(x)
-                loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1),
-                                           reduction="sum")
-            total[0] += loss_sum.double()
-            total[1] += y.numel()
+                token_losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
+                                               y.reshape(-1), reduction="none")
+            per_sequence = token_losses.double().view(y.shape[0], -1).sum(dim=1)
+            total[0] += (per_sequence * counted).sum()
+            total[1] += counted.sum() * y.shape[1]
         total = all_reduce_sum(total, self.ctx)
         return float(total[0] / total[1])
 
@@ -358,7 +391,7 @@ class Trainer:
             w = self.window
             record = {
                 "step": self.step,
-                "epoch": self.sampler.epoch,
+                "epoch": self.sampler.last_epoch,  # of the step's last batch
                 "loss": reduced["loss"],
                 "lr": last["lr"],
                 "grad_norm": reduced["grad_norm"],
@@ -392,7 +425,8 @@ class Trainer:
         while self.step < cfg.max_steps:
             self._maybe_fail()
             out = self.train_step()
-            self.window.add(out["loss"], out["grad_norm"], out["step_time"], out["opt_time"])
+            self.window.add(out["loss"], out["grad_norm"], out["step_time"], out["opt_time"],
+                            skipped=out["skipped"])
             self.stats.add(out["step_time"], out["opt_time"], self.tokens_per_step)
             log.progress(1)
             done = self.step == cfg.max_steps

@@ -42,32 +42,43 @@ class MetricsWindow:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.grad_norm_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.steps = 0
+        self.grad_norm_steps = 0  # the steps whose norm counts: those GradScaler did not skip
         self.step_time = 0.0
         self.opt_time = 0.0
 
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, step_time: float, opt_time: float) -> None:
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, step_time: float, opt_time: float,
+            skipped: bool = False) -> None:
+        """One step. A step GradScaler ``skipped`` (inf/NaN gradients: its norm is inf) adds its
+        loss but not its gradient norm, so that one skip does not make the window's norm inf."""
         self.loss_sum += loss.detach().to(torch.float64)
-        self.grad_norm_sum += grad_norm.detach().to(torch.float64)
+        if not skipped:
+            self.grad_norm_sum += grad_norm.detach().to(torch.float64)
+            self.grad_norm_steps += 1
         self.steps += 1
         self.step_time += step_time
         self.opt_time += opt_time
 
     def state_dict(self) -> Dict[str, Any]:
         return {"loss_sum": self.loss_sum.cpu(), "grad_norm_sum": self.grad_norm_sum.cpu(),
-                "steps": self.steps, "step_time": self.step_time, "opt_time": self.opt_time}
+                "steps": self.steps, "grad_norm_steps": self.grad_norm_steps,
+                "step_time": self.step_time, "opt_time": self.opt_time}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.loss_sum = state["loss_sum"].to(self.device)
         self.grad_norm_sum = state["grad_norm_sum"].to(self.device)
         self.steps = int(state["steps"])
+        self.grad_norm_steps = int(state.get("grad_norm_steps", self.steps))  # (older checkpoints)
         self.step_time = float(state["step_time"])
         self.opt_time = float(state["opt_time"])
 
     def reduce(self, ctx: DistContext) -> Dict[str, float]:
-        """Global window means (a collective: every rank must call it)."""
+        """Global window means (a collective: every rank must call it); the gradient norm is
+        None when every step of the window was skipped."""
         sums = all_reduce_sum(torch.stack([self.loss_sum, self.grad_norm_sum]), ctx)
         n = max(self.steps, 1) * ctx.world_size
-        return {"loss": float(sums[0]) / n, "grad_norm": float(sums[1]) / n}
+        n_norms = self.grad_norm_steps * ctx.world_size
+        return {"loss": float(sums[0]) / n,
+                "grad_norm": float(sums[1]) / n_norms if n_norms else None}
 
 
 class RunStats:
