@@ -36,15 +36,12 @@ def _warning_get_lr(get_lr: Callable) -> Callable:
     """``get_lr`` warning as torch's does when called from outside ``step()`` (the values it
     computes are those of an epoch step() is moving to, not the lr in use)."""
     @functools.wraps(get_lr)
-    def get_lr_checked(self) -> List[Any]:
+    def get_lr_checked(self, *args: Any, **kwargs: Any) -> List[Any]:
         if getattr(self, "_get_lr_called_within_step", True):
-            return get_lr(self)
+            return get_lr(self, *args, **kwargs)
         warnings.warn(_GET_LR_WARNING, UserWarning, stacklevel=2)
-        self._get_lr_called_within_step = True  # (once, however deep the super() calls go)
-        try:
-            return get_lr(self)
-        finally:
-            self._get_lr_called_within_step = False
+        with self._within_step():  # (once, however deep the super() calls go)
+            return get_lr(self, *args, **kwargs)
 
     get_lr_checked._warns_outside_step = True
     return get_lr_checked
@@ -255,14 +252,18 @@ class LRScheduler:
     """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
+        # This package's schedules warn as torch's built-in ones do; a user's subclass is left
+        # as written (torch does not wrap it either: its get_lr may take arguments, its own
+        # step() may call it).
         super().__init_subclass__(**kwargs)
         get_lr = cls.__dict__.get("get_lr")
-        if callable(get_lr) and not getattr(get_lr, "_warns_outside_step", False):
+        if (cls.__module__.startswith("fusedopt.") and callable(get_lr)
+                and not getattr(get_lr, "_warns_outside_step", False)):
             cls.get_lr = _warning_get_lr(get_lr)
 
     def __init__(self, optimizer: Any, last_epoch: int = -1, verbose: Any = "deprecated") -> None:
         check_optimizer(optimizer)
-        check_last_epoch(last_epoch)
+        last_epoch = check_last_epoch(last_epoch)
         check_verbose(verbose)
         self.optimizer = optimizer
         if last_epoch == -1:
@@ -329,17 +330,20 @@ class LRScheduler:
     @contextlib.contextmanager
     def _within_step(self) -> Iterator[None]:
         """Marks ``get_lr`` calls as step()'s own (no "use get_last_lr()" warning)."""
+        outer = getattr(self, "_get_lr_called_within_step", False)
         self._get_lr_called_within_step = True
         try:
             yield
         finally:
-            self._get_lr_called_within_step = False
+            self._get_lr_called_within_step = outer
 
     def _jump_to(self, epoch: int) -> None:
-        """Set ``last_epoch`` to ``epoch`` and apply the schedule's value there."""
-        self.last_epoch = epoch
-        lrs = self._closed_form_lr()
-        self._set_lrs(lrs if lrs is not None else self.get_lr())
+        """Set ``last_epoch`` to ``epoch`` and apply the schedule's value there (also called by
+        SequentialLR at a milestone, outside this scheduler's step())."""
+        with self._within_step():
+            self.last_epoch = epoch
+            lrs = self._closed_form_lr()
+            self._set_lrs(lrs if lrs is not None else self.get_lr())
 
     def _set_lrs(self, lrs: Sequence[Any]) -> None:
         groups = self.optimizer.param_groups

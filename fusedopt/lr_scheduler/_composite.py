@@ -96,11 +96,10 @@ class SequentialLR(_CompositeState, LRScheduler):
                 f"SequentialLR: milestones must have len(schedulers) - 1 = {len(schedulers) - 1} entries, "
                 f"got {len(milestones)}"
             )
-        for m in milestones:
-            check_int("milestones", m, minimum=0)
+        milestones = [check_int("milestones", m, minimum=0) for m in milestones]
         if milestones != sorted(milestones):
             raise ValueError(f"SequentialLR: milestones must be non-decreasing, got {milestones}")
-        check_last_epoch(last_epoch)
+        last_epoch = check_last_epoch(last_epoch)
         check_verbose(verbose)
         self._schedulers = schedulers
         self._milestones = milestones

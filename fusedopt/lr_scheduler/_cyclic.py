@@ -140,7 +140,7 @@ class CyclicLR(_MomentumCycle, LRScheduler):
             self.scale_mode = "iterations" if mode == "exp_range" else "cycle"  # the argument)
         else:
             self.scale_mode = check_choice("scale_mode", scale_mode, ["cycle", "iterations"])
-        check_int("last_epoch", last_epoch, minimum=-1)
+        last_epoch = check_int("last_epoch", last_epoch, minimum=-1)
         if last_epoch == -1:
             for group, lr in zip(optimizer.param_groups, base_lrs):
                 write_group_value(group, "lr", lr)
@@ -256,7 +256,7 @@ class OneCycleLR(_MomentumCycle, LRScheduler):
         self._anneal_func_type = check_choice("anneal_strategy", anneal_strategy, ["cos", "linear"])
         check_real("div_factor", div_factor, low=0.0, low_inclusive=False)
         check_real("final_div_factor", final_div_factor, low=0.0, low_inclusive=False)
-        check_int("last_epoch", last_epoch, minimum=-1)
+        last_epoch = check_int("last_epoch", last_epoch, minimum=-1)
         self._schedule_phases = self._make_phases(float(pct_start), bool(three_phase))
 
         max_lrs = per_group("max_lr", max_lr, optimizer)
@@ -371,9 +371,10 @@ class CosineAnnealingWarmRestarts(LRScheduler):
 
     def _jump_to(self, epoch: float) -> None:
         check_real("epoch", epoch, low=0.0)
-        self.T_cur, self.T_i = self._position(epoch)
-        self.last_epoch = math.floor(epoch)
-        self._set_lrs(self.get_lr())
+        with self._within_step():
+            self.T_cur, self.T_i = self._position(epoch)
+            self.last_epoch = math.floor(epoch)
+            self._set_lrs(self.get_lr())
 
     def _position(self, epoch: float) -> tuple:
         """(T_cur, T_i) at ``epoch``: walk the restart points ``T_0 (T_mult^n - 1) / (T_mult - 1)``."""

@@ -137,9 +137,7 @@ class MultiStepLR(_RatioChain):
                               else list(milestones))
         except TypeError:
             raise ValueError(f"milestones must be an iterable of integers, got {milestones!r}") from None
-        for m in milestone_list:
-            check_int("milestones", m, minimum=0)
-        self.milestones = Counter(milestone_list)
+        self.milestones = Counter(check_int("milestones", m, minimum=0) for m in milestone_list)
         self.gamma = check_real("gamma", gamma, low=0.0)
         super().__init__(optimizer, last_epoch, verbose)
 

@@ -36,6 +36,20 @@ import torch
 from torch import Tensor
 
 
+def _scaler_found_inf(scaler: Any, optimizer: Any) -> list:
+    """The infs GradScaler found in ``optimizer``'s gradients this iteration (its per-optimizer
+    record, filled by ``unscale_``; private to torch, so anything unexpected gives nothing),
+    as a list of 0-dim bool device tensors."""
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if not isinstance(states, dict) or id(optimizer) not in states:
+        return []
+    per_device = states[id(optimizer)].get("found_inf_per_device") if isinstance(
+        states[id(optimizer)], dict) else None
+    if not isinstance(per_device, dict):
+        return []
+    return [t.detach().reshape(-1).ne(0).any() for t in per_device.values() if isinstance(t, Tensor)]
+
+
 class SkipAwareScheduler:
     """Wrap a scheduler so that :meth:`step` advances it only if the optimizer stepped since the
     previous call. Everything else (``get_last_lr``, ``state_dict``, ``last_epoch``...) is passed
@@ -55,11 +69,13 @@ class SkipAwareScheduler:
 
     Args:
         scheduler: any scheduler with ``optimizer`` and ``step`` (ours or torch's).
-        scaler: the ``torch.amp.GradScaler``, optional. Not needed to find the skipped steps
-            (see the module docstring): kept so that code written for earlier releases, which
-            compared the loss scale before and after ``scaler.update()``, still runs. That
-            comparison is gone: it dropped a whole epoch's step when one batch of the epoch
-            overflowed.
+        scaler: the ``torch.amp.GradScaler``, optional: not needed with optimizers GradScaler
+            hands ``found_inf`` to, or that it does not call on an overflow. Given, a step
+            without ``found_inf`` is also judged by the scaler's own record of the infs it found
+            for this optimizer (optimizers of GradScaler's deprecated ``grad_scaler=`` protocol
+            get that scaler passed to ``step`` and need no argument either). Earlier releases
+            compared the loss scale before and after ``scaler.update()`` instead, which dropped
+            a whole epoch's step when one batch of the epoch overflowed.
         optimizer: the optimizer to watch (default: ``scheduler.optimizer``).
 
     Attributes:
@@ -78,7 +94,9 @@ class SkipAwareScheduler:
         self._real_steps_on_device: Optional[Tensor] = None  # plus those judged on the device
         self._real_at_last_call = 0
         self._skip_counter_before: Any = None
-        self._remove_hook = self._watch(optimizer)
+        self._hook_handles: list = []       # (picklable: no closures kept on the wrapper)
+        self._unwrap_step: Any = None
+        self._watch(optimizer)
 
     # -- watching the optimizer ----------------------------------------------------------------
 
@@ -86,8 +104,9 @@ class SkipAwareScheduler:
         counter = getattr(self.optimizer, "skipped_steps", None)
         self._skip_counter_before = counter.clone() if isinstance(counter, Tensor) else counter
 
-    def _after_step(self, *_: Any) -> None:
-        skipped = self._skipped_inside_step()
+    def _after_step(self, _optimizer: Any = None, _args: Any = (), kwargs: Any = None) -> None:
+        scaler = (kwargs or {}).get("grad_scaler", self.scaler)
+        skipped = self._skipped_inside_step(scaler)
         if skipped is None:
             self._real_steps += 1
             return
@@ -95,13 +114,15 @@ class SkipAwareScheduler:
         tally = self._real_steps_on_device
         self._real_steps_on_device = real if tally is None else tally + real.to(tally.device)
 
-    def _skipped_inside_step(self) -> Optional[Tensor]:
+    def _skipped_inside_step(self, scaler: Any) -> Optional[Tensor]:
         """A bool tensor saying whether the step that just ran skipped its update on the device
         (GradScaler's ``found_inf``, fusedopt's ``skip_nonfinite``), or None if it could not."""
         verdicts = []
         found_inf = getattr(self.optimizer, "found_inf", None)
         if isinstance(found_inf, Tensor):
             verdicts.append(found_inf.detach().reshape(-1).ne(0).any())
+        else:  # the scaler's own record (optimizers of the deprecated grad_scaler= protocol)
+            verdicts.extend(_scaler_found_inf(scaler, self.optimizer))
         counter = getattr(self.optimizer, "skipped_steps", None)
         if isinstance(counter, Tensor):
             before = self._skip_counter_before
@@ -117,19 +138,19 @@ class SkipAwareScheduler:
             skipped = skipped | verdict.to(skipped.device)
         return skipped
 
-    def _watch(self, optimizer: Any):
+    def _watch(self, optimizer: Any) -> None:
         register_pre = getattr(optimizer, "register_step_pre_hook", None)
         register_post = getattr(optimizer, "register_step_post_hook", None)
         if callable(register_pre) and callable(register_post):
-            handles = [register_pre(self._before_step), register_post(self._after_step)]
-            return lambda: [handle.remove() for handle in handles]
+            self._hook_handles = [register_pre(self._before_step), register_post(self._after_step)]
+            return
         original_step = optimizer.step
 
         @functools.wraps(original_step)
         def counted_step(*args: Any, **kwargs: Any) -> Any:
             self._before_step()
             result = original_step(*args, **kwargs)
-            self._after_step()
+            self._after_step(optimizer, args, kwargs)
             return result
 
         optimizer.step = counted_step
@@ -138,7 +159,7 @@ class SkipAwareScheduler:
             if optimizer.__dict__.get("step") is counted_step:
                 del optimizer.step
 
-        return unwrap
+        self._unwrap_step = unwrap
 
     # -- the guarded step ----------------------------------------------------------------------
 
@@ -168,7 +189,12 @@ class SkipAwareScheduler:
 
     def remove(self) -> None:
         """Stop watching the optimizer (remove the hooks)."""
-        self._remove_hook()
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = []
+        if self._unwrap_step is not None:
+            self._unwrap_step()
+            self._unwrap_step = None
 
     def __getattr__(self, name: str) -> Any:
         # only called for attributes not found on the wrapper itself

@@ -287,8 +287,12 @@ class FusedOptimizer(Optimizer):
         """torch.optim's state dict (same keys, same layout, plain dicts; see
         :data:`OWN_GROUP_KEYS`)."""
         saved = super().state_dict()
+        # Plain dicts; and no empty entries: a param of a stateless group (SGD without momentum)
+        # has one in ``self.state`` (kept: torch.distributed.checkpoint takes an empty
+        # ``optimizer.state`` for "never stepped" and runs a step with zero grads to fill it, at
+        # every save and load), where torch.optim's state_dict has none.
         saved["state"] = {key: dict(value) if isinstance(value, _state.ParamState) else value
-                          for key, value in saved["state"].items()}
+                          for key, value in saved["state"].items() if len(value) != 0}
         for group in saved["param_groups"]:  # (copies of the groups: the live ones keep theirs)
             for key in OWN_GROUP_KEYS:
                 group.pop(key, None)
@@ -569,15 +573,9 @@ class FusedOptimizer(Optimizer):
             if g is None:
                 continue
             self._check_param(p, g)
-            state = self.state[p] if p in self.state else None
-            if not state:
-                fresh: Dict[str, Any] = {}
-                self._init_state(group, p, fresh)
-                if fresh:  # (an optimizer with no state up front, SGD, adds no empty entry)
-                    self.state[p] = fresh
-                    state = self.state[p]
-                else:
-                    state = state if state is not None else fresh
+            state = self._param_state(p)
+            if len(state) == 0:
+                self._init_state(group, p, state)
             self._prepare_state(group, p, state)
             real = kernel_view(p)
             layout = _dtensor.layout_of(p)

@@ -197,6 +197,6 @@ class SGD(FusedOptimizer):
         for i in fresh:
             owner = bucket.owners[i]  # the buffer is like it (complex, DTensor), the kernel's view real
             buf = torch.zeros_like(owner, memory_format=torch.preserve_format)
-            self._param_state(owner)["momentum_buffer"] = buf
+            self.state[owner]["momentum_buffer"] = buf
             bucket.state_lists["momentum_buffer"][i] = kernel_view(buf)
         self._rebase_caches(before)  # (this bucket's cache included: it holds the new buffers)

@@ -16,7 +16,7 @@ import signal
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -45,9 +45,18 @@ from .optimizers import GradNorm, build_optimizer, build_scheduler, describe_opt
 # change (the schedule keeps its own horizon); options applied afresh at every step
 # (--clip-grad-norm, --dropout, --backend) may too.
 RESUME_MUST_MATCH = ("seq_len", "d_model", "n_layer", "n_head", "optimizer", "amp",
-                     "batch_size", "grad_accum", "seed", "data",
-                     "lr", "weight_decay", "beta1", "beta2", "eps", "nesterov",
-                     "scheduler", "warmup_steps", "min_lr_ratio", "wsd_decay_fraction")
+                     "batch_size", "grad_accum", "seed", "data", "lr", "weight_decay", "beta1",
+                     "scheduler", "warmup_steps")
+# ... and those that only some optimizers or schedules read.
+RESUME_MUST_MATCH_IF = {"beta2": lambda cfg: cfg.optimizer != "sgd",
+                        "eps": lambda cfg: cfg.optimizer != "sgd",
+                        "nesterov": lambda cfg: cfg.optimizer == "sgd",
+                        "min_lr_ratio": lambda cfg: cfg.scheduler != "constant",
+                        "wsd_decay_fraction": lambda cfg: cfg.scheduler == "wsd"}
+
+
+def _resume_must_match(cfg: TrainConfig) -> List[str]:
+    return list(RESUME_MUST_MATCH) + [k for k, used in RESUME_MUST_MATCH_IF.items() if used(cfg)]
 
 
 def _check_before_joining(cfg: TrainConfig) -> None:
@@ -241,7 +250,7 @@ class Trainer:
                 token_losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
                                                y.reshape(-1), reduction="none")
             per_sequence = token_losses.double().view(y.shape[0], -1).sum(dim=1)
-            total[0] += (per_sequence * counted).sum()
+            total[0] += torch.where(counted, per_sequence, 0.0).sum()  # (not * : NaN * 0 is NaN)
             total[1] += counted.sum() * y.shape[1]
         total = all_reduce_sum(total, self.ctx)
         return float(total[0] / total[1])
@@ -323,7 +332,8 @@ class Trainer:
     def load(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path, map_location=self.device)
         saved_cfg = state.get("config", {})
-        changed = [k for k in RESUME_MUST_MATCH if k in saved_cfg and saved_cfg[k] != getattr(self.cfg, k)]
+        changed = [k for k in _resume_must_match(self.cfg)
+                   if k in saved_cfg and saved_cfg[k] != getattr(self.cfg, k)]
         if changed:
             details = ", ".join(f"{k}={saved_cfg[k]!r} (now {getattr(self.cfg, k)!r})" for k in changed)
             raise ckpt.CheckpointError(f"checkpoint {str(path)!r} does not fit this run: it was written with {details}")
