@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "cpu/ops_cpu.h"
+#include "list_overlap.h"
 #if defined(FUSEDOPT_WITH_CUDA)
 #include "cuda/ops_cuda.h"
 #endif
@@ -172,6 +173,26 @@ py::object total_norm_direct(py::handle tensors, double norm_type, bool of_grads
   return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(out)));
 }
 
+// list_overlap.h's written_memory_shared for Python: `written` and `read` are sequences of
+// sequences of tensors (any tensor type; None and tensors without storage, e.g. meta or fake
+// ones, are passed over).
+bool memory_shared(py::handle written, py::handle read) {
+  auto load = [](py::handle lists, std::vector<std::vector<at::Tensor>>& out) {
+    for (py::handle list : py::reinterpret_borrow<py::sequence>(lists)) {
+      std::vector<at::Tensor>& tensors = out.emplace_back();
+      for (py::handle obj : py::reinterpret_borrow<py::sequence>(list)) {
+        if (!obj.is_none()) tensors.push_back(py::cast<at::Tensor>(obj));
+      }
+    }
+  };
+  std::vector<std::vector<at::Tensor>> w, r;
+  load(written, w);
+  load(read, r);
+  std::vector<at::TensorList> wl(w.begin(), w.end()), rl(r.begin(), r.end());
+  py::gil_scoped_release no_gil;
+  return written_memory_shared(wl, rl);
+}
+
 // torch.ops.fusedopt.scale_ without boxing; False (nothing done) when the dispatcher must.
 bool scale_direct(py::handle tensors, const at::Tensor& scale) {
   if (dispatch_modes_active() || scale.key_set().has_any(kNeedsDispatcher)) return false;
@@ -304,6 +325,9 @@ void bind_direct_calls(py::module& m) {
   m.def("_scale_cpu", &scale_direct,
         "Eager fast path of torch.ops.fusedopt.scale_ for plain CPU tensors; False, doing "
         "nothing, when the call must go through the dispatcher instead.");
+  m.def("_memory_shared", &memory_shared, py::arg("written"), py::arg("read"),
+        "Whether a tensor of the `written` lists shares memory with another tensor of the call "
+        "(written or read); tensors of the `read` lists may share memory among themselves.");
   m.def("_summarize", &summarize,
         "(devices, dtypes, any_sparse) of a sequence of plain tensors, read in one C++ pass "
         "(distinct devices and dtypes in order of first appearance); None when some element "

@@ -23,6 +23,14 @@ _grad = operator.attrgetter("grad")
 _is_sparse = operator.attrgetter("is_sparse")
 _same_objects = getattr(_C, "_same_objects", None)  # (None without the extension)
 _sparse_positions = getattr(_C, "_sparse_positions", None)
+_memory_shared = getattr(_C, "_memory_shared", None)
+
+#: the error of an optimizer call whose tensors share memory (see :func:`memory_shared`)
+SHARED_MEMORY_MESSAGE = (
+    "tensors of the call share memory: a param listed twice, a state tensor (or step counter) "
+    "that is (a view of) a param or another state tensor, or a grad that views a param or state "
+    "tensor. Every param and state tensor must own its elements (grads may share theirs with "
+    "other grads)")
 
 
 def grads_of(params: Iterable[Any]) -> List[Optional[Any]]:
@@ -46,6 +54,44 @@ def same_objects(a: Sequence[Any], b: Sequence[Any]) -> bool:
     if is_compiling() or _same_objects is None or not (type(a) is list and type(b) is list):
         return len(a) == len(b) and all(x is y for x, y in zip(a, b))
     return _same_objects(a, b)
+
+
+def _element_span(t: Any):
+    """Byte range [begin, end) of the elements of ``t`` (strides >= 0), or None (empty, no data)."""
+    if t is None or t.numel() == 0 or t.device.type == "meta":
+        return None
+    begin = t.data_ptr()
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return begin, begin + (last + 1) * t.element_size()
+
+
+def memory_shared(written: Sequence[Sequence[Any]], read: Sequence[Sequence[Any]] = ()) -> bool:
+    """Whether a tensor of the ``written`` lists shares memory with another tensor of the call
+    (written or read): one parallel region or launch would then have threads rewrite the same
+    elements in an unspecified order. Tensors of ``read`` lists may share memory among
+    themselves. One C++ pass (``fusedopt._C._memory_shared``, ~30 ns a tensor) where the
+    extension has it; under torch.compile (fake tensors) nothing is compared."""
+    if is_compiling():
+        return False
+    if _memory_shared is not None:
+        return _memory_shared(written, read)
+    spans = []
+    for lists, is_written in ((written, True), (read, False)):
+        for tensors in lists:
+            for t in tensors:
+                span = _element_span(t)
+                if span is not None:
+                    spans.append((span[0], span[1], is_written))
+    spans.sort()
+    written_reach = read_reach = 0
+    for begin, end, is_written in spans:
+        if begin < written_reach or (is_written and begin < read_reach):
+            return True
+        if is_written:
+            written_reach = max(written_reach, end)
+        else:
+            read_reach = max(read_reach, end)
+    return False
 
 
 def sparse_positions(tensors: List[Optional[Any]]) -> List[int]:

@@ -17,6 +17,7 @@ to trace the calls.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import torch
@@ -66,17 +67,38 @@ def scale_(tensors, scale: torch.Tensor) -> None:
     torch.ops.fusedopt.scale_(list(tensors), scale)
 
 
+def _check_fake_call(op: str, tensors, scalar_name: Optional[str] = None,
+                     scalar: Optional[torch.Tensor] = None) -> Optional[torch.device]:
+    """What a fake implementation can check (``_ops.check_fake_call``: a meta tensor among real
+    ones is refused, not run as a no-op): one device for the list; the scalar argument's element
+    count and device. Returns the list's device (None for an empty list)."""
+    device = tensors[0].device if len(tensors) else None
+    for i, t in enumerate(tensors):
+        if t.device != device:
+            raise RuntimeError(f"fusedopt::{op}: tensors[{i}] is on {t.device} but tensors[0] is "
+                               f"on {device}; one call takes tensors of one device")
+    if scalar_name is not None:
+        _ops.check_scalar(op, scalar_name, scalar, device, "the tensors are")
+    _ops.check_fake_call(op, itertools.chain(
+        ((f"tensors[{i}]", t) for i, t in enumerate(tensors)), ((scalar_name, scalar),)))
+    return device
+
+
 def _total_norm_fake(tensors, norm_type, prescale=None):
+    device = _check_fake_call("total_norm", tensors, "prescale", prescale)
+    if device is None:
+        device = prescale.device if prescale is not None else torch.device("cpu")
     any_double = any(t.dtype == torch.float64 for t in tensors)
-    device = tensors[0].device if tensors else torch.device("cpu")
     return torch.empty((), dtype=torch.float64 if any_double else torch.float32, device=device)
 
 
 def _scale_fake(tensors, scale) -> None:
+    _check_fake_call("scale_", tensors, "scale", scale)
     return None
 
 
 def _clamp_fake(tensors, min, max) -> None:  # noqa: A002 (the schema's names)
+    _check_fake_call("clamp_", tensors)
     return None
 
 

@@ -6,6 +6,12 @@ are split by (device, dtype); each part goes to the backend :func:`fusedopt.back
 picks for ``backend`` (``"auto"`` by default). Complex tensors are updated through real views,
 DTensors through their local shards (every list's entry ``i`` must then have the layout of
 ``params[i]``; gradients are redistributed to it).
+
+The number hyperparameters are checked as torch.optim's constructors check them, with their
+words (``0 <= beta < 1``, ``eps``, ``lr``, ``weight_decay``, ``momentum`` not negative, the
+Nesterov rule); a tensor ``lr`` by its shape only (its value is never read: no host sync). A
+``None`` entry in a list is an error naming the list and index; the backends check the rest
+(shapes, dtypes, devices, one-element scalars) before writing anything.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from . import _dtensor, backends
+from ._lists import SHARED_MEMORY_MESSAGE, any_none, memory_shared
 from ._views import as_real
 
 Tensor = torch.Tensor
@@ -31,6 +38,74 @@ def _check_lists(name: str, reference: Sequence[Tensor], **others: Sequence[Tens
         if len(other) != len(reference):
             raise ValueError(f"{name}: {other_name} has {len(other)} tensors but params has "
                              f"{len(reference)}")
+
+
+def _check_no_none(name: str, **lists: Sequence[Optional[Tensor]]) -> None:
+    """A ``None`` entry (e.g. a param without a gradient) is an error naming the list and index,
+    not an AttributeError deep inside: one C-level pass per list."""
+    for list_name, tensors in lists.items():
+        if any_none(tensors):
+            i = next(i for i, t in enumerate(tensors) if t is None)
+            hint = "; leave out the params that have no gradient" if list_name == "grads" else ""
+            raise ValueError(f"fusedopt.functional.{name}: {list_name}[{i}] is None (every entry "
+                             f"must be a tensor{hint})")
+
+
+def _check_memory(name: str, written: List[Sequence[Tensor]], grads: Sequence[Tensor]) -> None:
+    """What the step writes must not share memory with anything else of the call (one region
+    or launch would rewrite shared elements from several threads at once); grads may share
+    theirs with other grads. ~30 ns a tensor in C++, at every call (the optimizers check once
+    per cache instead). A step counter shared by two params counts too: the CPU backend would
+    advance it once per param, the GPU kernels once per launch."""
+    if memory_shared(written, [grads]):
+        raise ValueError(f"fusedopt.functional.{name}: {SHARED_MEMORY_MESSAGE}")
+
+
+def _invalid(ok: bool, message: str, *values) -> None:
+    """``ValueError(message.format(*values))`` (torch.optim's wording) unless ``ok``; the message
+    is built only on failure (torch.compile may trace the values symbolically)."""
+    if not ok:
+        raise ValueError(message.format(*values))
+
+
+def _is_number(value) -> bool:
+    """A Python number, checked by value here. A tensor hyperparameter is not read (that would
+    wait for the device); the backends check its shape."""
+    return isinstance(value, (int, float))
+
+
+def _check_lr(lr, non_negative) -> None:
+    if isinstance(lr, Tensor):
+        _invalid(lr.numel() == 1, "Tensor lr must be 1-element")
+    elif _is_number(lr):
+        _invalid(non_negative(lr), "Invalid learning rate: {}", lr)
+
+
+def _check_adam_hyperparameters(lr, beta1, beta2, eps, weight_decay) -> None:
+    """torch.optim.Adam's range checks, with its wording, on the number arguments (as
+    :class:`fusedopt.optim.Adam`'s constructor: NaN is refused too)."""
+    at_least_0 = lambda v: 0.0 <= v  # noqa: E731
+    _check_lr(lr, at_least_0)
+    for value, ok, what in ((eps, at_least_0, "epsilon value"),
+                            (beta1, lambda v: 0.0 <= v < 1.0, "beta parameter at index 0"),
+                            (beta2, lambda v: 0.0 <= v < 1.0, "beta parameter at index 1"),
+                            (weight_decay, at_least_0, "weight_decay value")):
+        if _is_number(value):
+            _invalid(ok(value), "Invalid {}: {}", what, value)
+
+
+def _check_sgd_hyperparameters(lr, momentum, dampening, weight_decay, nesterov) -> None:
+    """torch.optim.SGD's checks, with its wording, on the number arguments, as
+    :class:`fusedopt.optim.SGD`'s constructor makes them (torch's ``value < 0`` tests; torch
+    checks no range of ``dampening``: only the Nesterov rule involves it)."""
+    not_negative = lambda v: not v < 0.0  # noqa: E731
+    _check_lr(lr, not_negative)
+    for value, what in ((momentum, "momentum value"), (weight_decay, "weight_decay value")):
+        if _is_number(value):
+            _invalid(not_negative(value), "Invalid {}: {}", what, value)
+    if nesterov and _is_number(momentum) and _is_number(dampening):
+        _invalid(momentum > 0 and dampening == 0,
+                 "Nesterov momentum requires a momentum and zero dampening")
 
 
 def _partition(params: Sequence[Tensor]) -> Dict[Tuple[torch.device, torch.dtype], List[int]]:
@@ -66,8 +141,13 @@ def adam_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[
     empty when ``amsgrad`` is false. See :class:`fusedopt.optim.Adam` for the math.
     """
     backends.validate_choice(backend)
-    _check_lists("adam_", params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
-                 state_steps=state_steps, **({"max_exp_avg_sqs": max_exp_avg_sqs} if amsgrad else {}))
+    _check_adam_hyperparameters(lr, beta1, beta2, eps, weight_decay)
+    used = dict(grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, state_steps=state_steps,
+                **({"max_exp_avg_sqs": max_exp_avg_sqs} if amsgrad else {}))
+    _check_lists("adam_", params, **used)
+    _check_no_none("adam_", params=params, **used)
+    _check_memory("adam_", [params, exp_avgs, exp_avg_sqs, state_steps]
+                  + ([max_exp_avg_sqs] if amsgrad else []), grads)
     if any(g.is_sparse for g in grads):
         raise RuntimeError("fusedopt.functional.adam_ does not support sparse gradients")
     for (device, dtype), idx in _partition(params).items():
@@ -90,8 +170,11 @@ def sgd_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Se
     with ``is_first_step`` the buffers are overwritten with the gradient (torch's first step).
     See :class:`fusedopt.optim.SGD` for the math."""
     backends.validate_choice(backend)
-    _check_lists("sgd_", params, grads=grads,
-                 **({"momentum_buffers": momentum_buffers} if momentum != 0 else {}))
+    _check_sgd_hyperparameters(lr, momentum, dampening, weight_decay, nesterov)
+    used = dict(grads=grads, **({"momentum_buffers": momentum_buffers} if momentum != 0 else {}))
+    _check_lists("sgd_", params, **used)
+    _check_no_none("sgd_", params=params, **used)
+    _check_memory("sgd_", [params] + ([momentum_buffers] if momentum != 0 else []), grads)
     if any(g.is_sparse for g in grads):
         raise RuntimeError("fusedopt.functional.sgd_ does not support sparse gradients")
     for (device, dtype), idx in _partition(params).items():

@@ -14,6 +14,7 @@ counter hand-off, tail chunks) are what needs testing.
 
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -491,6 +492,60 @@ def test_lr_tensor_equals_float_lr(triton_backend, device):
     for a, b in zip(by_float[0], by_tensor[0]):
         assert torch.equal(a, b)
     case.compare(triton_backend, **dict(hyper, lr=torch.tensor(3e-3, device=device, dtype=torch.float64)))
+
+
+BAD_SCALARS = {
+    # found_inf flags the overflow in element 1: reading element 0 applied the step
+    "found_inf with two elements": (dict(found_inf=[0.0, 1.0]),
+                                    "found_inf must be a tensor with one element, got shape [2]"),
+    "lr with two elements": (dict(lr=[0.5, 2.0]),
+                             "lr_tensor must be a tensor with one element, got shape [2]"),
+    "grad_scale with two elements": (dict(grad_scale=[2.0, 4.0]),
+                                     "grad_scale must be a tensor with one element, got shape [2]"),
+    "empty grad_scale": (dict(grad_scale=[]),
+                         "grad_scale must be a tensor with one element, got shape [0]"),
+    # (a KeyError 'complex64' from the launcher's dtype table)
+    "complex lr": (dict(lr=1 + 0j), "lr_tensor has dtype torch.complex64; it must be a real"),
+    "complex found_inf": (dict(found_inf=0j), "found_inf has dtype torch.complex64"),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("algo", ["adam", "sgd"])
+@pytest.mark.parametrize("case", list(BAD_SCALARS))
+def test_scalar_tensors_are_checked_like_the_cpu_backend(triton_backend, device, algo, case):
+    """lr / grad_scale / found_inf tensors must hold one real element (the cpu backend's checks
+    and words); a bad one changes nothing."""
+    values, message = BAD_SCALARS[case]
+    kwargs = dict(ADAM_DEFAULTS) if algo == "adam" else dict(
+        lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
+        is_first_step=False)
+    kwargs.update({k: torch.tensor(v, device=device) for k, v in values.items()})
+    p, g, m, v = (torch.full((5,), x, device=device) for x in (1.0, 1.0, 0.0, 0.0))
+    step = torch.zeros((), device=device)
+    with pytest.raises(RuntimeError, match=f"fusedopt::{algo}_ \\(triton\\): " + re.escape(message)):
+        if algo == "adam":
+            triton_backend.adam_([p], [g], [m], [v], [], [step], **kwargs)
+        else:
+            triton_backend.sgd_([p], [g], [m], **kwargs)
+    assert torch.equal(p, torch.ones(5, device=device)) and torch.equal(m, torch.zeros(5, device=device))
+    assert float(step) == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scalar_tensors_of_other_real_dtypes(triton_backend, device):
+    """Integer, bool and float8 scalars are read as their value (a float8 found_inf failed in the
+    kernel, comparing fp8 with an int)."""
+    fp8 = getattr(torch, "float8_e4m3fn", None)
+    for dtype in [torch.int64, torch.int32, torch.uint8, torch.bool, torch.float16] + ([fp8] if fp8 else []):
+        for flag, expected in ((0, 0.95), (1, 1.0)):
+            p = torch.ones(3, device=device)
+            triton_backend.sgd_([p], [torch.ones(3, device=device)], [], lr=0.05, momentum=0.0,
+                                dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
+                                is_first_step=False, found_inf=torch.tensor(flag).to(device, dtype),
+                                grad_scale=torch.tensor(1).to(device, dtype))
+            torch.testing.assert_close(p, torch.full((3,), expected, device=device),
+                                       msg=lambda m: f"{dtype}: {m}")
 
 
 # ---- one launch per dtype, the table cache --------------------------------------------------

@@ -144,6 +144,36 @@ def test_total_norm_fp16_squares_overflow_but_norm_does_not(impl):
     torch.testing.assert_close(ours, get_total_norm([g]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0])
+def test_cpu_norm_of_elements_whose_terms_overflow_float32(dtype, norm_type):
+    """One element of 1e20 squares to inf in float32, its norm does not: the cpu backend sums a
+    chunk whose float32 sum overflowed again in double (clipping zeroed such a gradient before).
+    torch's CPU norm gets it right for a 1-element tensor and gives inf for this one; we give
+    the exact norm's rounding for both. An inf element still gives inf."""
+    g = torch.zeros(5000, dtype=dtype)
+    g[1234] = 1e20 if norm_type != 3.0 else 1e13
+    ours = fusedopt.get_total_norm([g], norm_type, backend="cpu")
+    exact = get_total_norm([g.double()], norm_type).to(ours.dtype)
+    torch.testing.assert_close(ours, exact, rtol=1e-6, atol=0)
+    one = fusedopt.get_total_norm([g[1234:1235]], norm_type, backend="cpu")
+    torch.testing.assert_close(one, get_total_norm([g[1234:1235]], norm_type), rtol=1e-6, atol=0)
+    p = torch.zeros_like(g, requires_grad=True)
+    p.grad = g.clone()
+    fusedopt.clip_grad_norm_([p], max_norm=1.0, backend="cpu")
+    assert float(p.grad[1234]) == pytest.approx(1.0, rel=1e-2)
+    g[7] = INF
+    assert torch.isinf(fusedopt.get_total_norm([g], norm_type, backend="cpu"))
+
+
+def test_cpu_scale_refuses_unsupported_dtypes_even_when_it_has_nothing_to_do():
+    """scale_ by exactly 1 writes nothing, but a dtype it cannot scale is refused all the same
+    (clip_grads_with_norm_ on float8 grads failed or passed depending on the norm)."""
+    for value in (1.0, 0.5):
+        with pytest.raises(RuntimeError, match="has dtype Int, which is not supported"):
+            torch.ops.fusedopt.scale_([torch.ones(3, dtype=torch.int32)], torch.tensor(value))
+
+
 @pytest.mark.parametrize("impl", norm_impls())
 def test_clip_fp16_norm_beyond_fp16_range_still_clips(impl):
     """A norm of ~9.5e5 is inf in fp16: torch then zeroes the gradients; fusedopt clips them."""

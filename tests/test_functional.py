@@ -1,6 +1,8 @@
 """fusedopt.functional: lists in, one dispatch point out; same numbers as the optimizers."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -54,3 +56,159 @@ def test_functional_rejects_sparse_and_bad_backend():
         functional.sgd_([p], [sparse], [], lr=0.1)
     with pytest.raises(ValueError, match="Invalid backend"):
         functional.sgd_([p], [torch.zeros(3)], [], lr=0.1, backend="nope")
+
+
+ADAM_HYPER = dict(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+
+
+def _adam(backend="reference", n=1, **hyper):
+    params = [torch.ones(4) for _ in range(n)]
+    functional.adam_(params, [torch.ones(4) for _ in range(n)], [torch.zeros(4) for _ in range(n)],
+                     [torch.zeros(4) for _ in range(n)], [], [torch.tensor(0.0) for _ in range(n)],
+                     backend=backend, **{**ADAM_HYPER, **hyper})
+    return params
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("beta1", 1.0, "Invalid beta parameter at index 0: 1.0"),  # silently NaN params before
+    ("beta1", -0.5, "Invalid beta parameter at index 0: -0.5"),  # triton's ln(beta) is -inf
+    ("beta2", 1.5, "Invalid beta parameter at index 1: 1.5"),
+    ("beta2", float("nan"), "Invalid beta parameter at index 1: nan"),
+    ("eps", -1e-8, "Invalid epsilon value: -1e-08"),
+    ("lr", -0.1, "Invalid learning rate: -0.1"),
+    ("weight_decay", -0.01, "Invalid weight_decay value: -0.01"),
+])
+@pytest.mark.parametrize("backend", backend_params())
+def test_functional_adam_checks_hyperparameters_like_torch(backend, name, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _adam(backend, **{name: value})
+    # the same values are what torch.optim.Adam refuses, with the same words
+    betas = (value if name == "beta1" else 0.9, value if name == "beta2" else 0.999)
+    kwargs = {"betas": betas} if name.startswith("beta") else {name: value}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        torch.optim.Adam([torch.zeros(1, requires_grad=True)], **kwargs)
+
+
+def test_functional_adam_tensor_lr_is_not_read():
+    """A tensor lr is checked by shape only (reading its value would wait for the device)."""
+    assert torch.equal(_adam(lr=torch.tensor(-0.0))[0], _adam(lr=0.0)[0])
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+        _adam(lr=torch.tensor([0.1, 0.2]))
+    params = _adam(lr=torch.tensor(0.1), beta1=0.0, beta2=0.0, eps=0.0)  # edges are allowed
+    assert torch.isfinite(params[0]).all()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(lr=-1.0), "Invalid learning rate: -1.0"),
+    (dict(momentum=-0.9), "Invalid momentum value: -0.9"),
+    (dict(weight_decay=-1e-4), "Invalid weight_decay value: -0.0001"),
+    (dict(momentum=0.0, nesterov=True), "Nesterov momentum requires a momentum and zero dampening"),
+    (dict(momentum=0.9, dampening=0.1, nesterov=True),
+     "Nesterov momentum requires a momentum and zero dampening"),
+])
+@pytest.mark.parametrize("backend", backend_params())
+def test_functional_sgd_checks_hyperparameters_like_torch(backend, kwargs, message):
+    p = torch.ones(4)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        functional.sgd_([p], [torch.ones(4)], [torch.zeros(4)], **{"lr": 0.1, **kwargs},
+                        backend=backend)
+    assert torch.equal(p, torch.ones(4))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], **{"lr": 0.1, **kwargs})
+
+
+@pytest.mark.parametrize("which", ["params", "grads", "exp_avgs", "state_steps", "max_exp_avg_sqs"])
+def test_functional_adam_names_a_none_entry(which):
+    lists = dict(params=[torch.ones(3), torch.ones(3)], grads=[torch.ones(3), torch.ones(3)],
+                 exp_avgs=[torch.zeros(3), torch.zeros(3)], exp_avg_sqs=[torch.zeros(3), torch.zeros(3)],
+                 max_exp_avg_sqs=[torch.zeros(3), torch.zeros(3)],
+                 state_steps=[torch.tensor(0.0), torch.tensor(0.0)])
+    lists[which][1] = None
+    with pytest.raises(ValueError, match=re.escape(f"fusedopt.functional.adam_: {which}[1] is None")):
+        functional.adam_(**lists, amsgrad=True, **ADAM_HYPER)
+    assert all(float(s) == 0.0 for s in lists["state_steps"] if s is not None)
+
+
+def test_functional_sgd_names_a_none_entry():
+    p = torch.ones(3)
+    with pytest.raises(ValueError, match=re.escape("fusedopt.functional.sgd_: grads[0] is None")):
+        functional.sgd_([p], [None], [], lr=0.1)
+    with pytest.raises(ValueError, match=re.escape("sgd_: momentum_buffers[0] is None")):
+        functional.sgd_([p], [torch.ones(3)], [None], lr=0.1, momentum=0.9)
+    functional.sgd_([p], [torch.ones(3)], [None], lr=0.1)  # (unused without momentum)
+    torch.testing.assert_close(p, torch.full((3,), 0.9))
+
+
+# ---- tensors that share memory ------------------------------------------------------------------
+
+def _adam_lists(n=3, size=8):
+    params = [torch.randn(size) for _ in range(n)]
+    grads = [torch.randn(size) for _ in range(n)]
+    exp_avgs = [torch.zeros(size) for _ in range(n)]
+    exp_avg_sqs = [torch.zeros(size) for _ in range(n)]
+    steps = [torch.zeros(()) for _ in range(n)]
+    return params, grads, exp_avgs, exp_avg_sqs, steps
+
+
+ADAM_ALIASES = {
+    "param listed twice": lambda p, g, m, v, s: p.__setitem__(1, p[0]),
+    "state is the param": lambda p, g, m, v, s: m.__setitem__(0, p[0]),
+    "two state lists hold one tensor": lambda p, g, m, v, s: v.__setitem__(2, m[2]),
+    "grad views a param": lambda p, g, m, v, s: g.__setitem__(0, p[1].view(8)),
+    "step shared by two params": lambda p, g, m, v, s: s.__setitem__(1, s[0]),
+}
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("alias", list(ADAM_ALIASES))
+def test_functional_adam_refuses_tensors_that_share_memory(backend, alias):
+    """One parallel region would rewrite shared elements from several threads at once (numbers
+    that depend on the ISA and the thread count): refused before anything is written."""
+    lists = _adam_lists()
+    ADAM_ALIASES[alias](*lists)
+    params, grads, exp_avgs, exp_avg_sqs, steps = lists
+    before = [t.clone() for t in params + exp_avgs + exp_avg_sqs + steps]
+    with pytest.raises(ValueError, match="share memory"):
+        functional.adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=0.1, beta1=0.9,
+                         beta2=0.999, eps=1e-8, weight_decay=0.0, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(before, params + exp_avgs + exp_avg_sqs + steps))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_functional_sgd_refuses_overlap_but_grads_may_share(backend):
+    buf = torch.zeros(9)
+    with pytest.raises(ValueError, match="share memory"):
+        functional.sgd_([buf[1:]], [buf[:-1]], [], lr=0.5, backend=backend)
+    params = [torch.zeros(4), torch.zeros(4)]
+    grad = torch.ones(4)
+    functional.sgd_(params, [grad, grad], [], lr=0.5, backend=backend)  # one grad for two params
+    assert all(torch.equal(p, torch.full((4,), -0.5)) for p in params)
+    disjoint = torch.zeros(8)  # views of one buffer that do not overlap are fine
+    functional.sgd_([disjoint[:4], disjoint[4:]], [grad, grad], [], lr=0.5, backend=backend)
+    assert torch.equal(disjoint, torch.full((8,), -0.5))
+
+
+def test_memory_shared_cpp_and_python_agree():
+    """The C++ pass and the Python fallback of fusedopt._lists.memory_shared give one verdict."""
+    from fusedopt import _lists
+    if _lists._memory_shared is None:
+        pytest.skip("no extension")
+    gen = torch.Generator().manual_seed(0)
+    base = torch.zeros(256)
+    for _ in range(300):
+        def views(k):
+            out = []
+            for _ in range(k):
+                start = int(torch.randint(0, 250, (1,), generator=gen))
+                length = int(torch.randint(1, 6, (1,), generator=gen))
+                step = int(torch.randint(1, 3, (1,), generator=gen))
+                out.append(base[start:start + length * step:step])
+            return out
+        written, read = [views(3), views(2)], [views(3)]
+        fast = _lists._memory_shared(written, read)
+        saved, _lists._memory_shared = _lists._memory_shared, None
+        try:
+            slow = _lists.memory_shared(written, read)
+        finally:
+            _lists._memory_shared = saved
+        assert fast == slow, (written, read)

@@ -601,6 +601,24 @@ def test_duplicate_params_in_a_group_are_refused():
     assert torch.equal(before, p.detach())
 
 
+@pytest.mark.parametrize("backend", backend_params())
+def test_state_that_shares_memory_is_refused_when_the_cache_is_built(backend):
+    """A state tensor the user assigned as (a view of) a param or another state tensor would
+    be rewritten by two threads at once; checked once per cache (not per step), before any
+    update."""
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = fusedopt.optim.AdamW([p], lr=0.1, backend=backend)
+    p.grad = torch.ones(4)
+    opt.step()
+    opt.state[p]["exp_avg_sq"] = opt.state[p]["exp_avg"]
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="share memory"):
+        opt.step()
+    assert torch.equal(before, p.detach())
+    opt.state[p]["exp_avg_sq"] = opt.state[p]["exp_avg"].clone()
+    opt.step()
+
+
 @pytest.mark.parametrize("name", ["SGD", "AdamW"])
 def test_param_cast_after_its_state_exists(name):
     """``model.double()`` after a step: the fused backend names the state tensor and the dtypes

@@ -241,7 +241,10 @@ void scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
               "; the CPU implementation reads it on the host and needs a CPU tensor");
   const double value = scale.item<double>();
   if (value == 1.0) {  // exact no-op; still validate so that bad input fails the same way
-    for (size_t i = 0; i < tensors.size(); ++i) check_tensor(tensors[i], "scale_", i, true);
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      check_tensor(tensors[i], "scale_", i, true);
+      dtype_of(tensors[i], "scale_", "tensors", i);
+    }
     return;
   }
   update_in_place(tensors, "scale_",

@@ -4,6 +4,7 @@
 // most for fp16/bf16 data, whose conversions vectorise well only with AVX2 and up.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "fusedopt/norm.h"

@@ -58,6 +58,17 @@ __attribute__((always_inline)) inline void store_lanes(const typename S::math (&
 // the chunk's tail, done one by one.
 inline int64_t stream_elems(int64_t n) { return n / kStreams / kLanes * kLanes; }
 
+// The sum of one chunk's terms, each taken in double from the element scaled in T (as
+// GradScaler's unscale_ would write it): the slow path of chunk_norm when a sum in T overflows.
+template <class S, Kind K>
+double chunk_norm_in_double(const typename S::raw* x, int64_t n, double p, typename S::math m) {
+  double total = norm::identity<double>(K);
+  for (int64_t i = 0; i < n; ++i) {
+    total = norm::accumulate<K>(total, static_cast<double>(S::load(x[i]) * m), p);
+  }
+  return total;
+}
+
 // The reduction of one chunk of n elements starting at x, as a double partial result.
 // The loops have trip counts computed up front (so that they vectorise even under -fwrapv,
 // which Python's build flags add). max/min lanes skip NaN (a plain compare-select, which
@@ -114,6 +125,12 @@ double chunk_norm(const void* data, int64_t n, double p_double, double prescale)
     if constexpr (kMaxMin) nan_seen = nan_seen || e != e;
   }
   total = norm::combine<K>(total, static_cast<double>(tail));
+  if constexpr (K == Kind::kL2 || K == Kind::kL1 || K == Kind::kLp) {
+    // Sums in T overflow where the norm does not: one element above ~1.8e19 squares to inf in
+    // float32. Such a chunk is summed again in double (torch's CPU norm accumulates float32
+    // in double throughout); an inf or NaN element keeps its result.
+    if (std::isinf(total)) total = chunk_norm_in_double<S, K>(x, n, p_double, m);
+  }
   return nan_seen ? std::numeric_limits<double>::quiet_NaN() : total;
 }
 

@@ -15,6 +15,8 @@ from typing import List, Optional, Union
 
 import torch
 
+from .._compiling import is_compiling as _is_compiling
+
 Tensor = torch.Tensor
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _SUPPORTED = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -24,8 +26,120 @@ def _as_float(value: Union[float, Tensor]) -> float:
     return float(value.item()) if isinstance(value, Tensor) else float(value)
 
 
+def _scalars(lr, grad_scale, found_inf):
+    return (("lr_tensor", lr if isinstance(lr, Tensor) else None), ("grad_scale", grad_scale),
+            ("found_inf", found_inf))
+
+
 def _step_skipped(found_inf: Optional[Tensor]) -> bool:
     return found_inf is not None and bool(found_inf.item() != 0)
+
+
+# ---- argument checks ----------------------------------------------------------------------------
+# The cpu backend's rules and wording (csrc/cpu/op_common.cpp check_*, adam.cpp / sgd.cpp
+# validate()), once per call and before anything is written, from tensor metadata only: no
+# device value is read. Without them this backend broadcast a one-element gradient over a param,
+# divided element-wise by a many-element grad_scale, mixed dtypes and ran a meta gradient as a
+# no-op: silently wrong numbers where every other backend raises.
+_SUPPORTED_NAMES = "float32, float64, bfloat16, float16"
+_STEP_DTYPES = (torch.float32, torch.float64)
+
+
+def _fail(op: str, message: str):
+    raise RuntimeError(f"fusedopt::{op}: {message}")
+
+
+def _check_length(op: str, tensors, n: int, list_name: str) -> None:
+    if len(tensors) != n:
+        _fail(op, f"{list_name} has {len(tensors)} tensors but params has {n}")
+
+
+def _check_dense(op: str, t, list_name: str, i: int) -> None:
+    if t is None:
+        _fail(op, f"{list_name}[{i}] is undefined (None)")
+    if t.layout != torch.strided:
+        _fail(op, f"{list_name}[{i}] is {t.layout}; sparse tensors are not supported")
+
+
+def _check_writable(op: str, t: Tensor, list_name: str, i: int) -> None:
+    # (contiguous excludes internal overlap; the overlap query is not traced by torch.compile,
+    # where the in-place torch ops raise their own error instead)
+    if not t.is_contiguous() and not _is_compiling() and torch._debug_has_internal_overlap(t) == 1:
+        _fail(op, f"{list_name}[{i}] has elements that share memory (e.g. an expanded tensor) "
+                  "and cannot be updated in place")
+
+
+def _check_param(op: str, p, i: int, device) -> None:
+    _check_dense(op, p, "params", i)
+    if p.dtype not in _SUPPORTED:
+        _fail(op, f"params[{i}] has dtype {p.dtype}, which is not supported (supported: "
+                  f"{_SUPPORTED_NAMES})")
+    if p.device != device:
+        _fail(op, f"params[{i}] is on {p.device} but params[0] is on {device}; one call takes "
+                  "one device")
+    _check_writable(op, p, "params", i)
+
+
+def _check_like_param(op: str, t, p: Tensor, list_name: str, i: int, written: bool) -> None:
+    _check_dense(op, t, list_name, i)
+    if t.device != p.device:
+        _fail(op, f"{list_name}[{i}] is on {t.device} but params[{i}] is on {p.device}")
+    if t.dtype != p.dtype:
+        _fail(op, f"{list_name}[{i}] has dtype {t.dtype} but params[{i}] has dtype {p.dtype}")
+    if t.shape != p.shape:
+        _fail(op, f"{list_name}[{i}] has shape {list(t.shape)} but params[{i}] has shape "
+                  f"{list(p.shape)}")
+    if written:
+        _check_writable(op, t, list_name, i)
+
+
+def _check_step(op: str, step, p: Tensor, i: int) -> None:
+    if step is None:
+        _fail(op, f"state_steps[{i}] is undefined (None)")
+    if step.device != p.device:
+        _fail(op, f"state_steps[{i}] is on {step.device} but params[{i}] is on {p.device}")
+    if step.numel() != 1:
+        _fail(op, f"state_steps[{i}] must have one element, got shape {list(step.shape)}")
+    if step.dtype not in _STEP_DTYPES:
+        _fail(op, f"state_steps[{i}] has dtype {step.dtype}; expected float32 or float64")
+
+
+def _check_scalar(op: str, name: str, t, device) -> None:
+    """``lr_tensor`` / ``grad_scale`` / ``found_inf``: one real element. Read on the host (lr,
+    found_inf) or moved to each tensor's device (grad_scale), so any device will do, but a meta
+    tensor (which holds no value) only with meta params."""
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        _fail(op, f"{name} must be a tensor with one element, got {type(t).__name__}")
+    if t.numel() != 1:
+        _fail(op, f"{name} must be a tensor with one element, got shape {list(t.shape)}")
+    if t.is_complex():
+        _fail(op, f"{name} must be real, got dtype {t.dtype}")
+    if device is not None and (t.device.type == "meta") != (device.type == "meta"):
+        _fail(op, f"{name} is on {t.device} but params are on {device}")
+
+
+def _validate(op: str, params, like, state_steps, scalars) -> None:
+    """``like``: (list name, tensors, written by the op) of the lists that must match the
+    params, the name with the condition that makes the list needed, e.g. ``"momentum_buffers
+    (momentum != 0)"``, for the length error; ``state_steps`` None for SGD."""
+    n = len(params)
+    for length_name, tensors, _ in like:
+        _check_length(op, tensors, n, length_name)
+    like = [(name.split(" ")[0], tensors, written) for name, tensors, written in like]
+    if state_steps is not None:
+        _check_length(op, state_steps, n, "state_steps")
+    device = params[0].device if n and params[0] is not None else None
+    for i in range(n):
+        p = params[i]
+        _check_param(op, p, i, device)
+        for list_name, tensors, written in like:
+            _check_like_param(op, tensors[i], p, list_name, i, written)
+        if state_steps is not None:
+            _check_step(op, state_steps[i], p, i)
+    for name, t in scalars:
+        _check_scalar(op, name, t, device)
 
 
 class _Working:
@@ -57,6 +171,11 @@ class ReferenceBackend:
     def adam_(self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr,
               beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
               grad_scale=None, found_inf=None) -> None:
+        like = [("grads", grads, False), ("exp_avgs", exp_avgs, True),
+                ("exp_avg_sqs", exp_avg_sqs, True)]
+        if amsgrad:
+            like.append(("max_exp_avg_sqs (amsgrad=True)", max_exp_avg_sqs, True))
+        _validate("adam_", params, like, state_steps, _scalars(lr, grad_scale, found_inf))
         if _step_skipped(found_inf):
             return
         lr = _as_float(lr)
@@ -96,6 +215,10 @@ class ReferenceBackend:
     @torch.no_grad()
     def sgd_(self, params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay,
              nesterov, maximize, is_first_step, grad_scale=None, found_inf=None) -> None:
+        like = [("grads", grads, False)]
+        if momentum != 0:
+            like.append(("momentum_buffers (momentum != 0)", momentum_buffers, True))
+        _validate("sgd_", params, like, None, _scalars(lr, grad_scale, found_inf))
         if _step_skipped(found_inf):
             return
         lr = _as_float(lr)

@@ -28,6 +28,8 @@ from .._compiling import STEP_TRACEABLE, is_compiling
 from .._lists import any_none as _any_none
 from .._lists import any_sparse as _any_sparse
 from .._lists import grads_of as _grads_of
+from .._lists import SHARED_MEMORY_MESSAGE as _SHARED_MEMORY_MESSAGE
+from .._lists import memory_shared as _memory_shared
 from .._lists import same_objects as _same_objects
 from .._views import as_real, kernel_view
 from ..clip import _norm as clip_norm
@@ -596,6 +598,12 @@ class FusedOptimizer(Optimizer):
         for bucket in buckets.values():
             bucket.all_grads = bucket.grad_index == list(range(len(grads)))
             bucket.has_complex = True in bucket.complex_mask
+            # Checked here, once per cache, not at every step: what the kernels write must not
+            # share memory (the state a user assigned may view a param or another state).
+            written = [bucket.shards if bucket.layout is not None else bucket.params]
+            written += list(bucket.state_lists.values())
+            if _memory_shared(written):
+                raise ValueError(f"{self.DISPLAY_NAME}: {_SHARED_MEMORY_MESSAGE}")
         return GroupCache(group["params"], present, list(buckets.values()), self._state_version(),
                           self._cache_flags(group))
 

@@ -52,15 +52,16 @@ def adam_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[
         return
     _check_lengths(params, grads, exp_avgs, exp_avg_sqs, state_steps,
                    *((max_exp_avg_sqs,) if amsgrad else ()))
+    # the scalars first: a bad one is refused before any table is built or bound
+    device = params[0].device
+    lr_value, lr_ptr = _scalar_argument(lr, device, "adam_")
+    grad_scale = _on(device, grad_scale, "adam_", "grad_scale")
+    found_inf = _on(device, found_inf, "adam_", "found_inf")
     lists = [params, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     counted = plan is None  # the tuner's launches are counted apart
     if plan is None:
         plan = PLANS.get("adam", ADAM_ROWS[:len(lists)], lists, state_steps)
     plan.bind_gradients(grads, params)
-    device = plan.device
-    lr_value, lr_ptr = _scalar_argument(lr, device)
-    grad_scale = _on(device, grad_scale)
-    found_inf = _on(device, found_inf)
     with _current_device(device):
         for bucket in plan.buckets:
             rows, cfg, unused = bucket.rows, bucket.config, bucket.rows["numels"]
@@ -98,15 +99,16 @@ def sgd_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Se
         return
     has_momentum = momentum != 0
     _check_lengths(params, grads, *((momentum_buffers,) if has_momentum else ()))
+    # the scalars first: a bad one is refused before any table is built or bound
+    device = params[0].device
+    lr_value, lr_ptr = _scalar_argument(lr, device, "sgd_")
+    grad_scale = _on(device, grad_scale, "sgd_", "grad_scale")
+    found_inf = _on(device, found_inf, "sgd_", "found_inf")
     lists = [params, momentum_buffers] if has_momentum else [params]
     counted = plan is None
     if plan is None:
         plan = PLANS.get("sgd", SGD_ROWS[:len(lists)], lists, [])
     plan.bind_gradients(grads, params)
-    device = plan.device
-    lr_value, lr_ptr = _scalar_argument(lr, device)
-    grad_scale = _on(device, grad_scale)
-    found_inf = _on(device, found_inf)
     with _current_device(device):
         for bucket in plan.buckets:
             rows, cfg, unused = bucket.rows, bucket.config, bucket.rows["numels"]
@@ -160,18 +162,45 @@ def _log(beta: float) -> float:
     return math.log(beta) if beta > 0 else -math.inf
 
 
-def _scalar_argument(value: Union[float, Tensor], device: torch.device):
+#: dtypes of an lr / grad_scale / found_inf tensor the kernels load as they are (and convert);
+#: other real dtypes (float8, wide unsigned) travel as a float32 copy of the value.
+_SCALAR_DTYPES = frozenset((torch.float32, torch.float64, torch.float16, torch.bfloat16,
+                            torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8,
+                            torch.bool))
+
+
+def _scalar_argument(value: Union[float, Tensor], device: torch.device, op: str):
     """(float for the kernel, device tensor or None): a tensor is read in the kernel, not here."""
     if isinstance(value, Tensor):
-        return 0.0, _on(device, value)
+        return 0.0, _on(device, value, op, "lr_tensor")
     return float(value), None
 
 
-def _on(device: torch.device, value: Optional[Tensor]) -> Optional[Tensor]:
-    """``value`` on ``device`` (a non-blocking copy when it lives elsewhere, e.g. a CPU lr)."""
-    if value is None or value.device == device:
+def _on(device: torch.device, value: Optional[Tensor], op: str, name: str) -> Optional[Tensor]:
+    """``value`` (the argument ``name`` of ``op``) on ``device`` (a non-blocking copy when it
+    lives elsewhere, e.g. a CPU lr), after the cpu backend's checks: one element (the kernel
+    reads element 0 only, so a [0., 1.] found_inf would be taken for "no overflow"), a real
+    dtype, not a meta tensor (which holds no value). Metadata only: nothing is read."""
+    if value is None:
+        return None
+    if value.numel() != 1:
+        raise RuntimeError(f"fusedopt::{op} (triton): {name} must be a tensor with one element, "
+                           f"got shape {list(value.shape)}")
+    if value.dtype not in _SCALAR_DTYPES:
+        if value.is_complex() or not (value.is_floating_point() or value.dtype in _WIDE_UNSIGNED):
+            raise RuntimeError(f"fusedopt::{op} (triton): {name} has dtype {value.dtype}; it must "
+                               "be a real floating point, integer or bool tensor")
+        value = value.to(torch.float32)
+    if value.device.type == "meta" and device.type != "meta":
+        raise RuntimeError(f"fusedopt::{op} (triton): {name} is on meta but params are on "
+                           f"{device}")
+    if value.device == device:
         return value
     return value.to(device, non_blocking=True)
+
+
+_WIDE_UNSIGNED = frozenset(getattr(torch, name) for name in ("uint16", "uint32", "uint64")
+                           if hasattr(torch, name))
 
 
 def _or(value: Optional[Tensor], unused: Tensor) -> Tensor:
