@@ -7,6 +7,11 @@ their own copies of the same shapes, steps alternated (A B, B A, ...), the cache
 an in-place pass over a buffer larger than the last-level cache before every timed step, min of
 ``--repeats``. Prints the two minimum times and their ratio and appends one JSON record to
 ``benchmarks/results/ab-deepspeed-<device>-<date>.jsonl``. Needs ``pip install deepspeed``.
+
+Its records are A/B records (``benchmark: "ab-deepspeed"``, both times in one record), not rows of
+the benchmarks' schema (common.RECORD_FIELDS): ``summarize.py`` leaves them out and says so. The
+params are fp32, so both optimizers keep fp32 state (DeepSpeed's ``fp32_optimizer_states`` makes
+no difference here); the record says which dtype each kept.
 """
 from __future__ import annotations
 
@@ -64,7 +69,10 @@ def main(argv=None) -> int:
               "ms_min": {"fusedopt-cpu": fo, "deepspeed-cpuadam": ds}, "fusedopt_over_deepspeed": fo / ds,
               "device": common.cpu_model(), "num_threads": torch.get_num_threads(),
               "torch_version": torch.__version__, "git_commit": common.git_commit(),
-              "load_avg": os.getloadavg()[0],
+              "load_avg": os.getloadavg()[0], "cpu_pressure": common.cpu_pressure(),
+              "state_dtype": {name: sorted({common.dtype_name(st["exp_avg"].dtype)
+                                            for st in opt.state.values() if "exp_avg" in st})
+                              for name, opt in opts.items()},
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     print(f"{workload.label}: fusedopt-cpu {fo:.2f} ms, deepspeed-cpuadam {ds:.2f} ms, "
           f"fusedopt/deepspeed {fo / ds:.3f}")

@@ -34,9 +34,24 @@ On torch 2.5, which has neither ``get_total_norm`` nor ``clip_grads_with_norm_``
 ``norm`` and ``scale`` are the two halves of that release's ``clip_grad_norm_``
 (``torch_baselines.py``).
 
+``clip+adamw``'s single-pass ``fusedopt-<backend>`` runs with ``max_grad_norm = 0.5 x`` the
+gradients' starting norm (coefficient 0.5 at every call: its gradients are never written), its
+two-pass providers with the threshold of ``clip`` (0.5 x the starting norm, then lowered by 10% a
+call). ``fusedopt-reference`` is not timed on ``clip+adamw`` above 50M params (slow and memory-hungry:
+not a contender); its record says so (status ``skipped``).
+
+Before timing, every provider but the torch baseline is checked on a small copy (in the run's
+dtype and in fp32) against torch: ``clip``/``clip-noop`` one call against
+``clip_grad_norm_(foreach=False)`` on float64 copies (the returned norm and the clipped grads),
+``norm`` against ``get_total_norm``, ``scale`` against ``clip_grads_with_norm_``, ``clip+adamw``
+two steps (clipped, then below the threshold) against ``clip_grad_norm_`` + ``AdamW(foreach=False)``
+(the param updates, relative to the update, and the clipped grads of the two-pass providers).
+One that disagrees is ``rejected`` and not timed.
+
 Records use the schema of common.py; ``bytes_per_step`` is the minimum traffic above and
 ``speedup_vs_torch_fused`` is against the algorithm's torch baseline (same run). Method (common.py):
 providers interleaved with the bandwidth reference, warmup, min and median of --repeats samples.
+``--providers`` takes names or globs (``'fusedopt-*'``), as the other benchmarks.
 """
 from __future__ import annotations
 
@@ -113,9 +128,74 @@ def grads_only(workload: common.Workload, device, dtype, seed: int = 0) -> List[
     return params
 
 
-def clip_callables(algo: str, workload, device, dtype, backends: List[str]) -> Dict[str, Callable[[], Any]]:
-    """Timed callables of the clip-alone algorithms; each provider owns its gradients."""
+def everything(name: str) -> bool:
+    return True
+
+
+def clip_fns(backends: List[str]) -> Dict[str, Callable[..., Any]]:
+    """Per provider, ``fn(params, max_norm)``: clip the params' gradients, return the total norm."""
     import fusedopt
+    out: Dict[str, Callable[..., Any]] = {
+        "torch-foreach": lambda ps, m: torch.nn.utils.clip_grad_norm_(ps, m, foreach=True)}
+    for b in backends:
+        out[f"fusedopt-{b}"] = lambda ps, m, b=b: fusedopt.clip_grad_norm_(ps, m, backend=b)
+    return out
+
+
+def norm_fns(backends: List[str]) -> Dict[str, Callable[..., Any]]:
+    """Per provider, ``fn(grads)``: the total 2-norm of the gradients."""
+    import fusedopt
+    out: Dict[str, Callable[..., Any]] = {"torch-foreach": lambda gs: get_total_norm(gs, foreach=True)}
+    for b in backends:
+        out[f"fusedopt-{b}"] = lambda gs, b=b: fusedopt.get_total_norm(gs, backend=b)
+    return out
+
+
+def scale_fns(backends: List[str]) -> Dict[str, Callable[..., Any]]:
+    """Per provider, ``fn(params, max_norm, total_norm)``: scale the gradients as clipping does."""
+    import fusedopt
+    out: Dict[str, Callable[..., Any]] = {
+        "torch-foreach": lambda ps, m, n: clip_grads_with_norm_(ps, m, n, foreach=True)}
+    for b in backends:
+        out[f"fusedopt-{b}"] = lambda ps, m, n, b=b: fusedopt.clip_grads_with_norm_(ps, m, n, backend=b)
+    return out
+
+
+#: fusedopt-reference is not timed on clip+adamw above this many params
+REFERENCE_MAX_NUMEL = 50e6
+
+
+#: one clip+adamw provider: (make_opt(params, hyper, max_norm), clip_fn or None)
+Variant = Tuple[Callable[..., Any], Optional[Callable[..., Any]]]
+
+
+def clip_adamw_variants(backends: List[str], numel: int) -> Tuple[Dict[str, Variant], Dict[str, str]]:
+    """Per provider of ``clip+adamw``, ``(make_opt(params, hyper, max_norm), clip_fn or None)``:
+    the optimizer (``max_norm`` is used by the single-pass providers, which clip inside the
+    step) and, for the two-pass providers, the clip run before its step. Also the providers left
+    out on this workload, with the reason."""
+    import fusedopt
+    variants: Dict[str, Variant] = {
+        "torch-fused": (lambda ps, kw, m: torch.optim.AdamW(ps, fused=True, **kw),
+                        lambda ps, m: torch.nn.utils.clip_grad_norm_(ps, m, foreach=True))}
+    skips: Dict[str, str] = {}
+    for b in backends:
+        if b == "reference" and numel > REFERENCE_MAX_NUMEL:
+            skips[f"fusedopt-{b}"] = (f"not timed above {REFERENCE_MAX_NUMEL / 1e6:.0f}M params on clip+adamw "
+                                      "(slow and memory-hungry: not a contender)")
+            continue
+        variants[f"fusedopt-{b}"] = (
+            lambda ps, kw, m, b=b: fusedopt.optim.AdamW(ps, max_grad_norm=m, backend=b, **kw), None)
+        if b != "reference":
+            variants[f"fusedopt-{b}-2pass"] = (
+                lambda ps, kw, m, b=b: fusedopt.optim.AdamW(ps, backend=b, **kw),
+                lambda ps, m, b=b: fusedopt.clip_grad_norm_(ps, m, backend=b))
+    return variants, skips
+
+
+def clip_callables(algo: str, workload, device, dtype, backends: List[str],
+                   want: Callable[[str], bool] = everything) -> Dict[str, Callable[[], Any]]:
+    """Timed callables of the clip-alone algorithms; each provider owns its gradients."""
     out: Dict[str, Callable[[], Any]] = {}
 
     def make(clip_fn):
@@ -124,9 +204,9 @@ def clip_callables(algo: str, workload, device, dtype, backends: List[str]) -> D
             return lambda: clip_fn(params, 1e30)
         return ActiveClip(params, clip_fn)
 
-    out["torch-foreach"] = make(lambda ps, m: torch.nn.utils.clip_grad_norm_(ps, m, foreach=True))
-    for b in backends:
-        out[f"fusedopt-{b}"] = make(lambda ps, m, b=b: fusedopt.clip_grad_norm_(ps, m, backend=b))
+    for name, fn in clip_fns(backends).items():
+        if want(name):
+            out[name] = make(fn)
     return out
 
 
@@ -137,35 +217,40 @@ def flip_norm(params) -> Tuple[float, torch.Tensor]:
     return -float(total_norm + 1e-6), total_norm
 
 
-def pass_callables(algo: str, workload, device, dtype, backends: List[str]) -> Dict[str, Callable[[], Any]]:
+def pass_callables(algo: str, workload, device, dtype, backends: List[str],
+                   want: Callable[[str], bool] = everything) -> Dict[str, Callable[[], Any]]:
     """Timed callables of the passes of clip (``norm``, ``scale``); each provider owns its grads."""
-    import fusedopt
     out: Dict[str, Callable[[], Any]] = {}
     if algo == "norm":
-        def make(norm_fn):
+        def make_norm(norm_fn):
             grads = [p.grad for p in grads_only(workload, device, dtype)]
             return lambda: norm_fn(grads)
-        out["torch-foreach"] = make(lambda gs: get_total_norm(gs, foreach=True))
-        for b in backends:
-            out[f"fusedopt-{b}"] = make(lambda gs, b=b: fusedopt.get_total_norm(gs, backend=b))
+        for name, fn in norm_fns(backends).items():
+            if want(name):
+                out[name] = make_norm(fn)
         return out
 
     def make(scale_fn):
         params = grads_only(workload, device, dtype)
         max_norm, total_norm = flip_norm(params)
         return lambda: scale_fn(params, max_norm, total_norm)
-    out["torch-foreach"] = make(lambda ps, m, n: clip_grads_with_norm_(ps, m, n, foreach=True))
-    for b in backends:
-        out[f"fusedopt-{b}"] = make(lambda ps, m, n, b=b: fusedopt.clip_grads_with_norm_(ps, m, n, backend=b))
+    for name, fn in scale_fns(backends).items():
+        if want(name):
+            out[name] = make(fn)
     return out
 
 
-def clip_adamw_callables(workload, device, dtype, backends: List[str]) -> Dict[str, Callable[[], Any]]:
-    """Timed callables of clip + AdamW step; the params are shared, state and grads per provider."""
-    import fusedopt
+def clip_adamw_callables(workload, device, dtype, backends: List[str],
+                         want: Callable[[str], bool] = everything,
+                         skipped: Optional[Dict[str, str]] = None) -> Dict[str, Callable[[], Any]]:
+    """Timed callables of clip + AdamW step; the params are shared, state and grads per provider.
+    Providers left out on this workload go into ``skipped`` (name -> reason) where wanted."""
     params = common.make_tensors(workload, device, dtype)
     start = float(get_total_norm([p.grad.float() for p in params]))
     out: Dict[str, Callable[[], Any]] = {}
+    variants, skips = clip_adamw_variants(backends, workload.numel)
+    if skipped is not None:
+        skipped.update({name: why for name, why in skips.items() if want(name)})
 
     def with_own_grads(seed: int):
         """The shared params, each call swapping in this provider's own gradients."""
@@ -175,39 +260,184 @@ def clip_adamw_callables(workload, device, dtype, backends: List[str]) -> Dict[s
                 p.grad = g
         return bind
 
-    def two_pass(opt, clip_fn, seed):
-        bind = with_own_grads(seed)
+    seeds = iter(range(1, 1000))
+    for name, (make_opt, clip_fn) in variants.items():
+        if not want(name):
+            continue
+        if clip_fn is None:  # the clip is folded into the step: coefficient 0.5 at every call
+            opt = make_opt(params, ADAMW, 0.5 * start)
+            bind = with_own_grads(0)  # never written: the clip coefficient is folded into the step
+
+            def fused_call(opt=opt, bind=bind):
+                bind()
+                opt.step()
+            out[name] = fused_call
+            continue
+        opt = make_opt(params, ADAMW, None)
+        bind = with_own_grads(next(seeds))
         clip = ActiveClip(params, clip_fn)
 
-        def call():
+        def two_pass(opt=opt, bind=bind, clip=clip):
             bind()
             clip()
             opt.step()
-        return call
-
-    out["torch-fused"] = two_pass(torch.optim.AdamW(params, fused=True, **ADAMW),
-                                  lambda ps, m: torch.nn.utils.clip_grad_norm_(ps, m, foreach=True), 1)
-    for b in backends:
-        if b == "reference" and workload.numel > 50e6:
-            continue  # slow and memory-hungry on big workloads: not a contender
-        opt = fusedopt.optim.AdamW(params, max_grad_norm=0.5 * start, backend=b, **ADAMW)
-        bind = with_own_grads(0)  # never written: the clip coefficient is folded into the step
-
-        def fused_call(opt=opt, bind=bind):
-            bind()
-            opt.step()
-        out[f"fusedopt-{b}"] = fused_call
-        if b != "reference":
-            out[f"fusedopt-{b}-2pass"] = two_pass(
-                fusedopt.optim.AdamW(params, backend=b, **ADAMW),
-                lambda ps, m, b=b: fusedopt.clip_grad_norm_(ps, m, backend=b), 2)
+        out[name] = two_pass
     return out
 
 
+# ---------------------------------------------------------------------------------- guard
+#: relative tolerance of a total norm against float64 torch, per dtype of the gradients
+NORM_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4}
+
+
+def _guard_params(device, dtype, step: int = 0, scale: float = 1.0):
+    """The common guard's small tensors with gradients ``scale`` x those of guard step ``step``,
+    and float64 copies with the same gradient values (torch's side)."""
+    params = common.guard_tensors(device, dtype)
+    ref = []
+    with torch.no_grad():
+        for p, g in zip(params, common.guard_grads(params, step)):
+            p.grad.copy_(g * scale)
+            r = p.detach().to(torch.float64).clone()
+            r.grad = p.grad.detach().to(torch.float64).clone()
+            ref.append(r)
+    return params, ref
+
+
+def _grads_mismatch(what: str, got: List[torch.Tensor], want: List[torch.Tensor], dtype,
+                    rtol: float) -> Optional[str]:
+    """None if every gradient is within rtol + one unit in the last place of ``dtype`` of torch's."""
+    for i, (g, w) in enumerate(zip(got, want)):
+        g, w = g.detach().double(), w.detach().double()
+        allowed = (rtol + torch.finfo(dtype).eps) * w.abs() + torch.finfo(dtype).tiny
+        err = (g - w).abs().nan_to_num(float("inf"))
+        if not bool((err <= allowed).all()):
+            j = int((err - allowed).flatten().argmax())
+            return (f"{what}: gradient {j} of tensor {i} {tuple(g.shape)} is {float(g.flatten()[j]):.6g}, "
+                    f"torch gives {float(w.flatten()[j]):.6g}")
+    return None
+
+
+def _norm_mismatch(got, want: float, dtype) -> Optional[str]:
+    """None if the returned norm is within NORM_RTOL of torch's float64 one, plus the rounding to
+    its own dtype (torch returns a bf16 grad's norm as bf16, and so does fusedopt)."""
+    rounding = torch.finfo(got.dtype).eps / 2 if isinstance(got, torch.Tensor) and got.is_floating_point() else 0.0
+    got = float(got)
+    rtol = NORM_RTOL[dtype] + rounding
+    if not math.isfinite(got) or abs(got - want) > rtol * abs(want):
+        return f"total norm {got:.8g}, torch gives {want:.8g} (rtol {rtol:.3g})"
+    return None
+
+
+def guard_clip(clip_fn, device, dtype, noop: bool = False) -> Optional[str]:
+    """One call of ``clip_fn(params, max_norm)`` against torch's clip_grad_norm_ (float64)."""
+    params, ref = _guard_params(device, dtype)
+    norm = float(get_total_norm([r.grad for r in ref]))
+    max_norm = 1e30 if noop else 0.5 * norm
+    want = float(torch.nn.utils.clip_grad_norm_(ref, max_norm, foreach=False))
+    got = clip_fn(params, max_norm)
+    bad = _norm_mismatch(got, want, dtype)
+    if bad is None:
+        bad = _grads_mismatch("clipped", [p.grad for p in params], [r.grad for r in ref], dtype,
+                              NORM_RTOL[dtype])
+    return bad
+
+
+def guard_norm(norm_fn, device, dtype) -> Optional[str]:
+    """One call of ``norm_fn(grads)`` against torch's get_total_norm (float64)."""
+    params, ref = _guard_params(device, dtype)
+    return _norm_mismatch(norm_fn([p.grad for p in params]), float(get_total_norm([r.grad for r in ref])), dtype)
+
+
+def guard_scale(scale_fn, device, dtype) -> Optional[str]:
+    """One call of ``scale_fn(params, 0.3, norm 1)`` against torch's clip_grads_with_norm_."""
+    params, ref = _guard_params(device, dtype)
+    scale_fn(params, 0.3, torch.tensor(1.0, device=device))
+    clip_grads_with_norm_(ref, 0.3, torch.tensor(1.0, dtype=torch.float64, device=device), foreach=False)
+    return _grads_mismatch("scaled", [p.grad for p in params], [r.grad for r in ref], dtype, NORM_RTOL[dtype])
+
+
+def guard_clip_adamw(variant, device, dtype) -> Optional[str]:
+    """Two steps of a clip+adamw provider against torch's clip_grad_norm_ + AdamW(foreach=False)
+    (float32 for 16-bit params, as common.guard_check): the first with gradients at twice the
+    threshold (clipped, coefficient 0.5), the second at half of it (not clipped). Each step starts
+    both from the provider's params; the updates must agree relative to the update
+    (common.GUARD_DELTA_RTOL), the clipped gradients of a two-pass provider as for ``clip``."""
+    make_opt, clip_fn = variant
+    params, _ = _guard_params(device, dtype)
+    ref_dtype = common.guard_reference_dtype(dtype)
+    ref = []
+    for p in params:
+        r = p.detach().to(ref_dtype).clone()
+        r.grad = torch.zeros_like(r)
+        ref.append(r)
+    hyper = dict(ADAMW, lr=common.GUARD_LR, weight_decay=common.GUARD_WEIGHT_DECAY)
+    max_norm = 0.5 * float(get_total_norm([g for g in common.guard_grads(params, 0)]))
+    ref_opt = torch.optim.AdamW(ref, foreach=False, **hyper)
+    opt = make_opt(params, hyper, max_norm)
+    for k, scale in enumerate((1.0, 0.25)):  # norms 2x and 0.5x the threshold
+        with torch.no_grad():
+            for p, r, g in zip(params, ref, common.guard_grads(params, k)):
+                p.grad.copy_(g * scale)
+                r.grad.copy_(p.grad)
+                r.copy_(p)
+        before = [p.detach().clone() for p in params]
+        torch.nn.utils.clip_grad_norm_(ref, max_norm, foreach=False)
+        ref_opt.step()
+        if clip_fn is not None:
+            clip_fn(params, max_norm)
+            bad = _grads_mismatch(f"step {k + 1}, clipped", [p.grad for p in params], [r.grad for r in ref],
+                                  dtype, NORM_RTOL[dtype])
+            if bad:
+                return bad
+        opt.step()
+        rtol = common.GUARD_DELTA_RTOL[dtype]
+        for i, (b, r, p) in enumerate(zip(before, ref, params)):
+            bad = common.update_mismatch(b, r.detach(), p.detach(), dtype, rtol)
+            if bad is not None:
+                j, want, got = bad
+                return (f"step {k + 1}: update of element {j} of tensor {i} {tuple(p.shape)} is {got:.6g}, "
+                        f"torch clip_grad_norm_ + AdamW(foreach=False) gives {want:.6g} (rtol {rtol} of |update|)")
+    return None
+
+
+def guard_provider(algo: str, name: str, primitive, device, dtype) -> Optional[str]:
+    """None if provider ``name`` of ``algo`` (its primitive: a clip/norm/scale function, or a
+    clip+adamw variant) agrees with torch on a small copy, in ``dtype`` and fp32; else why not
+    (starting with common.GUARD_RAISED when it raised)."""
+    check = {"clip": guard_clip, "clip-noop": lambda fn, dv, dt: guard_clip(fn, dv, dt, noop=True),
+             "norm": guard_norm, "scale": guard_scale, "clip+adamw": guard_clip_adamw}[algo]
+    for d in common.guard_dtypes(dtype):
+        try:
+            reason = check(primitive, device, d)
+        except Exception as exc:
+            return f"{common.GUARD_RAISED}: {type(exc).__name__}: {common.first_line(exc)}"
+        if reason is not None:
+            return f"differs from torch ({common.dtype_name(d)}): {reason}"
+    return None
+
+
+def primitives(algo: str, backends: List[str], numel: int) -> Dict[str, Any]:
+    """What :func:`guard_provider` checks, per provider of ``algo``."""
+    if algo in ("clip", "clip-noop"):
+        return clip_fns(backends)
+    if algo == "norm":
+        return norm_fns(backends)
+    if algo == "scale":
+        return scale_fns(backends)
+    return clip_adamw_variants(backends, numel)[0]
+
+
 def run_group(args, env, run_id: str, workload: common.Workload, algo: str,
-              dtype: torch.dtype) -> List[Dict[str, Any]]:
+              dtype: torch.dtype, guard_cache: Optional[Dict[Tuple[str, str, str], Optional[str]]] = None
+              ) -> List[Dict[str, Any]]:
     device = args.device
-    backends = [b for b in fusedopt_backends(device) if not args.providers or f"fusedopt-{b}" in args.providers]
+    backends = fusedopt_backends(device)
+    patterns = args.providers
+
+    def selected(name: str) -> bool:
+        return not patterns or any(common.fnmatch.fnmatchcase(name, pat) for pat in patterns)
+
     base = {
         "benchmark": BENCHMARK, "workload": workload.name, "provider": "", "algo": algo,
         "dtype": common.dtype_name(dtype), "numel": workload.numel, "tensors": workload.tensors,
@@ -216,33 +446,58 @@ def run_group(args, env, run_id: str, workload: common.Workload, algo: str,
         "bandwidth_gbps": None, "bandwidth_ref": "",
         "bytes_per_step": STREAMS[algo] * common.element_size(dtype) * workload.numel,
         "repeats": args.repeats, "warmup": args.warmup, "inner": None, "quick": args.quick,
-        "note": None, "load_avg": common.load_average(),
+        "note": None, "load_avg": common.load_average(), "cpu_pressure": None,
     }
     base.update(env)
     base["date"], base["run_id"] = common.now_iso(), run_id
+    records: List[Dict[str, Any]] = []
+    cache = guard_cache if guard_cache is not None else {}
+    rejected: Dict[str, Tuple[str, str]] = {}
+    for name, prim in primitives(algo, backends, workload.numel).items():
+        if not selected(name) or name == BASELINE[algo]:
+            continue
+        key = (name, algo, common.dtype_name(dtype))
+        if key not in cache:
+            cache[key] = guard_provider(algo, name, prim, device, dtype)
+        if cache[key] is not None:
+            status = "skipped" if cache[key].startswith(common.GUARD_RAISED) else "rejected"
+            rejected[name] = (status, cache[key])
+
+    def want(name: str) -> bool:
+        return selected(name) and name not in rejected
+
+    skipped: Dict[str, str] = {}
     if algo == "clip+adamw":
-        fns = clip_adamw_callables(workload, device, dtype, backends)
+        fns = clip_adamw_callables(workload, device, dtype, backends, want, skipped)
     elif algo in ("norm", "scale"):
-        fns = pass_callables(algo, workload, device, dtype, backends)
+        fns = pass_callables(algo, workload, device, dtype, backends, want)
     else:
-        fns = clip_callables(algo, workload, device, dtype, backends)
-    if args.providers:
-        fns = {k: v for k, v in fns.items() if any(common.fnmatch.fnmatchcase(k, p) for p in args.providers)}
+        fns = clip_callables(algo, workload, device, dtype, backends, want)
     probe = common.bandwidth_probe(device, args.bw_mib * 2 ** 20 if args.bw_mib else None)
     fns[common.BANDWIDTH_NAME] = probe.fn
     errors: Dict[str, str] = {}
     timings = common.interleaved_times(fns, repeats=args.repeats, warmup=args.warmup,
                                        min_sample_s=args.sample_ms / 1e3,
                                        sync=common.synchronizer(device), errors=errors)
+    base["cpu_pressure"] = common.cpu_pressure()
     del fns
     gc.collect()
     bw = timings.pop(common.BANDWIDTH_NAME, None)
     base["bandwidth_gbps"] = common.gbps(probe.nbytes, bw.min) if bw else None
     base["bandwidth_ref"] = probe.description
     ref = timings.get(BASELINE[algo])
-    records = [common.measured_record(base, name, t, ref) for name, t in timings.items()]
+    records += [common.measured_record(base, name, t, ref) for name, t in timings.items()]
+    records += [common.skip_record(base, name, status, why) for name, (status, why) in rejected.items()]
+    records += [common.skip_record(base, name, "skipped", why) for name, why in skipped.items()]
     records += [common.skip_record(base, name, "skipped", err) for name, err in errors.items()]
     return records
+
+
+def all_provider_names(device: torch.device) -> List[str]:
+    """Every provider name bench_clip can time on ``device`` (all algorithms)."""
+    backends = fusedopt_backends(device)
+    names = set(clip_fns(backends)) | set(clip_adamw_variants(backends, 0)[0])
+    return sorted(names)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -290,11 +545,17 @@ def main(argv=None) -> List[Dict[str, Any]]:
     env, run_id = common.environment(args.device), common.now_iso()
     started = time.perf_counter()
     out: List[Dict[str, Any]] = []
+    guard_cache: Dict[Tuple[str, str, str], Optional[str]] = {}
+    if args.providers:
+        names = set(all_provider_names(args.device))
+        for pat in args.providers:
+            if not any(common.fnmatch.fnmatchcase(n, pat) for n in names):
+                print(f"note: --providers {pat!r} matches no provider on {args.device.type}")
     for algo in args.algo:
         for dtype in args.dtype:
             for wname in args.workloads:
                 for workload in common.make_workloads(wname):
-                    records = run_group(args, env, run_id, workload, algo, dtype)
+                    records = run_group(args, env, run_id, workload, algo, dtype, guard_cache)
                     print(common.format_table(workload, records).replace("vs fused", "vs torch"), flush=True)
                     print(flush=True)
                     if args.out is not None:

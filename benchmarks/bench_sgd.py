@@ -7,6 +7,11 @@ compiled) vs fusedopt backends vs apex FusedSGD when installed.
 
 Byte model (fp32): 12 bytes per parameter per step (read p, g; write p), 20 with a momentum
 buffer (plain momentum and Nesterov alike); scaled by the element size for other dtypes.
+
+With Nesterov, torch's foreach step adds ``momentum * buf`` into ``p.grad``: common.time_providers
+finds that in an untimed first step and times it on its own gradients, restored before each timed
+call, so that it and every other provider step on the same pristine gradients (its record's note
+says so).
 """
 from __future__ import annotations
 

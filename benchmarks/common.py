@@ -8,11 +8,19 @@ in place (set once, reused), on the same parameter tensors for every provider (e
 has its own optimizer state; sharing the params keeps memory at params + grads + n x state, and
 step time does not depend on their values: they stay normal numbers).
 
-Method (ARCHITECTURE.md, "Measuring on these machines"): warm up, then interleave the providers
-and the bandwidth reference (A, B, C, BW, B, C, BW, A, ... the start rotates each repetition), take
+Every provider steps on the same pristine gradients at every timed call: a provider whose step
+writes into ``p.grad`` (torch's foreach SGD with Nesterov adds ``momentum * buf`` into it) is found
+by an untimed first step and gets its own gradients, restored from a master copy before each of
+its timed calls (outside the timed region; its samples are then single calls). After timing, the
+shared gradients must still be bit-identical to the master copy and the params finite, or the
+group's numbers are discarded (status ``rejected``).
+
+Method (docs/ARCHITECTURE.md, "Benchmarks"): warm up, then interleave the providers and the
+bandwidth reference (A, B, C, BW, B, C, BW, A, ... the start rotates each repetition), take
 >= 15 samples of each, report min and median. GB/s comes from the byte model
-(:func:`bytes_per_step`) and the min time; the fraction of bandwidth divides it by the bandwidth
-reference measured in the same run; the speedup is against ``torch-fused`` from the same run.
+(:func:`bytes_per_step`) and the min time; the fraction of the bandwidth reference divides it by
+the reference measured in the same run (a reference, not a ceiling: see :class:`BandwidthProbe`);
+the speedup is against ``torch-fused`` from the same run.
 """
 from __future__ import annotations
 
@@ -175,13 +183,19 @@ def format_count(n: float) -> str:
 
 def make_tensors(workload: Workload, device: torch.device, dtype: torch.dtype,
                  seed: int = 0, mesh: Any = None) -> List[torch.Tensor]:
-    """Parameters of ``workload`` with gradients populated once (N(0, 1) values, no subnormals);
-    with a device ``mesh``, DTensors sharded along dim 0 over it (FSDP2's layout)."""
+    """Parameters of ``workload`` (N(0, 1) values) with gradients populated once; with a device
+    ``mesh``, DTensors sharded along dim 0 over it (FSDP2's layout).
+
+    Gradients have random signs and magnitudes uniform in 0.5..1.5: none near zero. With N(0, 1)
+    gradients, torch's fp16 for-loop and foreach Adam steps (which compute in fp16) divide by a
+    denominator that underflows to 0 for |g| below ~2.4e-4 and write inf into the params every
+    provider shares; the clip benchmark's shrinking gradients would reach fp16 subnormals."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     params = []
     for shape in workload.shapes:
         p = torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
-        g = torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+        g = (torch.randn(shape, generator=gen, dtype=torch.float32).sign()
+             * (0.5 + torch.rand(shape, generator=gen, dtype=torch.float32))).to(device=device, dtype=dtype)
         if mesh is not None:
             from torch.distributed.tensor import Shard, distribute_tensor
             p = torch.nn.Parameter(distribute_tensor(p, mesh, [Shard(0)]))
@@ -243,7 +257,9 @@ def time_calls(fn: Callable[[], Any], calls: int, sync: Callable[[], None]) -> f
 def interleaved_times(fns: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: int,
                       sync: Callable[[], None] = lambda: None, min_sample_s: float = 0.005,
                       max_inner: int = 1000,
-                      errors: Optional[Dict[str, str]] = None) -> Dict[str, Timing]:
+                      errors: Optional[Dict[str, str]] = None,
+                      before: Optional[Mapping[str, Callable[[], Any]]] = None,
+                      single: Iterable[str] = ()) -> Dict[str, Timing]:
     """Time every function of ``fns`` interleaved: round r runs all of them once, in an order
     rotated by r, so that slow drifts of a shared machine hit every function alike.
 
@@ -251,18 +267,27 @@ def interleaved_times(fns: Mapping[str, Callable[[], Any]], *, repeats: int, war
     warmup is dropped and its error stored in ``errors``. From the time of its last warmup call,
     each function gets a number of calls per sample (``inner``) so a sample lasts at least
     ``min_sample_s``; samples are per-call seconds. The garbage collector is off while timing.
+
+    ``before[name]``, where given, runs before every sample (and warmup call) of ``name``, outside
+    the timed region (the device is synchronised after it); the functions named in ``single``
+    are timed one call per sample, so their ``before`` runs before every timed call.
     """
     live = dict(fns)
+    before = dict(before or {})
+    single = set(single)
     last: Dict[str, float] = {}
     for _ in range(max(warmup, 1)):
         for name, fn in list(live.items()):
             try:
+                if name in before:
+                    before[name]()
                 last[name] = time_calls(fn, 1, sync)
             except Exception as exc:  # a provider that cannot run is dropped, not fatal
                 if errors is not None:
                     errors[name] = f"{type(exc).__name__}: {first_line(exc)}"
                 del live[name]
-    inner = {name: max(1, min(max_inner, math.ceil(min_sample_s / max(last[name], 1e-9))))
+    inner = {name: 1 if name in single else
+             max(1, min(max_inner, math.ceil(min_sample_s / max(last[name], 1e-9))))
              for name in live}
     samples: Dict[str, List[float]] = {name: [] for name in live}
     names = list(live)
@@ -272,6 +297,8 @@ def interleaved_times(fns: Mapping[str, Callable[[], Any]], *, repeats: int, war
         for r in range(repeats):
             k = r % len(names) if names else 0
             for name in names[k:] + names[:k]:
+                if name in before:
+                    before[name]()
                 samples[name].append(time_calls(live[name], inner[name], sync))
     finally:
         if gc_was_enabled:
@@ -313,6 +340,12 @@ class BandwidthProbe:
     CPU: in-place ``x.mul_(-1.0)`` (exact, values never drift) of an fp32 buffer: read + write,
     8 bytes per element; a plain copy would undercount (write-allocate reads the target line).
     GPU: device-to-device copy ``dst.copy_(src)``: read + write, 8 bytes per fp32 element.
+
+    A reference, not a ceiling: it measures what one torch elementwise op gets, which on CPU is
+    one sequential read + write stream per thread. Kernels that keep more streams in flight
+    (fusedopt's CPU kernels walk 2 sub-ranges per thread) can and do exceed it: up to 147% in the
+    committed Intel records (torch's fused steps up to 132%); the memory's limit is higher
+    (benchmarks/stream_count.cpp measures it with more streams per core).
     """
 
     fn: Callable[[], Any]
@@ -346,12 +379,15 @@ class Provider:
 
     ``wrap`` turns the optimizer into the timed callable (default: its bound ``step``).
     ``guard``: check against torch for-loop on a small copy before timing it.
+    ``note``: called with the built optimizer after its first step; its answer (say, the dtype of
+    the optimizer state it keeps) goes into the ``note`` of the provider's records.
     """
 
     name: str
     make: Callable[[List[torch.Tensor], Dict[str, Any]], Any]
     guard: bool = True
     wrap: Optional[Callable[[Any], Callable[[], Any]]] = None
+    note: Optional[Callable[[Any], Optional[str]]] = None
 
     def step_fn(self, optimizer) -> Callable[[], Any]:
         return self.wrap(optimizer) if self.wrap is not None else optimizer.step
@@ -488,10 +524,25 @@ GUARD_SHAPES = ((3,), (17, 5), (1031,), (64, 65), (4096,))
 GUARD_STEPS = 3
 #: learning rate of the guard: large enough that a wrong update shows above bf16 rounding
 GUARD_LR = 0.05
+#: weight decay of the guard where the algorithm has one (AdamW): lr x wd = 0.1, so the decay
+#: term of an update is 10% of |p| (params are 0.1..0.3 in magnitude): 20-60% of an Adam update
+#: of ~lr, far above 16-bit rounding. The benchmark's own 1e-2 would be lost in bf16 rounding.
+GUARD_WEIGHT_DECAY = 2.0
 #: start of the guard's answer when the provider raised (a "skipped", not a "rejected" provider)
 GUARD_RAISED = "failed on a small copy"
-#: (rtol, atol) per dtype, about 4 units in the last place for low precision (params are rounded
-#: to the storage dtype after every step, the reference is not).
+#: Relative tolerance of the update ``p_after - p_before`` per dtype: relative to |update| (plus
+#: the rounding of the stored param, one unit in its last place, and a floor of rtol x the mean
+#: |update| of the tensor for elements whose terms cancel). The reference (torch for-loop, fp32
+#: for 16-bit params) starts every step from the provider's own params; what is left is the
+#: rounding of the provider's 16-bit state (m, v rounded to 8 or 11 bits: ~0.3% of an update).
+GUARD_DELTA_RTOL = {
+    torch.float64: 1e-9,
+    torch.float32: 1e-4,
+    torch.bfloat16: 2e-2,
+    torch.float16: 1e-2,
+}
+#: (rtol, atol) per dtype for the optimizer state after the steps, about 4 units in the last place
+#: for low precision (the reference state is not rounded).
 GUARD_TOLERANCE = {
     torch.float64: (1e-10, 1e-10),
     torch.float32: (1e-5, 1e-5),
@@ -499,6 +550,10 @@ GUARD_TOLERANCE = {
     torch.float16: (4e-3, 1e-3),
 }
 GUARD_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
+#: magnitude of the gradients of the guard's extra "tiny" tensor (dtypes with float32's exponent
+#: range only): there sqrt(v) is ~1e-7, so Adam's eps (1e-8) is 5-10% of the denominator and a
+#: wrong eps changes the update visibly.
+GUARD_TINY_GRAD = 2e-7
 
 
 def guard_reference_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -510,52 +565,135 @@ def guard_reference_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if element_size(dtype) < 4 else dtype
 
 
+def guard_dtypes(dtype: torch.dtype) -> List[torch.dtype]:
+    """The dtypes the guard checks a provider in: the benchmark's, and always fp32 too (a wrong
+    eps, for one, only shows where gradients can be tiny: not in fp16)."""
+    return [dtype] if dtype == torch.float32 else [dtype, torch.float32]
+
+
+def _guard_values(shape, gen: torch.Generator, low: float, high: float) -> torch.Tensor:
+    """Random signs times magnitudes uniform in [low, high): never near zero."""
+    return torch.randn(shape, generator=gen).sign() * (low + (high - low) * torch.rand(shape, generator=gen))
+
+
 def guard_tensors(device: torch.device, dtype: torch.dtype) -> List[torch.Tensor]:
-    """Small params N(0, 1) with gradients of magnitude 0.5..1.5: second moments then stay normal
-    numbers even in fp16, so low-precision results differ from the reference by rounding only."""
+    """Small params of magnitude 0.1..0.3 (so that a step of ~lr is large against their rounding)
+    with gradients of magnitude 0.5..1.5 (second moments stay normal numbers even in fp16), plus,
+    where the dtype has float32's exponent range, a tensor with gradients of ~GUARD_TINY_GRAD."""
     gen = torch.Generator(device="cpu").manual_seed(1)
+    shapes = list(GUARD_SHAPES) + ([(257,)] if torch.finfo(dtype).tiny < 1e-30 else [])
     params = []
-    for shape in GUARD_SHAPES:
-        p = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
-        g = torch.randn(shape, generator=gen).sign() * (0.5 + torch.rand(shape, generator=gen))
-        p.grad = g.to(device=device, dtype=dtype)
+    for shape in shapes:
+        p = _guard_values(shape, gen, 0.1, 0.3).to(device=device, dtype=dtype)
+        p.grad = torch.zeros(shape, device=device, dtype=dtype)
         params.append(p)
     return params
 
 
-def guard_check(provider: Provider, cfg: AlgoConfig, device: torch.device,
-                dtype: torch.dtype) -> Optional[str]:
-    """Run ``provider`` and torch for-loop (fp32 for bf16/fp16) for a few steps on a small copy;
-    None if params and state agree, else why not (largest difference and where)."""
+def guard_grads(params: Sequence[torch.Tensor], step: int) -> List[torch.Tensor]:
+    """Gradients of guard step ``step`` (fp32, CPU): different at every step, so that wrong betas
+    show in the update and not only in the state; the last tensor's are tiny where it exists."""
+    gen = torch.Generator(device="cpu").manual_seed(100 + step)
+    out = []
+    for i, p in enumerate(params):
+        g = _guard_values(tuple(p.shape), gen, 0.5, 1.5)
+        if i >= len(GUARD_SHAPES):
+            g = g * GUARD_TINY_GRAD
+        out.append(g)
+    return out
+
+
+def guard_hyper(cfg: AlgoConfig) -> Dict[str, Any]:
+    """The guard's hyperparameters: the benchmark's, with GUARD_LR and (where the algorithm has a
+    weight decay) GUARD_WEIGHT_DECAY, so that both matter against 16-bit rounding."""
+    hyper = dict(cfg.kwargs, lr=GUARD_LR)
+    if hyper.get("weight_decay"):
+        hyper["weight_decay"] = GUARD_WEIGHT_DECAY
+    return hyper
+
+
+def update_mismatch(before: torch.Tensor, want_after: torch.Tensor, got_after: torch.Tensor,
+                    storage: torch.dtype, rtol: float) -> Optional[Tuple[int, float, float]]:
+    """Compare the update ``got_after - before`` of a provider with the reference's
+    ``want_after - before``; None if every element is within ``rtol`` of |reference update|
+    (plus one unit in the last place of the stored param, plus rtol x the mean |update|), else
+    (flat index, wanted update, got update) of the worst element."""
+    before, want, got = before.double(), want_after.double() - before.double(), got_after.double() - before.double()
+    ulp = torch.finfo(storage).eps * torch.maximum(before.abs(), got_after.double().abs())
+    allowed = rtol * (want.abs() + want.abs().mean()) + ulp
+    err = (got - want).abs().nan_to_num(float("inf"))
+    excess = err - allowed
+    if bool((excess <= 0).all()):
+        return None
+    i = int(excess.flatten().argmax())
+    return i, float(want.flatten()[i]), float(got.flatten()[i])
+
+
+def _guard_one(provider: Provider, cfg: AlgoConfig, device: torch.device,
+               dtype: torch.dtype) -> Optional[str]:
     test_params = guard_tensors(device, dtype)
     ref_dtype = guard_reference_dtype(dtype)
     ref_params = []
     for p in test_params:
         r = p.detach().clone().to(ref_dtype)
-        r.grad = p.grad.clone().to(ref_dtype)
+        r.grad = torch.zeros_like(r)
         ref_params.append(r)
+    hyper = guard_hyper(cfg)
+    rtol = GUARD_DELTA_RTOL[dtype]
     try:
-        hyper = dict(cfg.kwargs, lr=GUARD_LR)
         ref_opt = getattr(torch.optim, cfg.torch_cls)(ref_params, foreach=False, **hyper)
         opt = provider.make(test_params, hyper)
         step = provider.step_fn(opt)
-        for _ in range(GUARD_STEPS):
-            ref_opt.step()
-            step()
     except Exception as exc:
         return f"{GUARD_RAISED}: {type(exc).__name__}: {first_line(exc)}"
-    rtol, atol = GUARD_TOLERANCE[dtype]
+    for k in range(GUARD_STEPS):
+        grads = guard_grads(test_params, k)
+        with torch.no_grad():
+            for p, r, g in zip(test_params, ref_params, grads):
+                p.grad.copy_(g)   # rounded to the storage dtype; the reference gets the same values
+                r.grad.copy_(p.grad)
+                r.copy_(p)        # the same inputs: the reference steps from the provider's params
+        before = [p.detach().clone() for p in test_params]
+        try:
+            ref_opt.step()
+            step()
+        except Exception as exc:
+            return f"{GUARD_RAISED}: {type(exc).__name__}: {first_line(exc)}"
+        for i, (b, r, p) in enumerate(zip(before, ref_params, test_params)):
+            bad = update_mismatch(b, r.detach(), p.detach(), dtype, rtol)
+            if bad is not None:
+                j, want, got = bad
+                return (f"differs from torch for-loop ({dtype_name(ref_dtype)}) on {dtype_name(dtype)} params: "
+                        f"step {k + 1}, tensor {i} {tuple(p.shape)}, element {j}: update {got:.6g}, "
+                        f"want {want:.6g} (rtol {rtol} of |update|; hyperparameters {hyper})")
+    s_rtol, s_atol = GUARD_TOLERANCE[dtype]
     for i, (p_ref, p) in enumerate(zip(ref_params, test_params)):
-        pairs = [("param", p_ref, p)]
-        pairs += [(key, ref_opt.state[p_ref][key], opt.state[p][key]) for key in GUARD_STATE_KEYS
-                  if key in ref_opt.state[p_ref] and key in getattr(opt, "state", {}).get(p, {})]
+        pairs = [(key, ref_opt.state[p_ref][key], opt.state[p][key]) for key in GUARD_STATE_KEYS
+                 if key in ref_opt.state[p_ref] and key in getattr(opt, "state", {}).get(p, {})]
         for what, want, got in pairs:
             want, got = want.double(), got.double()
-            if not torch.isfinite(got).all() or not torch.allclose(got, want, rtol=rtol, atol=atol):
+            if not torch.isfinite(got).all() or not torch.allclose(got, want, rtol=s_rtol, atol=s_atol):
                 diff = (got - want).abs().nan_to_num(float("inf")).max().item()
-                return (f"differs from torch for-loop ({dtype_name(ref_dtype)}) after {GUARD_STEPS} steps: "
-                        f"{what} of tensor {i} {tuple(p.shape)}, max |diff| {diff:.3g} "
-                        f"(rtol {rtol}, atol {atol})")
+                return (f"differs from torch for-loop ({dtype_name(ref_dtype)}) on {dtype_name(dtype)} params "
+                        f"after {GUARD_STEPS} steps: {what} of tensor {i} {tuple(p.shape)}, max |diff| "
+                        f"{diff:.3g} (rtol {s_rtol}, atol {s_atol})")
+    return None
+
+
+def guard_check(provider: Provider, cfg: AlgoConfig, device: torch.device,
+                dtype: torch.dtype) -> Optional[str]:
+    """Run ``provider`` and torch for-loop (fp32 for bf16/fp16) for a few steps on a small copy,
+    in ``dtype`` and in fp32 (:func:`guard_dtypes`); None if they agree, else why not.
+
+    At every step both start from the provider's params and the same fresh gradients, and the
+    provider's update ``p_after - p_before`` must match torch's within a tolerance relative to
+    the update (:data:`GUARD_DELTA_RTOL`), not to |p|: with lr 0.05 and weight decay 2.0, a
+    dropped weight decay, L2 instead of decoupled decay, a wrong lr, betas or (in fp32) eps all
+    show. The optimizer state is compared after the last step."""
+    for d in guard_dtypes(dtype):
+        reason = _guard_one(provider, cfg, device, d)
+        if reason is not None:
+            return reason
     return None
 
 
@@ -642,6 +780,27 @@ def load_average() -> Optional[float]:
         return None
 
 
+PRESSURE_FILE = Path("/proc/pressure/cpu")
+
+
+def cpu_pressure(path: Path = PRESSURE_FILE) -> Optional[float]:
+    """``some avg10`` of Linux's CPU pressure stall information: the percentage of the last 10 s
+    in which at least one runnable task waited for a CPU (other work competing with the
+    benchmark shows here, also where the load average misses it). None where the file does not
+    exist (not Linux, PSI disabled) or cannot be parsed."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            fields = line.split()
+            if fields and fields[0] == "some":
+                for item in fields[1:]:
+                    key, _, value = item.partition("=")
+                    if key == "avg10":
+                        return float(value)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def environment(device: torch.device) -> Dict[str, Any]:
     """Fields of every record that describe the machine and software."""
     try:
@@ -686,13 +845,23 @@ RECORD_FIELDS: Dict[str, Tuple[type, ...]] = {
 }
 
 
+#: Fields added to the schema later: the benchmarks write them, older records lack them.
+#: ``cpu_pressure``: :func:`cpu_pressure` read right after the group's timing (None: no PSI).
+OPTIONAL_RECORD_FIELDS: Dict[str, Tuple[type, ...]] = {
+    "cpu_pressure": (float, type(None)),
+}
+
+
 def check_record(record: Mapping[str, Any]) -> None:
-    """Raise ValueError unless ``record`` has exactly the schema's fields with allowed types."""
+    """Raise ValueError unless ``record`` has the schema's fields (:data:`RECORD_FIELDS`, and any
+    of :data:`OPTIONAL_RECORD_FIELDS`), nothing else, with allowed types."""
     missing = set(RECORD_FIELDS) - set(record)
-    extra = set(record) - set(RECORD_FIELDS)
+    extra = set(record) - set(RECORD_FIELDS) - set(OPTIONAL_RECORD_FIELDS)
     if missing or extra:
         raise ValueError(f"record fields: missing {sorted(missing)}, unexpected {sorted(extra)}")
-    for key, types in RECORD_FIELDS.items():
+    for key, types in {**RECORD_FIELDS, **OPTIONAL_RECORD_FIELDS}.items():
+        if key not in record:
+            continue
         value = record[key]
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             raise ValueError(f"record field {key}={value!r} is not {types}")
@@ -782,10 +951,11 @@ def unmatched_patterns(ctx: RunContext, algo: str, dtype: torch.dtype) -> List[s
 
 
 def memory_needed(workload: Workload, cfg: AlgoConfig, dtype: torch.dtype, n_providers: int) -> int:
-    """Bytes the group will allocate: params + grads, each provider's state, temporaries."""
+    """Bytes the group will allocate: params + grads + the grads' master copy + one more copy for
+    a provider that writes into its grads, each provider's state, temporaries."""
     esize = element_size(dtype)
     largest = max(math.prod(s) for s in workload.shapes)
-    return esize * (workload.numel * (2 + cfg.state_tensors * n_providers) + 4 * largest)
+    return esize * (workload.numel * (4 + cfg.state_tensors * n_providers) + 4 * largest)
 
 
 def memory_available(device: torch.device) -> Optional[int]:
@@ -812,7 +982,7 @@ def base_record(ctx: RunContext, workload: Workload, algo: str, dtype: torch.dty
         "bandwidth_gbps": None, "bandwidth_ref": "",
         "bytes_per_step": bytes_per_step(algo, workload.numel, dtype),
         "repeats": ctx.repeats, "warmup": ctx.warmup, "inner": None, "quick": ctx.quick, "note": None,
-        "load_avg": load_average(),
+        "load_avg": load_average(), "cpu_pressure": None,
     }
     rec.update(ctx.env)
     rec["date"] = now_iso()
@@ -851,31 +1021,135 @@ def screen_providers(ctx: RunContext, algo: str, dtype: torch.dtype,
     return providers, records
 
 
+@dataclass
+class GroupTiming:
+    """What :func:`time_providers` measured for one group."""
+
+    timings: Dict[str, Timing]           # per provider, and the bandwidth reference
+    probe: BandwidthProbe
+    errors: Dict[str, str]               # provider -> why it could not be built or run
+    notes: Dict[str, str]                # provider -> note for its record (state dtype, own grads)
+    failure: Optional[str]               # why the group's numbers cannot be trusted, if they cannot
+    cpu_pressure: Optional[float]        # PSI "some avg10" right after the timing
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor, the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical tensors (NaN payloads and signed zeros included)."""
+    a, b = local_tensor(a), local_tensor(b)
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(as_int), b.contiguous().view(as_int))
+
+
+def bind_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+    for p, g in zip(params, grads):
+        p.grad = g
+
+
+def join_notes(*notes: Optional[str]) -> Optional[str]:
+    text = "; ".join(n for n in notes if n)
+    return text or None
+
+
+OWN_GRADS_NOTE = ("its step writes into p.grad: timed on its own copy of the gradients, restored "
+                  "from the master copy before each timed call (outside the timed region; samples of "
+                  "one call)")
+
+
 def time_providers(ctx: RunContext, workload: Workload, cfg: AlgoConfig, dtype: torch.dtype,
-                   providers: Sequence[Provider]) -> Tuple[Dict[str, Timing], BandwidthProbe, Dict[str, str]]:
-    """Build every provider's optimizer over one shared set of params (grads set once) and time
-    their steps interleaved with the bandwidth reference. Returns the timings (bandwidth under
-    :data:`BANDWIDTH_NAME`), the probe, and an error per provider that could not be built or run."""
+                   providers: Sequence[Provider]) -> GroupTiming:
+    """Build every provider's optimizer over one shared set of params and time their steps
+    interleaved with the bandwidth reference.
+
+    Every provider steps on the same pristine gradients at every timed call. A master copy of
+    the gradients is kept; each provider takes one untimed step first, and one whose step changed
+    the gradients (torch's foreach SGD with Nesterov adds ``momentum * buf`` into them) has them
+    restored and is timed on its own copy, restored from the master before each of its timed
+    calls, outside the timed region. After timing, the shared gradients must still be
+    bit-identical to the master and every param finite; otherwise ``failure`` says why."""
     params = make_tensors(workload, ctx.device, dtype, mesh=ctx.mesh)
+    shared = [p.grad for p in params]
+    master = [g.detach().clone() for g in shared]
+    sync = synchronizer(ctx.device)
     errors: Dict[str, str] = {}
+    notes: Dict[str, str] = {}
     fns: Dict[str, Callable[[], Any]] = {}
+    opts: Dict[str, Any] = {}
+
+    def step_error(name: str, exc: BaseException) -> str:
+        return (("torch.compile failed: " if name == "torch-compile" else "step failed: ")
+                + f"{type(exc).__name__}: {first_line(exc)}")
+
     for p in providers:
         try:
-            fns[p.name] = p.step_fn(p.make(params, cfg.kwargs))
+            opts[p.name] = p.make(params, cfg.kwargs)
+            fns[p.name] = p.step_fn(opts[p.name])
         except Exception as exc:
             errors[p.name] = f"construction failed: {type(exc).__name__}: {first_line(exc)}"
+    mutators: List[str] = []
+    for p in providers:  # one untimed step each: state allocated, grad writers found
+        if p.name not in fns:
+            continue
+        try:
+            fns[p.name]()
+            sync()
+        except Exception as exc:
+            errors[p.name] = step_error(p.name, exc)
+            del fns[p.name]
+            continue
+        if not all(bits_equal(g, m) for g, m in zip(shared, master)):
+            mutators.append(p.name)
+            notes[p.name] = OWN_GRADS_NOTE
+            with torch.no_grad():
+                for g, m in zip(shared, master):
+                    g.copy_(m)
+        if p.note is not None:
+            try:
+                notes[p.name] = join_notes(p.note(opts[p.name]), notes.get(p.name)) or ""
+            except Exception as exc:
+                notes[p.name] = join_notes(f"note failed: {type(exc).__name__}", notes.get(p.name)) or ""
+    before: Dict[str, Callable[[], Any]] = {}
+    if mutators:
+        for name in fns:
+            before[name] = lambda: bind_grads(params, shared)
+        for name in mutators:
+            own = [m.clone() for m in master]
+
+            def restore(own=own):
+                with torch.no_grad():
+                    for g, m in zip(own, master):
+                        g.copy_(m)
+                bind_grads(params, own)
+            before[name] = restore
     probe = bandwidth_probe(ctx.device, ctx.bw_bytes)
     fns[BANDWIDTH_NAME] = probe.fn
     step_errors: Dict[str, str] = {}
     timings = interleaved_times(fns, repeats=ctx.repeats, warmup=ctx.warmup, min_sample_s=ctx.sample_s,
-                                sync=synchronizer(ctx.device), errors=step_errors)
+                                sync=sync, errors=step_errors, before=before, single=mutators)
+    pressure = cpu_pressure()
     for name, err in step_errors.items():
         errors[name] = ("torch.compile failed: " if name == "torch-compile" else "step failed: ") + err
-    del fns, params, probe.fn  # free the optimizers' state before the next group
+    bind_grads(params, shared)
+    changed = [i for i, (g, m) in enumerate(zip(shared, master)) if not bits_equal(g, m)]
+    nonfinite = [i for i, p in enumerate(params) if not bool(torch.isfinite(local_tensor(p.detach())).all())]
+    failure = None
+    if changed or nonfinite:
+        failure = ("group failed: after timing, " + ", ".join(
+            ([f"the shared gradients of {len(changed)} of {len(params)} tensors differ from their master copy "
+              "(a provider wrote into p.grad after its first step)"] if changed else []) +
+            ([f"{len(nonfinite)} of {len(params)} params are not finite"] if nonfinite else []))
+            + "; no number of this group is kept")
+    del fns, opts, params, shared, master, before, probe.fn  # free the optimizers' state
     gc.collect()
     if ctx.device.type == "cuda":
         torch.cuda.empty_cache()
-    return timings, probe, errors
+    return GroupTiming(timings, probe, errors, notes, failure, pressure)
 
 
 def measured_record(base: Mapping[str, Any], name: str, t: Timing,
@@ -908,19 +1182,48 @@ def run_group(ctx: RunContext, workload: Workload, algo: str, dtype: torch.dtype
                 "run fewer --providers or a smaller --dtype")
         return records + [skip_record(base, p.name, "skipped", note) for p in providers]
 
-    timings, probe, errors = time_providers(ctx, workload, cfg, dtype, providers)
-    records += [skip_record(base, name, "skipped", err) for name, err in errors.items()]
+    group = time_providers(ctx, workload, cfg, dtype, providers)
+    timings = group.timings
+    records += [skip_record(base, name, "skipped", err) for name, err in group.errors.items()]
     bw = timings.pop(BANDWIDTH_NAME, None)
-    base["bandwidth_gbps"] = gbps(probe.nbytes, bw.min) if bw else None
-    base["bandwidth_ref"] = probe.description
+    base["bandwidth_gbps"] = gbps(group.probe.nbytes, bw.min) if bw else None
+    base["bandwidth_ref"] = group.probe.description
+    base["cpu_pressure"] = group.cpu_pressure
     for rec in records:
         rec["bandwidth_gbps"], rec["bandwidth_ref"] = base["bandwidth_gbps"], base["bandwidth_ref"]
-    fused = timings.get("torch-fused")
-    records += [measured_record(base, p.name, timings[p.name], fused)
-                for p in providers if p.name in timings]
+        rec["cpu_pressure"] = base["cpu_pressure"]
+    if group.failure is not None:
+        print(f"ERROR: {ctx.spec.benchmark}/{algo} {workload.describe()} {dtype_name(dtype)}: {group.failure}",
+              file=sys.stderr, flush=True)
+        records += [skip_record(base, p.name, "rejected", group.failure) for p in providers if p.name in timings]
+    else:
+        stall = stall_note(timings)
+        fused = timings.get("torch-fused")
+        for p in providers:
+            if p.name in timings:
+                rec = measured_record(base, p.name, timings[p.name], fused)
+                rec["note"] = join_notes(group.notes.get(p.name), stall)
+                records.append(rec)
     order = {p.name: i for i, p in enumerate(providers)}
     records.sort(key=lambda r: (r["status"] != "ok", order.get(r["provider"], len(order))))
     return records
+
+
+#: torch-fused slower than torch-forloop by more than this (min times, same group): a stall
+STALL_RATIO = 2.0
+STALL_PREFIX = "stall suspected"
+
+
+def stall_note(timings: Mapping[str, Timing]) -> Optional[str]:
+    """A note for every record of a group where torch-fused took more than STALL_RATIO x the time
+    of torch-forloop: the fused step does the same work in one pass and should not be that much
+    slower, so the machine most likely stalled it (another process, a frequency drop) and the
+    group's numbers are suspect."""
+    fused, forloop = timings.get("torch-fused"), timings.get("torch-forloop")
+    if fused is None or forloop is None or not fused.min > STALL_RATIO * forloop.min:
+        return None
+    return (f"{STALL_PREFIX}: torch-fused {fused.min / forloop.min:.1f}x slower than torch-forloop "
+            "in this group (min times): re-run before trusting its numbers")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -967,6 +1270,19 @@ def format_table(workload: Workload, records: Sequence[Mapping[str, Any]]) -> st
     if noisy:
         lines.append(f"  * median > {NOISY_SPREAD}x min: the machine was busy; trust the min and "
                      "ratios of mins, re-run to confirm")
+    pressure = records[0].get("cpu_pressure")
+    if pressure is not None:
+        lines.append(f"  CPU pressure (PSI some avg10) after timing: {pressure:.1f}%")
+    stall = None
+    for r in records:
+        if r["status"] != "ok" or not r.get("note"):
+            continue
+        own = [n for n in r["note"].split("; ") if not n.startswith(STALL_PREFIX)]
+        stall = stall or next((n for n in r["note"].split("; ") if n.startswith(STALL_PREFIX)), None)
+        if own:
+            lines.append(f"  note: {r['provider']}: {'; '.join(own)}")
+    if stall:
+        lines.append(f"  ! {stall}")
     for r in records:
         if r["status"] != "ok":
             lines.append(f"  {r['status']}: {r['provider']}: {r['note']}")

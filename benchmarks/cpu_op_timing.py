@@ -12,7 +12,10 @@ and prints ratios from the same run. The full benchmark suite is bench_adam.py /
 
 ``--streams 1,2`` times the direct path once per stream count of the kernels (``direct s1``,
 ``direct s2``: csrc/cpu/kernels_impl.h, for_each_index; ``_C._set_cpu_streams`` before each
-call), interleaved like the rest, to see which count suits this machine.
+call), interleaved like the rest, to see which count suits this machine. The ``torch.ops`` column
+then sets the default stream count (``_C.cpu_streams()`` at start) before each of its calls too,
+and is labelled with it (``torch.ops s2``): the stream count is a process-wide setting, so without
+that it would run at whatever count the previous ``direct sN`` call left.
 """
 from __future__ import annotations
 
@@ -84,6 +87,10 @@ def main():
         fns, numel = providers(args.algo, WORKLOADS[workload])
         if stream_counts:
             direct = fns.pop("direct")
+            ops = fns.pop("torch.ops")
+            # every entry sets its stream count (a process-wide setting) before each call
+            fns = {f"torch.ops s{default_streams}":
+                   (lambda: (_C._set_cpu_streams(default_streams), ops())), **fns}
             for n in stream_counts:
                 fns[f"direct s{n}"] = (lambda n: lambda: (_C._set_cpu_streams(n), direct()))(n)
         fns["probe"] = probe

@@ -664,3 +664,450 @@ def test_bench_clip_quick_run_end_to_end(tmp_path):
     for algo in bench_clip.ALGOS:
         names = {r["provider"] for r in records if r["algo"] == algo}
         assert {bench_clip.BASELINE[algo], "fusedopt-reference"} <= names, (algo, names)
+
+
+# ----------------------------------------------------------------------------- pristine gradients
+
+
+def _ctx(spec, patterns, external=None, repeats=3):
+    if external is not None:
+        spec = common.BenchSpec(spec.benchmark, "test", spec.algos, spec.default_algo,
+                                external_providers=external)
+    return common.RunContext(spec=spec, device=torch.device("cpu"), repeats=repeats, warmup=1,
+                             provider_patterns=patterns, with_compile=False, quick=True, bw_bytes=2 ** 20,
+                             sample_s=2e-4, env=common.environment(torch.device("cpu")), run_id="t")
+
+
+class _GradSpy(torch.optim.Optimizer):
+    """Checks, at every step, that the gradients it is handed are the pristine ones; then
+    optionally writes into them (``write_from``: from that call on) or into the params."""
+
+    def __init__(self, params, kw, write_from=None, nan_from=None):
+        params = list(params)
+        super().__init__(params, dict(lr=kw["lr"]))
+        self.pristine = [p.grad.clone() for p in params]
+        self.calls, self.dirty_calls = 0, 0
+        self.write_from, self.nan_from = write_from, nan_from
+
+    @torch.no_grad()
+    def step(self):
+        self.calls += 1
+        ps = self.param_groups[0]["params"]
+        if not all(common.bits_equal(p.grad, g) for p, g in zip(ps, self.pristine)):
+            self.dirty_calls += 1
+        if self.write_from is not None and self.calls >= self.write_from:
+            for p in ps:
+                p.grad.mul_(1.5)
+        if self.nan_from is not None and self.calls >= self.nan_from:
+            ps[0].fill_(float("nan"))
+
+
+def _captured_tensors(monkeypatch):
+    captured = []
+    original = common.make_tensors
+
+    def capture(*args, **kwargs):
+        params = original(*args, **kwargs)
+        captured.append((params, [p.grad.clone() for p in params]))
+        return params
+    monkeypatch.setattr(common, "make_tensors", capture)
+    return captured
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nesterov_providers_step_on_pristine_gradients(monkeypatch, dtype):
+    """torch's foreach SGD with Nesterov adds momentum * buf into p.grad: it must get its own,
+    restored, gradients, and every other provider must see the pristine ones at every call
+    (before the fix, the later providers stepped on ever-growing grads; fp16 went inf/NaN)."""
+    import bench_sgd
+    spies = []
+
+    def external(algo, cfg, device, dt):
+        def make(ps, kw):
+            spies.append(_GradSpy(ps, kw))
+            return spies[-1]
+        return [common.Provider("spy", make, guard=False)]
+
+    captured = _captured_tensors(monkeypatch)
+    ctx = _ctx(bench_sgd.SPEC, ["torch-foreach", "torch-fused", "fusedopt-cpu", "spy"], external)
+    (workload,) = common.make_workloads("tiny")
+    records = common.run_group(ctx, workload, "nesterov", dtype)
+    status = {r["provider"]: r for r in records}
+    assert status["torch-foreach"]["status"] == "ok"
+    assert common.OWN_GRADS_NOTE in status["torch-foreach"]["note"]
+    assert status["spy"]["status"] == "ok" and not status["spy"]["note"]
+    (spy,) = spies
+    assert spy.calls > 3 and spy.dirty_calls == 0
+    (params, pristine), = captured
+    assert all(common.bits_equal(p.grad, g) for p, g in zip(params, pristine))
+    assert all(torch.isfinite(p).all() for p in params)
+    for rec in records:
+        common.check_record(rec)
+
+
+def test_grad_writer_is_restored_before_every_timed_call():
+    """A provider that writes into its gradients at every step sees pristine ones at every call."""
+    import bench_adam
+    spies = []
+
+    def external(algo, cfg, device, dt):
+        def make(ps, kw):
+            spies.append(_GradSpy(ps, kw, write_from=1))
+            return spies[-1]
+        return [common.Provider("writer", make, guard=False)]
+
+    ctx = _ctx(bench_adam.SPEC, ["torch-fused", "writer"], external)
+    records = common.run_group(ctx, common.make_workloads("tiny")[0], "adam", torch.float32)
+    rec = {r["provider"]: r for r in records}["writer"]
+    assert rec["status"] == "ok" and rec["inner"] == 1 and common.OWN_GRADS_NOTE in rec["note"]
+    (spy,) = spies
+    assert spy.calls > 3 and spy.dirty_calls == 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(write_from=3), "shared gradients"), (dict(nan_from=3), "not finite"),
+])
+def test_group_fails_loudly_when_grads_change_late_or_params_blow_up(capsys, kwargs, message):
+    """A provider that starts writing into the grads after its first step (so it is not given
+    its own), or one that leaves non-finite params: no number of the group is kept."""
+    import bench_adam
+
+    def external(algo, cfg, device, dt):
+        return [common.Provider("late", lambda ps, kw: _GradSpy(ps, kw, **kwargs), guard=False)]
+
+    ctx = _ctx(bench_adam.SPEC, ["torch-fused", "late"], external)
+    (workload,) = common.make_workloads("tiny")
+    records = common.run_group(ctx, workload, "adam", torch.float32)
+    assert {r["provider"] for r in records} == {"torch-fused", "late"}
+    for rec in records:
+        common.check_record(rec)
+        assert rec["status"] == "rejected" and rec["ms_min"] is None
+        assert rec["note"].startswith("group failed") and message in rec["note"]
+    assert "ERROR" in capsys.readouterr().err
+    assert "rejected: late: group failed" in common.format_table(workload, records)
+
+
+def test_interleaved_timer_runs_before_hooks_outside_single_call_samples():
+    events = []
+    fns = {"a": lambda: events.append("a"), "b": lambda: events.append("b")}
+    timings = common.interleaved_times(fns, repeats=2, warmup=1, min_sample_s=1.0, max_inner=5,
+                                       before={"a": lambda: events.append("prep")}, single={"a"})
+    assert timings["a"].inner == 1 and timings["b"].inner == 5
+    # every call of "a" (warmup and timed) comes right after its hook
+    assert all(events[i - 1] == "prep" for i, e in enumerate(events) if e == "a")
+    assert events.count("a") == 3 and events.count("prep") == 3
+
+
+# ----------------------------------------------------------------------------- stronger guard
+
+
+def test_guard_checks_fp32_as_well():
+    assert common.guard_dtypes(torch.float32) == [torch.float32]
+    assert common.guard_dtypes(torch.bfloat16) == [torch.bfloat16, torch.float32]
+    assert common.guard_dtypes(torch.float16) == [torch.float16, torch.float32]
+
+
+_WRONG_ADAMW = {
+    "weight decay dropped": lambda ps, kw: torch.optim.AdamW(ps, **dict(kw, weight_decay=0.0)),
+    "L2 instead of decoupled": lambda ps, kw: torch.optim.Adam(ps, **kw),
+    "eps 1e-6": lambda ps, kw: torch.optim.AdamW(ps, eps=1e-6, **kw),
+    "beta1 0.8": lambda ps, kw: torch.optim.AdamW(ps, betas=(0.8, 0.999), **kw),
+    "lr 1.1x": lambda ps, kw: torch.optim.AdamW(ps, **dict(kw, lr=1.1 * kw["lr"])),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_guard_rejects_wrong_adamw_in_every_dtype(dtype):
+    """The old guard (tolerance relative to |p|, weight decay 1e-2) accepted in 16-bit an AdamW
+    without weight decay, Adam's L2 decay, and a wrong eps."""
+    import bench_adam
+    cfg = bench_adam.ALGOS["adamw"]
+    cpu = torch.device("cpu")
+    good = common.Provider("fused", lambda ps, kw: torch.optim.AdamW(ps, fused=True, **kw))
+    assert common.guard_check(good, cfg, cpu, dtype) is None
+    for name, make in _WRONG_ADAMW.items():
+        reason = common.guard_check(common.Provider("wrong", make), cfg, cpu, dtype)
+        assert reason is not None and "differs from torch for-loop" in reason, name
+
+
+def test_guard_rejects_in_16_bit_without_the_fp32_check():
+    """Weight decay and decoupling are caught by the 16-bit comparison itself."""
+    import bench_adam
+    cfg = bench_adam.ALGOS["adamw"]
+    for dtype in (torch.bfloat16, torch.float16):
+        for name in ("weight decay dropped", "L2 instead of decoupled", "lr 1.1x"):
+            provider = common.Provider("wrong", _WRONG_ADAMW[name])
+            assert common._guard_one(provider, cfg, torch.device("cpu"), dtype) is not None, (name, dtype)
+
+
+def test_guard_rejects_momentum_for_nesterov():
+    import bench_sgd
+    cfg = bench_sgd.ALGOS["nesterov"]
+    wrong = common.Provider("wrong", lambda ps, kw: torch.optim.SGD(ps, **dict(kw, nesterov=False)))
+    for dtype in (torch.float32, torch.bfloat16):
+        assert common.guard_check(wrong, cfg, torch.device("cpu"), dtype) is not None
+
+
+@pytest.mark.parametrize("bench", ["adam", "sgd"])
+def test_guard_accepts_fusedopt_in_every_dtype(bench):
+    import bench_adam
+    import bench_sgd
+    spec = {"adam": bench_adam.SPEC, "sgd": bench_sgd.SPEC}[bench]
+    cpu = torch.device("cpu")
+    for algo, cfg in spec.algos.items():
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for p in common.fusedopt_providers(cfg, cpu, dtype):
+                if isinstance(p, common.Provider):
+                    assert common.guard_check(p, cfg, cpu, dtype) is None, (algo, dtype, p.name)
+
+
+def test_guard_update_tolerance_is_relative_to_the_update():
+    before = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    want = before - torch.tensor([1e-3, 1e-3], dtype=torch.float64)
+    assert common.update_mismatch(before, want, want.clone(), torch.float64, 1e-3) is None
+    got = before - torch.tensor([1e-3, 1.1e-3], dtype=torch.float64)  # 10% off, 1e-4 of |p|
+    bad = common.update_mismatch(before, want, got, torch.float64, 1e-3)
+    assert bad is not None and bad[0] == 1
+
+
+# ----------------------------------------------------------------------------- DeepSpeed provider
+
+
+class _FakeDeepSpeedCPUAdam(torch.optim.AdamW):
+    """DeepSpeedCPUAdam's signature, torch's AdamW (state in the param dtype) behind it."""
+
+    def __init__(self, model_params, lr=1e-3, weight_decay=0, adamw_mode=True, fp32_optimizer_states=True):
+        super().__init__(model_params, lr=lr, weight_decay=weight_decay, foreach=False)
+        self.fp32_optimizer_states = fp32_optimizer_states
+
+
+class _OldFakeDeepSpeedCPUAdam(torch.optim.AdamW):
+    def __init__(self, model_params, lr=1e-3, weight_decay=0, adamw_mode=True):
+        super().__init__(model_params, lr=lr, weight_decay=weight_decay, foreach=False)
+
+
+def test_deepspeed_provider_asks_for_16_bit_state_and_notes_it(monkeypatch):
+    import types
+    import bench_adam
+    module = types.ModuleType("deepspeed.ops.adam")
+    module.DeepSpeedCPUAdam = _FakeDeepSpeedCPUAdam
+    monkeypatch.setitem(sys.modules, "deepspeed", types.ModuleType("deepspeed"))
+    monkeypatch.setitem(sys.modules, "deepspeed.ops", types.ModuleType("deepspeed.ops"))
+    monkeypatch.setitem(sys.modules, "deepspeed.ops.adam", module)
+    cfg = bench_adam.ALGOS["adamw"]
+    (provider,) = bench_adam.external_providers("adamw", cfg, torch.device("cpu"), torch.bfloat16)
+    assert provider.name == "deepspeed-cpuadam" and provider.note is not None
+    assert common.guard_check(provider, cfg, torch.device("cpu"), torch.bfloat16) is None
+    ctx = _ctx(bench_adam.SPEC, ["torch-fused", "deepspeed-cpuadam"],
+               lambda *a: bench_adam.external_providers(*a))
+    records = common.run_group(ctx, common.make_workloads("tiny")[0], "adamw", torch.bfloat16)
+    rec = {r["provider"]: r for r in records}["deepspeed-cpuadam"]
+    assert rec["status"] == "ok"
+    assert rec["note"] == "optimizer state dtype bf16 (fp32_optimizer_states=False)"
+    # a DeepSpeed without the argument: built without it, and the note says so
+    old = bench_adam.deepspeed_maker(_OldFakeDeepSpeedCPUAdam, True)
+    (p,) = common.make_tensors(common.Workload("one", ((8,),)), torch.device("cpu"), torch.bfloat16)
+    opt = old([p], dict(lr=1e-3, weight_decay=0.01))
+    opt.step()
+    assert bench_adam.state_dtype_note(opt) == ("optimizer state dtype bf16 "
+                                                "(fp32_optimizer_states=not supported by this DeepSpeed)")
+
+
+# ----------------------------------------------------------------------------- noise: PSI, stalls
+
+
+def test_cpu_pressure_reads_some_avg10(tmp_path):
+    path = tmp_path / "cpu"
+    path.write_text("some avg10=4.34 avg60=10.16 avg300=13.73 total=10009106145\n"
+                    "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+    assert common.cpu_pressure(path) == pytest.approx(4.34)
+    assert common.cpu_pressure(tmp_path / "missing") is None
+    path.write_text("garbage\n")
+    assert common.cpu_pressure(path) is None
+
+
+def test_cpu_pressure_is_an_optional_schema_field():
+    rec = _example_record()
+    common.check_record(rec)  # older records have no cpu_pressure
+    common.check_record(dict(rec, cpu_pressure=3.5))
+    common.check_record(dict(rec, cpu_pressure=None))
+    with pytest.raises(ValueError, match="cpu_pressure"):
+        common.check_record(dict(rec, cpu_pressure="high"))
+
+
+def test_stall_note_when_fused_is_twice_as_slow_as_forloop():
+    fast, slow = common.Timing([1.0, 1.2], 1), common.Timing([2.5, 2.6], 1)
+    assert common.stall_note({"torch-fused": fast, "torch-forloop": fast}) is None
+    assert common.stall_note({"torch-fused": slow}) is None
+    note = common.stall_note({"torch-fused": slow, "torch-forloop": fast})
+    assert note.startswith(common.STALL_PREFIX) and "2.5x" in note
+    recs = [_example_record(provider=p, note=note) for p in ("torch-forloop", "torch-fused")]
+    table = common.format_table(common.make_workloads("tiny")[0], recs)
+    assert table.count("stall suspected") == 1 and "! stall suspected" in table
+
+
+def test_run_group_records_cpu_pressure_in_every_record(monkeypatch):
+    import bench_sgd
+    monkeypatch.setattr(common, "cpu_pressure", lambda path=None: 12.5)
+    ctx = _ctx(bench_sgd.SPEC, ["torch-fused", "nope-*"])
+    records = common.run_group(ctx, common.make_workloads("tiny")[0], "momentum", torch.float32)
+    assert records and all(r["cpu_pressure"] == 12.5 for r in records)
+    assert "CPU pressure (PSI some avg10) after timing: 12.5%" in common.format_table(
+        common.make_workloads("tiny")[0], records)
+
+
+# ----------------------------------------------------------------------------- bench_clip: globs, skips, guard
+
+
+def _clip_args(providers=None, algo="clip"):
+    import argparse
+    return argparse.Namespace(device=torch.device("cpu"), providers=providers, repeats=1, warmup=1,
+                              quick=True, sample_ms=0.2, bw_mib=1, algo=[algo])
+
+
+def _clip_group(algo, providers=None, dtype=torch.float32):
+    import bench_clip
+    return bench_clip.run_group(_clip_args(providers, algo), common.environment(torch.device("cpu")), "t",
+                                common.make_workloads("tiny")[0], algo, dtype)
+
+
+def test_bench_clip_providers_take_globs():
+    import bench_clip
+    backends = bench_clip.fusedopt_backends(torch.device("cpu"))
+    if not backends:
+        pytest.skip("no fusedopt backend here")
+    records = _clip_group("clip", ["fusedopt-*"])
+    assert {r["provider"] for r in records} == {f"fusedopt-{b}" for b in backends}
+    records = _clip_group("clip+adamw", ["*-2pass", "torch-f?sed"])
+    assert {r["provider"] for r in records} == {"torch-fused"} | {
+        f"fusedopt-{b}-2pass" for b in backends if b != "reference"}
+    for rec in records:
+        common.check_record(rec)
+        assert rec["status"] == "ok" and "cpu_pressure" in rec
+
+
+def test_bench_clip_skip_record_for_reference_on_big_workloads(monkeypatch):
+    import bench_clip
+    if "reference" not in bench_clip.fusedopt_backends(torch.device("cpu")):
+        pytest.skip("no reference backend")
+    monkeypatch.setattr(bench_clip, "REFERENCE_MAX_NUMEL", 100)  # tiny counts as big
+    records = _clip_group("clip+adamw", ["fusedopt-ref*", "torch-fused"])
+    rec = {r["provider"]: r for r in records}["fusedopt-reference"]
+    assert rec["status"] == "skipped" and "not timed above" in rec["note"]
+    common.check_record(rec)
+    variants, skips = bench_clip.clip_adamw_variants(["reference"], 60_000_000)
+    assert "fusedopt-reference" in skips and "fusedopt-reference" not in variants
+
+
+def test_bench_clip_adamw_single_pass_clips_at_half_the_starting_norm():
+    """What the README's clip+adamw rows say: max_grad_norm = 0.5 x the starting norm."""
+    import bench_clip
+    workload = common.make_workloads("tiny")[0]
+    cpu = torch.device("cpu")
+    if "cpu" not in bench_clip.fusedopt_backends(cpu):
+        pytest.skip("no cpu backend")
+    fns = bench_clip.clip_adamw_callables(workload, cpu, torch.float32, ["cpu"])
+    opt = fns["fusedopt-cpu"].__defaults__[0]
+    start = float(get_total_norm([p.grad for p in common.make_tensors(workload, cpu, torch.float32)]))
+    assert opt.param_groups[0]["max_grad_norm"] == pytest.approx(0.5 * start)
+
+
+def test_bench_clip_guard_rejects_wrong_providers(monkeypatch):
+    import bench_clip
+    import fusedopt
+    cpu = torch.device("cpu")
+    no_scaling = lambda ps, m: fusedopt.get_total_norm([p.grad for p in ps], backend="reference")  # noqa: E731
+    low = lambda ps, m: fusedopt.clip_grad_norm_(ps, 0.9 * m, backend="reference")  # noqa: E731
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert bench_clip.guard_provider("clip", "x", no_scaling, cpu, dtype) is not None
+        assert bench_clip.guard_provider("clip", "x", low, cpu, dtype) is not None
+        no_clip = (lambda ps, kw, m: fusedopt.optim.AdamW(ps, backend="reference", **kw), None)
+        assert bench_clip.guard_provider("clip+adamw", "x", no_clip, cpu, dtype) is not None
+    wrong_norm = lambda gs: fusedopt.get_total_norm(gs[1:], backend="reference")  # noqa: E731
+    assert bench_clip.guard_provider("norm", "x", wrong_norm, cpu, torch.bfloat16) is not None
+    wrong_scale = lambda ps, m, n: fusedopt.clip_grads_with_norm_(ps, 1.01 * m, n, backend="reference")  # noqa: E731
+    assert bench_clip.guard_provider("scale", "x", wrong_scale, cpu, torch.float32) is not None
+    # and in a run: a wrong provider is rejected, not timed
+    real = bench_clip.clip_fns
+    monkeypatch.setattr(bench_clip, "clip_fns", lambda backends: dict(real(backends), **{"fusedopt-bad": no_scaling}))
+    records = _clip_group("clip", ["torch-foreach", "fusedopt-bad"])
+    status = {r["provider"]: (r["status"], r["note"]) for r in records}
+    assert status["torch-foreach"][0] == "ok"
+    assert status["fusedopt-bad"][0] == "rejected" and "differs from torch" in status["fusedopt-bad"][1]
+
+
+@pytest.mark.parametrize("algo", ["clip", "clip-noop", "norm", "scale", "clip+adamw"])
+def test_bench_clip_guard_accepts_fusedopt(algo):
+    import bench_clip
+    cpu = torch.device("cpu")
+    backends = bench_clip.fusedopt_backends(cpu)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for name, prim in bench_clip.primitives(algo, backends, 10).items():
+            assert bench_clip.guard_provider(algo, name, prim, cpu, dtype) is None, (name, dtype)
+
+
+# ----------------------------------------------------------------------------- summarize: other records
+
+
+def test_summarize_leaves_out_records_that_are_not_benchmark_rows(tmp_path, capsys):
+    """ab_deepspeed.py appends A/B records of its own schema into results/: summarize used to
+    crash on them (KeyError 'provider')."""
+    path = tmp_path / "mixed.jsonl"
+    ab = {"benchmark": "ab-deepspeed", "workload": "gpt2", "repeats": 15,
+          "ms_min": {"fusedopt-cpu": 60.0, "deepspeed-cpuadam": 70.0}, "fusedopt_over_deepspeed": 0.86}
+    rows = [_record("r1", "gpt2", "torch-fused", 10.0, 1.0), _record("r1", "gpt2", "fusedopt-cpu", 5.0, 2.0)]
+    path.write_text("\n".join(json.dumps(r) for r in [ab] + rows) + "\n")
+    assert summarize.main([str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "**2.00x**" in captured.out
+    assert "left out 1 record(s) that are not benchmark rows" in captured.err and "ab-deepspeed" in captured.err
+    only_ab = tmp_path / "ab.jsonl"
+    only_ab.write_text(json.dumps(ab) + "\n")
+    with pytest.raises(SystemExit, match="no benchmark rows"):
+        summarize.main([str(only_ab)])
+
+
+def test_summarize_reads_every_committed_result_file(capsys):
+    files = sorted(str(p) for p in (BENCH_DIR / "results").glob("*.jsonl"))
+    assert files
+    assert summarize.main(files + ["--run", "all"]) == 0
+
+
+# ----------------------------------------------------------------------------- cpu_op_timing.py
+
+
+def test_cpu_op_timing_torch_ops_runs_at_the_default_stream_count(monkeypatch, capsys):
+    pytest.importorskip("fusedopt._C")
+    import cpu_op_timing
+    from fusedopt import _C
+    default = _C.cpu_streams()
+    seen = []
+
+    def providers(algo, shapes):
+        return {"torch.ops": lambda: seen.append(_C.cpu_streams()), "direct": lambda: None,
+                "torch fused": lambda: sum(range(100))}, 10
+
+    monkeypatch.setattr(cpu_op_timing, "providers", providers)
+    monkeypatch.setattr(cpu_op_timing.torch, "ones", lambda n: torch.empty(1024))
+    counts = [default] + [n for n in (1, 2) if n != default]  # the last one set is not the default
+    monkeypatch.setattr(sys, "argv", ["cpu_op_timing.py", "sgd", "1000x4096", "--reps", "3",
+                                      "--streams", ",".join(map(str, counts))])
+    try:
+        cpu_op_timing.main()
+    finally:
+        _C._set_cpu_streams(default)
+    assert seen and set(seen) == {default}
+    out = capsys.readouterr().out
+    assert f"torch.ops s{default}" in out and all(f"direct s{n}" in out for n in counts)
+
+
+# ----------------------------------------------------------------------------- docs
+
+
+def test_benchmarks_readme_links_resolve():
+    import re
+    text = (BENCH_DIR / "README.md").read_text()
+    assert "Measuring on these machines" not in text
+    for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
+        if "://" not in target:
+            assert (BENCH_DIR / target).exists(), target
