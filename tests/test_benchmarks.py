@@ -1069,7 +1069,12 @@ def test_summarize_leaves_out_records_that_are_not_benchmark_rows(tmp_path, caps
 
 def test_summarize_reads_every_committed_result_file(capsys):
     files = sorted(str(p) for p in (BENCH_DIR / "results").glob("*.jsonl"))
-    assert files
+    if not files:  # .ci/oldest_torch_check.sh copies the tree without benchmarks/results/
+        repo = BENCH_DIR.parent
+        assert not (repo / ".git").exists() or not subprocess.run(
+            ["git", "-C", str(repo), "ls-files", "benchmarks/results"], capture_output=True,
+            text=True).stdout.strip(), "committed result files are missing"
+        pytest.skip("this copy of the tree has no benchmarks/results/")
     assert summarize.main(files + ["--run", "all"]) == 0
 
 
