@@ -17,7 +17,8 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <initializer_list>
+#include <functional>
+#include <limits>
 #include <vector>
 
 namespace fusedopt {
@@ -68,52 +69,54 @@ namespace fusedopt {
 // same elements in an unspecified order: numbers that depend on the thread count and the ISA.
 // Tensors that are only read (the grads) may share memory among themselves.
 //
-// Cost O(N) for lists whose tensors lie in increasing or decreasing address order, each list
-// merged into the others; O(N log N) otherwise (~120 us for 1000 params' 4000 tensors, as
-// much as an Adam step of 1000 small tensors): so it is not run at every step. The optimizers
-// run it when they build their cached lists (fusedopt.optim.base), fusedopt.functional at
-// every call; torch.ops.fusedopt.* trust their caller, as torch's _fused_adam_ does.
+// Spans are compared within a storage, by byte offsets (never data_ptr(): fake and meta
+// tensors have no data, and on some devices the pointer is a handle, not an address); tensors
+// without storage (DTensor wrappers: pass their local shards) and sparse ones are passed over.
+// Like element_span, the test is conservative: two interleaved views of one buffer
+// (W[:, :3] and W[:, 3:]) count as sharing. Cost O(N log N) (~120 us for 1000 params' 4000
+// tensors, as much as an Adam step of 1000 small tensors): so it is not run at every step.
+// The optimizers run it when they build their cached lists (fusedopt.optim.base),
+// fusedopt.functional at every call; torch.ops.fusedopt.* trust their caller, as torch's
+// _fused_adam_ does.
 inline bool written_memory_shared(const std::vector<at::TensorList>& written,
                                   const std::vector<at::TensorList>& read) {
   struct Span {
-    uintptr_t begin, end;
+    const void* storage;
+    int64_t begin, end;  // bytes from the storage's start
     bool written;
-    bool operator<(const Span& o) const { return begin < o.begin; }
+    bool operator<(const Span& o) const {
+      return storage != o.storage ? std::less<const void*>()(storage, o.storage) : begin < o.begin;
+    }
   };
   std::vector<Span> spans;
-  std::vector<size_t> run_ends;  // end offsets of the lists' runs in `spans`
-  bool all_runs_sorted = true;
   auto add_list = [&](at::TensorList list, bool is_written) {
-    const size_t start = spans.size();
     for (const at::Tensor& t : list) {
-      if (!t.defined() || t.numel() == 0 || !t.has_storage() || t.data_ptr() == nullptr) continue;
-      const auto span = element_span(t);
-      spans.push_back({span.first, span.second, is_written});
+      if (!t.defined() || t.numel() == 0 || t.layout() != at::kStrided || !t.has_storage()) continue;
+      int64_t last = 0;  // offset of the last element, in elements
+      for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+      const int64_t size = static_cast<int64_t>(t.element_size());
+      const int64_t begin = t.storage_offset() * size;
+      spans.push_back({t.storage().unsafeGetStorageImpl(), begin, begin + (last + 1) * size,
+                       is_written});
     }
-    auto first = spans.begin() + static_cast<std::ptrdiff_t>(start);
-    if (!std::is_sorted(first, spans.end())) {
-      std::reverse(first, spans.end());
-      if (!std::is_sorted(first, spans.end())) all_runs_sorted = false;
-    }
-    run_ends.push_back(spans.size());
   };
   for (at::TensorList list : written) add_list(list, true);
   for (at::TensorList list : read) add_list(list, false);
   if (spans.size() < 2) return false;
-  if (all_runs_sorted) {
-    for (size_t r = 1; r < run_ends.size(); ++r) {
-      std::inplace_merge(spans.begin(), spans.begin() + static_cast<std::ptrdiff_t>(run_ends[r - 1]),
-                         spans.begin() + static_cast<std::ptrdiff_t>(run_ends[r]));
-    }
-  } else {
-    std::sort(spans.begin(), spans.end());
-  }
-  // Sorted by begin: a span meets an earlier one iff it starts before that one's end.
-  uintptr_t written_reach = 0, read_reach = 0;
+  std::sort(spans.begin(), spans.end());
+  // Sorted by (storage, begin): a span meets an earlier one of its storage iff it starts before
+  // that one's end.
+  const void* storage = nullptr;
+  int64_t written_reach = 0, read_reach = 0;
   for (const Span& s : spans) {
+    if (s.storage != storage) {
+      storage = s.storage;
+      written_reach = read_reach = std::numeric_limits<int64_t>::min();
+    }
     if (s.begin < written_reach) return true;
     if (s.written && s.begin < read_reach) return true;
-    (s.written ? written_reach : read_reach) = std::max(s.written ? written_reach : read_reach, s.end);
+    int64_t& reach = s.written ? written_reach : read_reach;
+    reach = std::max(reach, s.end);
   }
   return false;
 }

@@ -57,7 +57,11 @@ def _check_memory(name: str, written: List[Sequence[Tensor]], grads: Sequence[Te
     theirs with other grads. ~30 ns a tensor in C++, at every call (the optimizers check once
     per cache instead). A step counter shared by two params counts too: the CPU backend would
     advance it once per param, the GPU kernels once per launch."""
-    if memory_shared(written, [grads]):
+    lists = written + [grads]
+    if any(_dtensor.any_dtensor(tensors) for tensors in lists):  # (their local shards hold the data)
+        lists = [[_dtensor.local(t) if _dtensor.is_dtensor(t) else t for t in tensors]
+                 for tensors in lists]
+    if memory_shared(lists[:-1], lists[-1:]):
         raise ValueError(f"fusedopt.functional.{name}: {SHARED_MEMORY_MESSAGE}")
 
 

@@ -295,6 +295,11 @@ def test_functional_step_on_dtensors(mesh):
     with pytest.raises(ValueError, match="a state tensor is a plain tensor, but its parameter is a DTensor"):
         fusedopt.functional.adam_(ours, [p.grad for p in ours], m, v, [], steps, lr=0.1,
                                   beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0)
+    m, v, steps = state(ours)  # a state that is the DTensor param itself: its shard is shared
+    m[0] = ours[0]
+    with pytest.raises(ValueError, match="share memory"):
+        fusedopt.functional.adam_(ours, [p.grad for p in ours], m, v, [], steps, lr=0.1,
+                                  beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0)
 
 
 def test_errors_name_the_problem(mesh):

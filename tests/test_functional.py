@@ -205,10 +205,68 @@ def test_memory_shared_cpp_and_python_agree():
                 out.append(base[start:start + length * step:step])
             return out
         written, read = [views(3), views(2)], [views(3)]
-        fast = _lists._memory_shared(written, read)
+        assert _lists._memory_shared(written, read) == _lists._spans_meet(written, read)
+        exact = _lists.memory_shared(written, read)
         saved, _lists._memory_shared = _lists._memory_shared, None
         try:
-            slow = _lists.memory_shared(written, read)
+            assert _lists.memory_shared(written, read) == exact, (written, read)
         finally:
             _lists._memory_shared = saved
-        assert fast == slow, (written, read)
+        # the exact verdict: an element of a written view is an element of another view
+        elements = [set(range(v.storage_offset(), v.storage_offset() + v.numel() * v.stride(0),
+                              v.stride(0))) for v in written[0] + written[1]]
+        reads = [set(range(v.storage_offset(), v.storage_offset() + v.numel() * v.stride(0),
+                           v.stride(0))) for v in read[0]]
+        truth = any(elements[i] & elements[j] for i in range(5) for j in range(i + 1, 5)) or \
+            any(w & r for w in elements for r in reads)
+        assert exact == truth, (written, read)
+
+
+def test_memory_check_compares_storages_not_addresses():
+    """Fake and meta tensors have no data: spans are compared within a storage by offsets, so
+    views of two different fake buffers are accepted (no data_ptr read, no warning) and views
+    that overlap in one are refused."""
+    import warnings
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from fusedopt import _lists
+    with FakeTensorMode():
+        a, b = torch.empty(100), torch.empty(100)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not _lists.memory_shared([[a[10:20], b[12:22]]])
+            assert _lists.memory_shared([[a[10:20], a[12:22]]])
+    meta = torch.empty(100, device="meta")
+    assert not _lists.memory_shared([[meta[10:20], torch.empty(100, device="meta")[12:22]]])
+    assert _lists.memory_shared([[meta[10:20]], [meta[15:25]]])
+    if _lists._memory_shared is not None:  # the Python fallback agrees
+        saved, _lists._memory_shared = _lists._memory_shared, None
+        try:
+            assert not _lists.memory_shared([[meta[10:20], torch.empty(100, device="meta")[12:22]]])
+            assert _lists.memory_shared([[meta[10:20]], [meta[15:25]]])
+            sparse = torch.eye(3).to_sparse()
+            assert not _lists.memory_shared([[torch.zeros(3)]], [[sparse]])
+        finally:
+            _lists._memory_shared = saved
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_interleaved_views_that_share_no_element_are_accepted(backend):
+    """Column blocks of one matrix, or a complex buffer's real and imaginary parts, have
+    interleaving element spans but no common element: they step as torch steps them."""
+    w = torch.zeros(4, 6)
+    params = [w[:, :3], w[:, 3:]]
+    functional.sgd_(params, [torch.ones(4, 3), torch.ones(4, 3)], [], lr=0.5, backend=backend)
+    assert torch.equal(w, torch.full((4, 6), -0.5))
+    parts = torch.zeros(8, 2)
+    functional.sgd_([parts[:, 0], parts[:, 1]], [torch.ones(8), torch.ones(8)], [], lr=0.5,
+                    backend=backend)
+    assert torch.equal(parts, torch.full((8, 2), -0.5))
+    with pytest.raises(ValueError, match="share memory"):
+        functional.sgd_([w[:, :4], w[:, 3:]], [torch.ones(4, 4), torch.ones(4, 3)], [], lr=0.5,
+                        backend=backend)
+    base = torch.zeros(4, 6)
+    leaves = [torch.nn.Parameter(base[:, :3]), torch.nn.Parameter(base[:, 3:])]
+    opt = fusedopt.optim.Adam(leaves, lr=0.1, backend=backend)
+    for p in leaves:
+        p.grad = torch.ones(4, 3)
+    opt.step()

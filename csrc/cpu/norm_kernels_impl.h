@@ -58,6 +58,20 @@ __attribute__((always_inline)) inline void store_lanes(const typename S::math (&
 // the chunk's tail, done one by one.
 inline int64_t stream_elems(int64_t n) { return n / kStreams / kLanes * kLanes; }
 
+// Whether every element of a chunk, scaled in T, is finite: one vectorised pass (x - x is 0
+// for a finite x, NaN for inf and NaN), so that a chunk whose sum is inf because an element is
+// (a GradScaler overflow step) is not summed again in double for nothing.
+template <class S>
+bool all_finite(const typename S::raw* x, int64_t n, typename S::math m) {
+  using T = typename S::math;
+  int bad = 0;  // (an integer OR reduction: it vectorises without reassociating float sums)
+  for (int64_t i = 0; i < n; ++i) {
+    const T e = S::load(x[i]) * m;
+    bad |= (e - e) != T(0);
+  }
+  return bad == 0;
+}
+
 // The sum of one chunk's terms, each taken in double from the element scaled in T (as
 // GradScaler's unscale_ would write it): the slow path of chunk_norm when a sum in T overflows.
 template <class S, Kind K>
@@ -129,7 +143,9 @@ double chunk_norm(const void* data, int64_t n, double p_double, double prescale)
     // Sums in T overflow where the norm does not: one element above ~1.8e19 squares to inf in
     // float32. Such a chunk is summed again in double (torch's CPU norm accumulates float32
     // in double throughout); an inf or NaN element keeps its result.
-    if (std::isinf(total)) total = chunk_norm_in_double<S, K>(x, n, p_double, m);
+    if (std::isinf(total) && all_finite<S>(x, n, m)) {
+      total = chunk_norm_in_double<S, K>(x, n, p_double, m);
+    }
   }
   return nan_seen ? std::numeric_limits<double>::quiet_NaN() : total;
 }
