@@ -87,18 +87,24 @@ def memory_shared(written: Sequence[Sequence[Any]], read: Sequence[Sequence[Any]
     return _spans_meet(written, read) and _elements_meet(written, read)
 
 
-def _spans_meet(written: Sequence[Sequence[Any]], read: Sequence[Sequence[Any]]) -> bool:
-    """The conservative test (element spans) in Python: what ``_C._memory_shared`` computes."""
+def _sorted_spans(written: Sequence[Sequence[Any]], read: Sequence[Sequence[Any]]) -> list:
+    """``(storage, begin, end, is_written, tensor)`` of every tensor with data, sorted by
+    storage and begin."""
     spans = []
     for lists, is_written in ((written, True), (read, False)):
         for tensors in lists:
             for t in tensors:
                 span = _element_span(t)
                 if span is not None:
-                    spans.append((*span, is_written))
-    spans.sort()
+                    spans.append((*span, is_written, t))
+    spans.sort(key=lambda s: (s[0], s[1]))
+    return spans
+
+
+def _spans_meet(written: Sequence[Sequence[Any]], read: Sequence[Sequence[Any]]) -> bool:
+    """The conservative test (element spans) in Python: what ``_C._memory_shared`` computes."""
     storage = None
-    for key, begin, end, is_written in spans:
+    for key, begin, end, is_written, _ in _sorted_spans(written, read):
         if key != storage:
             storage, written_reach, read_reach = key, -1, -1
         if begin < written_reach or (is_written and begin < read_reach):
@@ -146,17 +152,9 @@ def _elements_meet(written: Sequence[Sequence[Any]], read: Sequence[Sequence[Any
     """The exact test, run only when the span test found a meeting (a rare path): two views
     whose spans interleave without sharing an element (``W[:, :3]`` and ``W[:, 3:]``, a
     complex buffer's real and imaginary parts) are told apart from real sharing."""
-    spans = []
-    for lists, is_written in ((written, True), (read, False)):
-        for tensors in lists:
-            for t in tensors:
-                span = _element_span(t)
-                if span is not None:
-                    spans.append((span[0], span[1], span[2], is_written, t))
-    spans.sort(key=lambda s: (s[0], s[1]))
     active: list = []
     storage = None
-    for key, begin, end, is_written, t in spans:
+    for key, begin, end, is_written, t in _sorted_spans(written, read):
         if key != storage:
             storage, active = key, []
         active = [a for a in active if a[2] > begin]

@@ -22,6 +22,7 @@ import torch
 from . import _dtensor, backends
 from ._lists import SHARED_MEMORY_MESSAGE, any_none, memory_shared
 from ._views import as_real
+from .optim.base import check_hyperparameter
 
 Tensor = torch.Tensor
 
@@ -65,13 +66,6 @@ def _check_memory(name: str, written: List[Sequence[Tensor]], grads: Sequence[Te
         raise ValueError(f"fusedopt.functional.{name}: {SHARED_MEMORY_MESSAGE}")
 
 
-def _invalid(ok: bool, message: str, *values) -> None:
-    """``ValueError(message.format(*values))`` (torch.optim's wording) unless ``ok``; the message
-    is built only on failure (torch.compile may trace the values symbolically)."""
-    if not ok:
-        raise ValueError(message.format(*values))
-
-
 def _is_number(value) -> bool:
     """A Python number, checked by value here. A tensor hyperparameter is not read (that would
     wait for the device); the backends check its shape."""
@@ -80,9 +74,9 @@ def _is_number(value) -> bool:
 
 def _check_lr(lr, non_negative) -> None:
     if isinstance(lr, Tensor):
-        _invalid(lr.numel() == 1, "Tensor lr must be 1-element")
+        check_hyperparameter(lr.numel() == 1, "Tensor lr must be 1-element")
     elif _is_number(lr):
-        _invalid(non_negative(lr), "Invalid learning rate: {}", lr)
+        check_hyperparameter(non_negative(lr), "Invalid learning rate: {}", lr)
 
 
 def _check_adam_hyperparameters(lr, beta1, beta2, eps, weight_decay) -> None:
@@ -95,7 +89,7 @@ def _check_adam_hyperparameters(lr, beta1, beta2, eps, weight_decay) -> None:
                             (beta2, lambda v: 0.0 <= v < 1.0, "beta parameter at index 1"),
                             (weight_decay, at_least_0, "weight_decay value")):
         if _is_number(value):
-            _invalid(ok(value), "Invalid {}: {}", what, value)
+            check_hyperparameter(ok(value), "Invalid {}: {}", what, value)
 
 
 def _check_sgd_hyperparameters(lr, momentum, dampening, weight_decay, nesterov) -> None:
@@ -106,9 +100,9 @@ def _check_sgd_hyperparameters(lr, momentum, dampening, weight_decay, nesterov) 
     _check_lr(lr, not_negative)
     for value, what in ((momentum, "momentum value"), (weight_decay, "weight_decay value")):
         if _is_number(value):
-            _invalid(not_negative(value), "Invalid {}: {}", what, value)
+            check_hyperparameter(not_negative(value), "Invalid {}: {}", what, value)
     if nesterov and _is_number(momentum) and _is_number(dampening):
-        _invalid(momentum > 0 and dampening == 0,
+        check_hyperparameter(momentum > 0 and dampening == 0,
                  "Nesterov momentum requires a momentum and zero dampening")
 
 
